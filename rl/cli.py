@@ -1,0 +1,118 @@
+"""The `rl` command line: train, eval, validate, export, jobs.
+
+Heavy modules (torch, transformers, vLLM, Ray) are imported inside the commands, so `rl --help`
+answers at once. User errors print one paragraph and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from rl.errors import UserError
+
+EPILOG = """examples:
+  rl train quickstart                      run the built-in quickstart job
+  rl train my_job.yaml trainer.max_steps=5 run a job file with an override
+  rl train --resume runs/quickstart        continue from the newest intact checkpoint
+  rl eval runs/quickstart/checkpoints/step_50 --job quickstart --samples 4
+  rl validate my_job.yaml                  check a job without running it
+  rl export runs/quickstart/checkpoints/step_50 --out merged_model
+"""
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rl.config import builtin_jobs, load_job
+
+    for name, path in sorted(builtin_jobs().items()):
+        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"{name:12s} {first}")
+    del load_job
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from rl.config import load_job
+
+    job = load_job(args.job, args.overrides)
+    print(f"{args.job}: OK (job {job.name!r}, model {job.model.path}, env {job.env.name}, "
+          f"loss {job.algorithm.loss.name}, {job.trainer.max_steps} steps)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rl.driver import resume_job, train_job
+
+    if args.resume:
+        if args.job:
+            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config).")
+        return resume_job(args.resume, args.overrides)
+    if not args.job:
+        raise UserError("rl train needs a JOB (a YAML file or a built-in job name; see `rl jobs`) or --resume RUN_DIR.")
+    from rl.config import load_job
+
+    return train_job(load_job(args.job, args.overrides))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rl.evaluation import eval_command
+
+    return eval_command(args.target, args.job, args.overrides, samples=args.samples, out=args.out,
+                        num_prompts=args.num_prompts)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rl.checkpoint import export_command
+
+    return export_command(args.checkpoint, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rl", description="rlpost: RL post-training for language models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "train": (cmd_train, "run a job (YAML path or built-in name)"),
+        "eval": (cmd_eval, "evaluate a checkpoint, model directory or alias on a job's held-out split"),
+        "validate": (cmd_validate, "check a job without running it"),
+        "export": (cmd_export, "write a Hugging Face model directory from a checkpoint (adapters merged)"),
+        "jobs": (cmd_jobs, "list built-in jobs"),
+    }
+    subs = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
+    for name, (fn, _) in commands.items():
+        subs[name].set_defaults(func=fn)
+    subs["train"].add_argument("job", nargs="?", help="YAML job file or built-in job name")
+    subs["train"].add_argument("overrides", nargs="*", help="key.path=value overrides")
+    subs["train"].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
+    subs["validate"].add_argument("job")
+    subs["validate"].add_argument("overrides", nargs="*")
+    subs["eval"].add_argument("target", help="checkpoint directory, model directory or alias")
+    subs["eval"].add_argument("--job", required=True, help="the job whose env, rewards and sampling to use")
+    subs["eval"].add_argument("overrides", nargs="*")
+    subs["eval"].add_argument("--samples", type=int, default=None, help="sampled completions per prompt (pass@K)")
+    subs["eval"].add_argument("--num-prompts", type=int, default=None, help="held-out prompts to score")
+    subs["eval"].add_argument("--out", help="report path (default: <target>/eval.json or ./eval.json)")
+    subs["export"].add_argument("checkpoint")
+    subs["export"].add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The typed job schema and its loading: YAML (or a built-in job name) + dotted overrides -> JobConfig.
+
+    job = load_job("quickstart", ["trainer.max_steps=5", "rollout.backend=vllm"])
+
+Every problem is collected and reported together, each with its key path, as one `UserError`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from rl.config.job import JobConfig
+from rl.errors import UserError
+
+__all__ = ["JobConfig", "load_job", "builtin_jobs", "apply_overrides", "dump_job", "validate_job"]
+
+
+def builtin_jobs() -> dict[str, Path]:
+    """Built-in job names -> their YAML files (package data under rl/jobs)."""
+    folder = resources.files("rl") / "jobs"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def _job_source(job: str) -> tuple[Path, str]:
+    path = Path(job).expanduser()
+    if path.is_file():
+        return path, path.read_text()
+    jobs = builtin_jobs()
+    if job in jobs:
+        return jobs[job], jobs[job].read_text()
+    raise UserError(f"job {job!r} is neither a YAML file nor a built-in job. Built-in jobs: "
+                    f"{', '.join(sorted(jobs))}; or give the path of a YAML job file.")
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', exc)}. "
+                        "Fix the syntax (indentation, colons, quotes) and run again.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of keys (name:, model:, ...), not a {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML: numbers, booleans, lists, null)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key.path=value, e.g. trainer.max_steps=5.")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+    """Dotted path of a pydantic error location, without the union-tag steps pydantic inserts."""
+    parts, node = [], data
+    for step in loc:
+        if isinstance(node, Mapping) and isinstance(step, str) and step not in node and parts:
+            # A discriminated-union tag (e.g. 'ppo_clip') or a validator label, not a key of the input.
+            if step in ("function-after", "function-before", "function-wrap") or "[" in step:
+                continue
+            if node.get("name") == step:
+                continue
+        parts.append(str(step) if not isinstance(step, int) else f"[{step}]")
+        node = node.get(step) if isinstance(node, Mapping) else (
+            node[step] if isinstance(node, list) and isinstance(step, int) and step < len(node) else None)
+    return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    msg = str(error["msg"])
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; `rl validate` lists the keys each section accepts)"
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"unknown name {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return "missing `name:` (it selects the variant)"
+    return msg.removeprefix("Value error, ")
+
+
+def format_validation_error(exc: ValidationError, data: Any, where: str) -> str:
+    lines = [f"{where} has {exc.error_count()} problem(s):"]
+    for error in exc.errors():
+        got = error.get("input")
+        shown = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {_key_path(error['loc'], data)}: {_describe(error)}{shown}")
+    lines.append("Fix these keys in the job file or with key=value overrides, then run again.")
+    return "\n".join(lines)
+
+
+def validate_job(data: dict[str, Any], where: str, base_dirs: Iterable[Path] = ()) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data, context={"base_dirs": [str(d) for d in base_dirs]})
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, data, where)) from None
+
+
+def load_job(job: str, overrides: Iterable[str] = ()) -> JobConfig:
+    """Load a job by YAML path or built-in name, apply overrides, validate."""
+    path, text = _job_source(job)
+    data = apply_overrides(_parse_yaml(text, str(path)), overrides)
+    return validate_job(data, str(path), base_dirs=[path.resolve().parent])
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    return job.model_dump(mode="json")
+
+
+def dump_job(job: JobConfig, path: str | Path) -> None:
+    """Write the fully resolved job (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(job_to_dict(job), sort_keys=False))

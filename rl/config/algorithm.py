@@ -1,0 +1,132 @@
+"""`algorithm:` — advantages, the per-token objective, its aggregation, KL and mismatch correction.
+
+Each variant is selected by its `name`; its fields belong to it alone (ALGORITHMS.md has the maths).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from rl.config.base import Section
+
+
+class GRPOAdvantage(Section):
+    """GRPO: (R - group mean) / (group std + eps) (DeepSeekMath, arXiv 2402.03300)."""
+
+    name: Literal["grpo"] = "grpo"
+    eps: float = Field(1e-6, gt=0)
+    """Added to the standard deviation before dividing (verl's value)."""
+    std_scope: Literal["group", "batch"] = "group"
+    """Divide by the group's std (GRPO) or by the whole batch's std (more robust for small groups)."""
+
+
+class DrGRPOAdvantage(Section):
+    """Dr.GRPO: R - group mean, no std division (arXiv 2503.20783)."""
+
+    name: Literal["dr_grpo"] = "dr_grpo"
+
+
+class RLOOAdvantage(Section):
+    """RLOO: R_i minus the mean of the other G-1 rewards of its group (arXiv 2402.14740)."""
+
+    name: Literal["rloo"] = "rloo"
+
+
+AdvantageConfig = Annotated[Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage], Field(discriminator="name")]
+
+
+class PPOClipLoss(Section):
+    """GRPO's per-token clipped surrogate with DAPO's separate low/high clip ranges."""
+
+    name: Literal["ppo_clip"] = "ppo_clip"
+    clip_low: float = Field(0.2, ge=0, le=1)
+    """Lower clip: ratios below 1 - clip_low stop contributing gradient for negative advantages."""
+    clip_high: float = Field(0.28, ge=0)
+    """Upper clip: ratios above 1 + clip_high stop contributing gradient for positive advantages."""
+
+
+class GSPOLoss(Section):
+    """GSPO: sequence-level length-normalised ratio with sequence-level clipping (arXiv 2507.18071)."""
+
+    name: Literal["gspo"] = "gspo"
+    clip_low: float = Field(3e-4, ge=0, le=1)
+    clip_high: float = Field(4e-4, ge=0)
+
+
+class GSPOTokenLoss(Section):
+    """GSPO-token: the sequence ratio with per-token advantages (equals GSPO for constant advantages)."""
+
+    name: Literal["gspo_token"] = "gspo_token"
+    clip_low: float = Field(3e-4, ge=0, le=1)
+    clip_high: float = Field(4e-4, ge=0)
+
+
+class ReinforceLoss(Section):
+    """Plain policy gradient, -A * log pi (ratio fixed at 1)."""
+
+    name: Literal["reinforce"] = "reinforce"
+
+
+LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss], Field(discriminator="name")]
+
+
+class TokenMean(Section):
+    """Sum of masked token losses / number of masked tokens in the whole batch (DAPO, verl default)."""
+
+    name: Literal["token_mean"] = "token_mean"
+
+
+class SeqMeanTokenMean(Section):
+    """Mean over sequences of each sequence's token mean (original GRPO; GSPO)."""
+
+    name: Literal["seq_mean_token_mean"] = "seq_mean_token_mean"
+
+
+class SeqMeanTokenSum(Section):
+    """Mean over sequences of each sequence's token sum."""
+
+    name: Literal["seq_mean_token_sum"] = "seq_mean_token_sum"
+
+
+class ConstantNorm(Section):
+    """Dr.GRPO: sum of masked token losses / (number of sequences x a constant length)."""
+
+    name: Literal["constant"] = "constant"
+    max_length: int | None = Field(None, gt=0)
+    """The constant; null uses rollout.max_new_tokens."""
+
+
+AggregationConfig = Annotated[Union[TokenMean, SeqMeanTokenMean, SeqMeanTokenSum, ConstantNorm],
+                              Field(discriminator="name")]
+
+
+class KLConfig(Section):
+    """KL penalty to the reference policy, added to the per-token loss."""
+
+    coef: float = Field(0.0, ge=0)
+    """Coefficient beta; 0 disables the term and loads no reference policy."""
+    estimator: Literal["k1", "k3"] = "k3"
+    """k1 = log(pi/pi_ref); k3 = pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath, clamped to [-10, 10])."""
+
+
+class MismatchCorrection(Section):
+    """Truncated importance weights pi_learner_old / pi_sampler for sampler/learner mismatch."""
+
+    level: Literal["none", "token", "sequence", "auto"] = "auto"
+    """`auto`: token-level with the vLLM backend, none with transformers (same numerics as the learner)."""
+    cap: float = Field(2.0, gt=0)
+    """Weights are truncated at this value (TIS)."""
+
+
+class AlgorithmConfig(Section):
+    """The learning algorithm."""
+
+    name: Literal["grpo", "grpo_ma", "rapid"] = "grpo"
+    """The training recipe; `grpo` covers the GRPO family (GSPO, Dr.GRPO, DAPO) through the keys below."""
+    advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
+    loss: LossConfig = Field(default_factory=PPOClipLoss)
+    aggregation: AggregationConfig = Field(default_factory=TokenMean)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    correction: MismatchCorrection = Field(default_factory=MismatchCorrection)

@@ -1,0 +1,116 @@
+"""`env:` and `rewards:` — where prompts come from and how completions are scored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from rl.config.base import Section, resolve_existing_file
+
+
+class _EnvCommon(Section):
+    system_prompt: str | None = None
+    """A system message put before every prompt (null: the env's default)."""
+    test_size: int = Field(200, ge=0)
+    """Prompts held out for evaluation (never trained on)."""
+
+
+class ArithmeticEnv(_EnvCommon):
+    """Integer arithmetic questions generated from the seed (`a op b`)."""
+
+    name: Literal["arithmetic"] = "arithmetic"
+    digits: int = Field(2, ge=1, le=9)
+    """Digits per operand."""
+    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
+    train_size: int = Field(5000, ge=1)
+
+
+class CountdownEnv(_EnvCommon):
+    """Countdown: combine the given numbers with + - * / to reach the target."""
+
+    name: Literal["countdown"] = "countdown"
+    numbers: int = Field(3, ge=2, le=6)
+    """How many numbers are given."""
+    max_number: int = Field(20, ge=2)
+    train_size: int = Field(5000, ge=1)
+
+
+class DatasetEnv(_EnvCommon):
+    """Prompts from a local JSONL, Parquet or CSV file (read with the `datasets` library)."""
+
+    name: Literal["dataset"] = "dataset"
+    path: str
+    prompt_column: str = "prompt"
+    answer_column: str | None = "answer"
+    format: Literal["plain", "gsm8k", "math"] = "plain"
+    """`gsm8k`/`math` presets extract the final answer from those datasets' solution formats."""
+    test_path: str | None = None
+    """A separate held-out file; null holds out `test_size` rows of `path`."""
+
+    @field_validator("path", "test_path")
+    @classmethod
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else resolve_existing_file(v, info, "dataset file")
+
+
+EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv], Field(discriminator="name")]
+
+
+class RewardConfig(Section):
+    """One reward term: a built-in by `name` or a user function by `import_path`."""
+
+    name: str | None = None
+    """A built-in reward (see `rl jobs --rewards`)."""
+    import_path: str | None = None
+    """`package.module:fn` or `path/to/file.py:fn`."""
+    weight: float = 1.0
+    timeout_s: float = Field(10.0, gt=0)
+    """Per-call time limit; a call that runs longer gets the `on_error` fallback."""
+    on_error: Literal["zero", "drop_group", "fail"] = "zero"
+    """What a failing call (raise, hang, NaN, wrong type) gives the sample."""
+    isolate: bool | None = None
+    """Run in a worker process; null = yes for user functions, no for built-ins."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for the function (its own settings)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardConfig":
+        if (self.name is None) == (self.import_path is None):
+            raise ValueError("give exactly one of `name` (a built-in reward) or `import_path` (your function)")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        from rl.registries import REWARDS
+
+        if v is not None and v not in REWARDS:
+            raise ValueError(REWARDS.unknown_message(v))
+        return v
+
+    @field_validator("import_path")
+    @classmethod
+    def _importable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        target, sep, fn = v.rpartition(":")
+        if not sep or not target or not fn.isidentifier():
+            raise ValueError(f"import_path {v!r} must look like 'package.module:function' or 'file.py:function'")
+        if target.endswith(".py"):
+            return f"{resolve_existing_file(target, info, 'reward file')}:{fn}"
+        return v
+
+    @property
+    def label(self) -> str:
+        """The name used in metrics: `reward/<label>/mean`."""
+        return self.name or self.import_path.rpartition(":")[2]  # type: ignore[union-attr]
+
+
+class ShapingConfig(Section):
+    """Transformations of the weighted reward sum before advantages."""
+
+    clip: tuple[float, float] | None = None
+    """Clip the total reward to [low, high]."""
+    par: bool = False
+    """PAR (arXiv 2502.18770): sigmoid(r - r_ref) averaged over reference rewards (`ref_rewards` field)."""

