@@ -12,6 +12,7 @@ from rl.config.base import Section
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
 from rl.config.rollout import RolloutConfig
 
+
 class ModelConfig(Section):
     """The policy's starting weights."""
 
