@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rl.checkpoint import export_command
+    from rl.standalone import export_command
 
     return export_command(args.checkpoint, args.out)
 

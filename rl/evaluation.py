@@ -1,0 +1,99 @@
+"""Held-out evaluation: greedy pass@1 accuracy, sampled pass@K, mean reward and length.
+
+`accuracy` is the fraction of test prompts whose greedy completion is correct, where "correct" means
+the job's first reward gives at least `CORRECT_AT` (1.0 for the built-in answer checkers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rl.batch import RolloutBatch
+from rl.errors import UserError
+from rl.types import Prompt, SamplingParams
+
+CORRECT_AT = 1.0
+
+
+def _score(scorer: Any, batch: RolloutBatch, primary: str) -> tuple[torch.Tensor, torch.Tensor]:
+    result = scorer.score(batch)
+    first = torch.nan_to_num(result.components[primary], nan=0.0)
+    return result.total, first >= CORRECT_AT
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021, arXiv 2107.03374)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def evaluate(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any, samples: int = 1,
+             seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy and (if samples > 1) sampled completions of `prompts`; returns (report, per-sample records)."""
+    if not prompts:
+        raise UserError("the env has no held-out prompts to evaluate; raise env.test_size.")
+    primary = job.rewards[0].label
+    max_new = job.eval.max_new_tokens or job.rollout.max_new_tokens
+    greedy = rollout.generate(prompts, SamplingParams(1, max_new, stop=tuple(job.rollout.stop), seed=seed, greedy=True))
+    total, correct = _score(scorer, greedy, primary)
+    report: dict[str, Any] = {
+        "n": len(prompts), "accuracy": float(correct.float().mean()), "reward_mean": float(total.mean()),
+        "length_mean": float(greedy.completion_lengths.float().mean()), "samples": samples,
+    }
+    records = [{"prompt_id": p.prompt_id, "mode": "greedy", "completion": greedy.completion_texts[i],
+                "reward": float(total[i]), "correct": bool(correct[i])} for i, p in enumerate(prompts)]
+    if samples > 1:
+        report.update(_sampled(rollout, scorer, prompts, job, samples, seed, primary, max_new, records))
+    return report, records
+
+
+def _sampled(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any, k: int, seed: int, primary: str,
+             max_new: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    params = SamplingParams(k, max_new, temperature=job.eval.temperature, top_p=job.rollout.top_p,
+                            top_k=job.rollout.top_k, stop=tuple(job.rollout.stop), seed=seed + 1)
+    batch = rollout.generate(prompts, params)
+    total, correct = _score(scorer, batch, primary)
+    per_prompt = correct.view(len(prompts), k)
+    for i in range(batch.num_samples):
+        records.append({"prompt_id": prompts[i // k].prompt_id, "mode": "sampled",
+                        "completion": batch.completion_texts[i], "reward": float(total[i]), "correct": bool(correct[i])})
+    return {f"pass@{k}": sum(pass_at_k(k, int(c.sum()), k) for c in per_prompt) / len(prompts),
+            "sampled_accuracy": float(correct.float().mean()), "sampled_reward_mean": float(total.mean())}
+
+
+def write_report(report: dict[str, Any], records: list[dict[str, Any]], out: str | Path) -> Path:
+    """The report as JSON at `out` and the per-sample records beside it (`<stem>.samples.jsonl`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_name(out.stem + ".samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+def eval_command(target: str, job_name: str, overrides: Sequence[str], samples: int | None, out: str | None,
+                 num_prompts: int | None) -> int:
+    """`rl eval TARGET --job JOB`: TARGET is a checkpoint directory, a model directory or an alias."""
+    from rl.config import load_job
+    from rl.standalone import policy_for_target
+
+    job = load_job(job_name, list(overrides))
+    samples = samples or job.eval.samples
+    with policy_for_target(target, job) as (rollout, scorer, env):
+        prompts = list(env.test_prompts())[: num_prompts or job.eval.num_prompts]
+        report, records = evaluate(rollout, scorer, prompts, job, samples=samples, seed=job.seed)
+    report["target"] = target
+    path = write_report(report, records, out or _default_out(target))
+    print(json.dumps(report, indent=1))
+    print(f"report: {path}")
+    return 0
+
+
+def _default_out(target: str) -> Path:
+    folder = Path(target)
+    return folder / "eval.json" if (folder / "manifest.json").is_file() else Path("eval.json")

@@ -1,0 +1,75 @@
+"""Loading a policy outside a training run: for `rl eval` and `rl export`."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rl.checkpoint import MANIFEST, load_checkpoint
+from rl.errors import UserError
+
+
+def _is_checkpoint(target: str) -> bool:
+    return (Path(target) / MANIFEST).is_file()
+
+
+def _checkpoint_job(path: str, overrides: list[str] | None = None) -> Any:
+    from rl.config import load_job
+
+    return load_job(str(Path(path) / "config.yaml"), overrides or [])
+
+
+def learner_from_checkpoint(path: str) -> Any:
+    """A `Learner` holding a checkpoint's policy (its own job config decides model and adapter)."""
+    from rl.learner import Learner
+    from rl.models import resolve_model
+
+    job = _checkpoint_job(path)
+    payload = load_checkpoint(path)
+    learner = Learner(job, resolve_model(job.model.path, job.model.cache_dir))
+    learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
+    return learner
+
+
+@contextmanager
+def policy_for_target(target: str, job: Any) -> Iterator[tuple[Any, Any, Any]]:
+    """(rollout pool, scorer, env) for evaluating TARGET with `job`'s env, rewards and sampling."""
+    from rl.cluster import RolloutPool
+    from rl.models import load_tokenizer, resolve_model
+    from rl.runtime import build_env, build_scorer
+    from rl.worker import RolloutWorker
+
+    if _is_checkpoint(target):
+        learner = learner_from_checkpoint(target)
+        model_dir = learner.model_dir
+        eval_job = job.model_copy(update={"adapter": learner.job.adapter, "model": learner.job.model})
+        if job.rollout.backend == "hf":
+            worker = RolloutWorker(eval_job, model_dir, shared_model=learner.model)
+        else:
+            worker = RolloutWorker(eval_job, model_dir)
+            worker.load(learner.sync_payload(worker.wants_lora), version=1)
+    elif Path(target).is_dir() and not (Path(target) / "config.json").is_file():
+        raise UserError(f"{target} is neither a checkpoint (no {MANIFEST}) nor a model directory (no config.json).")
+    else:
+        model_dir = resolve_model(target, job.model.cache_dir)
+        worker = RolloutWorker(job.model_copy(update={"adapter": None}), model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    scorer = build_scorer(job)
+    try:
+        yield RolloutPool([worker], lambda w, m, *a: getattr(w, m)(*a)), scorer, build_env(job, tokenizer)
+    finally:
+        worker.close()
+        scorer.close()
+
+
+def export_command(checkpoint: str, out: str) -> int:
+    """`rl export CHECKPOINT --out DIR`: a Hugging Face directory with the adapter merged."""
+    if not _is_checkpoint(checkpoint):
+        raise UserError(f"{checkpoint} is not a checkpoint directory (no {MANIFEST}); pass "
+                        "runs/<name>/checkpoints/step_<N>.")
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose a new directory.")
+    learner_from_checkpoint(checkpoint).export(out)
+    print(f"exported {checkpoint} -> {out} (loadable with transformers' from_pretrained and vLLM)")
+    return 0

@@ -1,0 +1,182 @@
+"""The named pieces of the training loop in rl/driver.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from rl.batch import RolloutBatch
+from rl.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from rl.evaluation import evaluate, write_report
+from rl.registries import ADVANTAGES
+from rl.types import SamplingParams
+
+
+def sampling_params(job: Any, step: int) -> SamplingParams:
+    """Per-step sampling with a seed derived from (job seed, step): a resumed run draws the same samples."""
+    r = job.rollout
+    return SamplingParams(group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                          top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop), seed=job.seed * 1_000_003 + step)
+
+
+def sync_rollout(parts: Any, version: int) -> float:
+    """Make every rollout worker sample from the learner's current weights; returns seconds."""
+    from rl.runtime import shares_learner_model
+
+    if shares_learner_model(parts.job):
+        payload = None  # the engine samples with the learner's own model
+    else:
+        payload = parts.learner.sync_payload(parts.job.rollout.backend == "vllm")
+    start = time.perf_counter()
+    parts.rollout.broadcast("load", payload, version)
+    return time.perf_counter() - start
+
+
+class RolloutPipeline:
+    """Sync: generate then train. Async: step n+1 is generated while step n trains (one version behind);
+    batches older than `max_staleness` versions are dropped, counted, and regenerated."""
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+        self.job = parts.job
+        self.sampler_state = parts.sampler.state_dict()
+        self.is_async = self.job.trainer.mode == "async"
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.is_async else None
+        self._pending: Future | None = None
+        self.stale_dropped = 0
+
+    def _generate(self, step: int) -> tuple[RolloutBatch, dict[str, float], dict[str, Any]]:
+        prompts = self.parts.sampler.next(self.job.rollout.prompts_per_step)
+        cursor = self.parts.sampler.state_dict()
+        start = time.perf_counter()
+        batch = self.parts.rollout.generate(prompts, sampling_params(self.job, step))
+        return batch, rollout_metrics(batch, time.perf_counter() - start), cursor
+
+    def next_batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        if not self.is_async:
+            batch, metrics, self.sampler_state = self._generate(step)
+            return batch, metrics
+        wait_start = time.perf_counter()
+        batch, metrics, cursor = (self._pending.result() if self._pending else self._generate(step))
+        self._pending = None
+        if (step - 1) - batch.policy_version > self.job.trainer.max_staleness:
+            self.stale_dropped += 1
+            batch, metrics, cursor = self._generate(step)
+        self.sampler_state = cursor
+        metrics.update({"time/rollout_wait_s": time.perf_counter() - wait_start,
+                        "rollout/stale_dropped": float(self.stale_dropped),
+                        "rollout/policy_lag": float((step - 1) - batch.policy_version)})
+        if step < self.job.trainer.max_steps:
+            self._pending = self._executor.submit(self._generate, step + 1)
+        return batch, metrics
+
+    def sync_weights(self, version: int) -> dict[str, float]:
+        if self._pending is not None:
+            self._pending.result()  # never swap weights under a generation in flight
+        return {"time/weight_sync_s": sync_rollout(self.parts, version)}
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def rollout_metrics(batch: RolloutBatch, seconds: float) -> dict[str, float]:
+    tokens = float(batch.completion_lengths.sum())
+    return {"time/rollout_s": seconds, "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
+            "rollout/completion_len_mean": tokens / max(batch.num_samples, 1),
+            "rollout/truncated_frac": sum(r == "length" for r in batch.finish_reasons) / max(batch.num_samples, 1)}
+
+
+def _nanmean(v: torch.Tensor) -> float:
+    v = v[~torch.isnan(v)]
+    return float(v.mean()) if v.numel() else math.nan
+
+
+def score(parts: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+    """Rewards for every sample; samples whose group must be dropped (on_error: drop_group) are removed."""
+    start = time.perf_counter()
+    result = parts.scorer.score(batch)
+    batch = batch.with_rewards(result.total, result.components)
+    metrics = {"time/score_s": time.perf_counter() - start, "reward/mean": float(result.total.mean()),
+               "reward/std": float(result.total.std()) if batch.num_samples > 1 else 0.0}
+    for name, values in result.components.items():
+        metrics[f"reward/{name}/mean"] = _nanmean(values)
+    for name, count in result.errors.items():
+        metrics[f"reward/errors/{name}"] = float(count)
+    if not bool(result.keep.all()):
+        metrics["reward/dropped_samples"] = float((~result.keep).sum())
+        batch = batch.select(torch.nonzero(result.keep).flatten())
+    return batch, metrics
+
+
+def with_advantages(job: Any, batch: RolloutBatch) -> RolloutBatch:
+    cfg = job.algorithm.advantage
+    return batch.with_advantages(ADVANTAGES.get(cfg.name)(batch.rewards, batch.group_ids, cfg))
+
+
+def train(parts: Any, batch: RolloutBatch) -> dict[str, float]:
+    if batch.num_samples == 0:
+        return {"train/skipped_empty": 1.0}
+    start = time.perf_counter()
+    metrics = dict(parts.learner.train_step(batch))
+    metrics["time/train_s"] = time.perf_counter() - start
+    return metrics
+
+
+def step_metrics(started: float, *parts: Mapping[str, float]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for p in parts:
+        merged.update(p)
+    merged["time/step_s"] = time.perf_counter() - started
+    return merged
+
+
+def due(step: int, every: int, max_steps: int) -> bool:
+    return every > 0 and (step % every == 0 or step == max_steps)
+
+
+def evaluate_at(parts: Any, run_dir: Path, step: int) -> dict[str, float]:
+    job = parts.job
+    prompts = list(parts.env.test_prompts())[: job.eval.num_prompts]
+    report, records = evaluate(parts.rollout, parts.scorer, prompts, job, samples=job.eval.samples, seed=job.seed)
+    report["step"] = step
+    write_report(report, records, Path(run_dir) / "eval" / f"step_{step}.json")
+    return {f"eval/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def save(parts: Any, run_dir: Path, step: int, sampler_state: Mapping[str, Any]) -> Path:
+    weights, trainer_state = parts.learner.checkpoint_state()
+    state = {"step": step, "policy_version": step, "sampler": dict(sampler_state), "job": parts.job.name}
+    return save_checkpoint(run_dir, step, weights=weights, trainer_state=trainer_state, state=state,
+                           config_yaml=(Path(run_dir) / "config.yaml").read_text(),
+                           keep_last=parts.job.trainer.keep_last)
+
+
+def restore(parts: Any, path: Path) -> int:
+    """Load a checkpoint into the learner, sampler and RNGs; push its weights to the rollout side."""
+    payload = load_checkpoint(path)
+    parts.learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
+    parts.sampler.load_state_dict(payload["state"]["sampler"])
+    restore_rng(payload["rng"])
+    step = int(payload["state"]["step"])
+    sync_rollout(parts, version=step)
+    return step
+
+
+def print_summary(run_dir: Path, job: Any, last_step: int) -> None:
+    """Before/after held-out accuracy when both evaluations exist, and where things were written."""
+    before, after = Path(run_dir) / "eval" / "step_0.json", Path(run_dir) / "eval" / f"step_{last_step}.json"
+    lines = [f"run finished at step {last_step}: {run_dir}"]
+    if before.is_file() and after.is_file() and last_step > 0:
+        b, a = json.loads(before.read_text()), json.loads(after.read_text())
+        lines.append(f"held-out accuracy (greedy, {a['n']} test prompts): base {b['accuracy']:.1%} -> "
+                     f"trained {a['accuracy']:.1%} ({(a['accuracy'] - b['accuracy']) * 100:+.1f} points)")
+    if (Path(run_dir) / "training.png").is_file():
+        lines.append(f"plot: {Path(run_dir) / 'training.png'}")
+    print("\n".join(lines))

@@ -1,0 +1,58 @@
+"""A rollout worker: one engine, prompts in, `RolloutBatch` out, weights in from the learner."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from rl.batch import RolloutBatch
+from rl.types import Prompt, SamplingParams
+
+
+class RolloutWorker:
+    """Wraps an engine built from the job; `shared_model` lets the local HF engine sample with the
+    learner's own model (no copy and no weight sync: the same weights by construction)."""
+
+    def __init__(self, job: Any, model_dir: str, shared_model: Any = None) -> None:
+        from rollout.engine import build_engine
+
+        self.job = job
+        self.shared = shared_model is not None
+        self.engine = build_engine(job.rollout, model_dir, dtype=job.model.dtype, device="auto", seed=job.seed,
+                                   model=shared_model, max_lora_rank=_lora_rank(job))
+        self.version = 0
+
+    @property
+    def wants_lora(self) -> bool:
+        return self.job.rollout.backend == "vllm" and _lora_rank(self.job) is not None
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+        return self.engine.generate(prompts, params)
+
+    def load(self, payload: Mapping[str, Any] | None, version: int) -> float:
+        """Apply a learner's sync payload; returns seconds spent."""
+        start = time.perf_counter()
+        self.version = version
+        if payload is None:
+            self.engine.policy_version = version
+        elif payload["kind"] == "lora":
+            folder = Path(tempfile.mkdtemp(prefix=f"rlpost-lora-v{version}-"))
+            for name, data in payload["files"].items():
+                (folder / name).write_bytes(data)
+            self.engine.push_lora(str(folder), version)
+        else:
+            self.engine.push_weights(payload["tensors"].items(), version)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _lora_rank(job: Any) -> int | None:
+    """The LoRA rank the vLLM engine must accept when the adapter is served as LoRA, else None."""
+    adapter = job.adapter
+    if adapter is None or job.rollout.backend != "vllm" or adapter.name == "rosa":
+        return None
+    return int(getattr(adapter, "r", 16))
