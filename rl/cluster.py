@@ -7,7 +7,9 @@ here and nowhere else.
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from rl.batch import RolloutBatch
@@ -15,28 +17,38 @@ from rl.errors import UserError
 from rl.registries import CLUSTERS
 from rl.types import Prompt, SamplingParams
 
+log = logging.getLogger(__name__)
 
+
+class LocalWorkers:
+    """Workers as plain objects in this process."""
+
+    def __init__(self, workers: Sequence[Any]) -> None:
+        self.workers = list(workers)
+        self.size = len(self.workers)
+
+    def call_many(self, method: str, args: Sequence[tuple | None]) -> list[Any]:
+        return [None if a is None else getattr(w, method)(*a) for w, a in zip(self.workers, args)]
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
 
 
 class RolloutPool:
     """N rollout workers behind one `generate`; each worker gets whole prompts (so whole groups)."""
 
-    def __init__(self, workers: Sequence[Any], call: Callable[..., Any]) -> None:
-        self.workers = list(workers)
-        self._call = call  # (worker, method, *args) -> result, local or remote
+    def __init__(self, workers: Any) -> None:
+        self.workers = workers
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
-        shards = _shard(list(prompts), len(self.workers))
-        jobs = [(w, shard, _shard_params(params, i)) for i, (w, shard) in enumerate(zip(self.workers, shards)) if shard]
-        results = self._call_many([(w, "generate", shard, p) for w, shard, p in jobs])
+        shards = _shard(list(prompts), self.workers.size)
+        args = [(s, _shard_params(params, i)) if s else None for i, s in enumerate(shards)]
+        results = [r for r in self.workers.call_many("generate", args) if r is not None]
         return results[0] if len(results) == 1 else RolloutBatch.concat(results)
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:
-        return self._call_many([(w, method, *args) for w in self.workers])
-
-    def _call_many(self, calls: list[tuple]) -> list[Any]:
-        many = getattr(self._call, "many", None)
-        return many(calls) if many is not None else [self._call(*c) for c in calls]
+        return self.workers.call_many(method, [args] * self.workers.size)
 
 
 def _shard(items: list, k: int) -> list[list]:
@@ -50,57 +62,25 @@ def _shard(items: list, k: int) -> list[list]:
 
 
 def _shard_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Distinct seeds per shard, so workers never draw the same samples."""
-    from dataclasses import replace
-
+    """Distinct seeds per shard, so workers never draw the same samples (shard 0 keeps the seed)."""
     return replace(params, seed=params.seed * 1009 + index) if index else params
 
 
 class Placement:
-    """What `build_placement` returns: a learner handle, a rollout pool, and a closer."""
+    """What a cluster builder returns: a learner handle, a rollout pool, and a closer."""
 
-    def __init__(self, learner: Any, rollout: RolloutPool, close: Callable[[], None], remote: bool) -> None:
-        self.learner, self.rollout, self.close, self.remote = learner, rollout, close, remote
+    def __init__(self, learner: Any, rollout: RolloutPool, close: Callable[[], None]) -> None:
+        self.learner, self.rollout, self.close = learner, rollout, close
 
 
 @CLUSTERS.register("local")
 def place_local(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[Any], Any]) -> Placement:
     learner = make_learner()
-    worker = make_worker(learner)
-    return Placement(learner, RolloutPool([worker], _local_call), lambda: worker.close(), remote=False)
+    workers = LocalWorkers([make_worker(learner)])
+    return Placement(learner, RolloutPool(workers), workers.close)
 
 
-def _local_call(worker: Any, method: str, *args: Any) -> Any:
-    return getattr(worker, method)(*args)
-
-
-class _RemoteHandle:
-    """Calls a hosted object's methods synchronously with a timeout: a dead or hung actor never hangs us."""
-
-    def __init__(self, ray: Any, actor: Any, timeout_s: float) -> None:
-        self._ray, self._actor, self._timeout_s = ray, actor, timeout_s
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            return self._ray.get(self._actor.call.remote(name, *args), timeout=self._timeout_s)
-
-        return call
-
-
-class _RayCaller:
-    """Runs one method on several actors concurrently and waits for all (with the call timeout)."""
-
-    def __init__(self, ray: Any, timeout_s: float) -> None:
-        self.ray, self.timeout_s = ray, timeout_s
-
-    def __call__(self, worker: Any, method: str, *args: Any) -> Any:
-        return self.many([(worker, method, *args)])[0]
-
-    def many(self, calls: list[tuple]) -> list[Any]:
-        refs = [w.call.remote(m, *a) for w, m, *a in calls]
-        return self.ray.get(refs, timeout=self.timeout_s)
-
-
+# ----- Ray -----------------------------------------------------------------------------------
 class _ActorHost:
     """A Ray actor that builds one object (learner or rollout worker) and forwards calls to it."""
 
@@ -114,29 +94,72 @@ class _ActorHost:
         return getattr(self.obj, name)(*args)
 
 
-@CLUSTERS.register("ray")
-def place_ray(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[Any], Any]) -> Placement:
-    import ray
 
-    cfg = job.cluster
-    _init_ray(ray, cfg)
-    threads = max(1, torch_threads())
-    host = ray.remote(num_cpus=0)(_ActorHost)
-    learner_actor = host.remote(make_learner, threads)
-    workers = [host.remote(lambda: make_worker(None), threads) for _ in range(cfg.rollout_workers)]
-
-    def close() -> None:
-        for actor in [learner_actor, *workers]:
-            ray.kill(actor)
-
-    learner = _RemoteHandle(ray, learner_actor, cfg.call_timeout_s)
-    return Placement(learner, RolloutPool(workers, _RayCaller(ray, cfg.call_timeout_s)), close, remote=True)
+class LearnerHost(_ActorHost):
+    """The learner's actor (a distinct class so its processes are named `ray::LearnerHost`)."""
 
 
-def torch_threads() -> int:
-    import torch
+class RolloutHost(_ActorHost):
+    """A rollout worker's actor (processes named `ray::RolloutHost`)."""
 
-    return torch.get_num_threads()
+
+class _RemoteHandle:
+    """Calls a hosted object's methods synchronously with a timeout: a dead or hung actor never hangs us."""
+
+    def __init__(self, ray: Any, actor: Any, timeout_s: float, what: str) -> None:
+        self._ray, self._actor, self._timeout_s, self._what = ray, actor, timeout_s, what
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            try:
+                return self._ray.get(self._actor.call.remote(name, *args), timeout=self._timeout_s)
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError) as exc:
+                raise UserError(f"the {self._what} actor died or did not answer {name}() within "
+                                f"{self._timeout_s:.0f}s ({type(exc).__name__}). The run directory holds the "
+                                "last checkpoint: continue with `rl train --resume RUN_DIR`.") from None
+
+        return call
+
+
+class RayWorkers:
+    """Rollout-worker actors. A worker that dies (or exceeds the call timeout) is replaced by a new
+    one, which first receives the newest weights, and its share of the call is issued again."""
+
+    def __init__(self, ray: Any, spawn: Callable[[], Any], size: int, timeout_s: float) -> None:
+        self.ray, self._spawn, self.size, self.timeout_s = ray, spawn, size, timeout_s
+        self.actors = [spawn() for _ in range(size)]
+        self.restarts = 0
+        self._last_load: tuple | None = None
+
+    def call_many(self, method: str, args: Sequence[tuple | None]) -> list[Any]:
+        refs = [None if a is None else actor.call.remote(method, *a) for actor, a in zip(self.actors, args)]
+        results = [self._result(i, ref, method, args[i]) for i, ref in enumerate(refs)]
+        if method == "load":
+            self._last_load = args[0]
+        return results
+
+    def _result(self, index: int, ref: Any, method: str, args: tuple | None) -> Any:
+        if ref is None:
+            return None
+        errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError)
+        try:
+            return self.ray.get(ref, timeout=self.timeout_s)
+        except errors as exc:
+            log.warning("rollout worker %d failed in %s() (%s); restarting it and re-issuing its prompts",
+                        index, method, type(exc).__name__)
+            self._restart(index)
+            return self.ray.get(self.actors[index].call.remote(method, *args), timeout=self.timeout_s)
+
+    def _restart(self, index: int) -> None:
+        self.ray.kill(self.actors[index])
+        self.actors[index] = self._spawn()
+        self.restarts += 1
+        if self._last_load is not None:
+            self.ray.get(self.actors[index].call.remote("load", *self._last_load), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
 
 
 def _init_ray(ray: Any, cfg: Any) -> None:
@@ -149,3 +172,26 @@ def _init_ray(ray: Any, cfg: Any) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"could not start or join a Ray cluster (cluster.address={cfg.address!r}): {exc}. "
                         "Start one with `ray start --head`, or set cluster.address: null for a local one.") from None
+
+
+@CLUSTERS.register("ray")
+def place_ray(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[Any], Any]) -> Placement:
+    import ray
+    import torch
+
+    cfg = job.cluster
+    _init_ray(ray, cfg)
+    threads = torch.get_num_threads()
+    # Actors take no Ray CPU slot: torch threads are set explicitly, and the learner and the workers
+    # take turns in sync mode, so reserving slots would only stop small machines from scheduling them.
+    learner_actor = ray.remote(num_cpus=0)(LearnerHost).remote(make_learner, threads)
+    rollout_host = ray.remote(num_cpus=0)(RolloutHost)
+    workers = RayWorkers(ray, lambda: rollout_host.remote(lambda: make_worker(None), threads),
+                         cfg.rollout_workers, cfg.call_timeout_s)
+
+    def close() -> None:
+        workers.close()
+        ray.kill(learner_actor)
+
+    learner = _RemoteHandle(ray, learner_actor, cfg.call_timeout_s, "learner")
+    return Placement(learner, RolloutPool(workers), close)

@@ -35,7 +35,7 @@ def learner_from_checkpoint(path: str) -> Any:
 @contextmanager
 def policy_for_target(target: str, job: Any) -> Iterator[tuple[Any, Any, Any]]:
     """(rollout pool, scorer, env) for evaluating TARGET with `job`'s env, rewards and sampling."""
-    from rl.cluster import RolloutPool
+    from rl.cluster import LocalWorkers, RolloutPool
     from rl.models import load_tokenizer, resolve_model
     from rl.runtime import build_env, build_scorer
     from rl.worker import RolloutWorker
@@ -57,7 +57,7 @@ def policy_for_target(target: str, job: Any) -> Iterator[tuple[Any, Any, Any]]:
     tokenizer = load_tokenizer(model_dir)
     scorer = build_scorer(job)
     try:
-        yield RolloutPool([worker], lambda w, m, *a: getattr(w, m)(*a)), scorer, build_env(job, tokenizer)
+        yield RolloutPool(LocalWorkers([worker])), scorer, build_env(job, tokenizer)
     finally:
         worker.close()
         scorer.close()

@@ -7,6 +7,7 @@ Every problem is collected and reported together, each with its key path, as one
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -99,11 +100,52 @@ def _key_path(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The keys accepted by the section that holds `loc[-1]` (following union tags and list items)."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    candidates: list[Any] = [JobConfig]
+    for step in loc[:-1]:
+        nxt: list[Any] = []
+        for model in candidates:
+            if isinstance(step, int) or model is None:
+                nxt.append(model)
+                continue
+            if step in getattr(model, "model_fields", {}):
+                nxt.extend(_models_in(model.model_fields[step].annotation, get_args, BaseModel))
+            elif any(getattr(m, "model_fields", {}).get("name") is not None for m in [model]):
+                nxt.append(model)  # a union tag step: stay on the chosen variant
+        candidates = [m for m in nxt if m is not None] or candidates
+    tag = next((s for s in reversed(loc[:-1]) if isinstance(s, str)), None)
+    chosen = [m for m in candidates if "name" in m.model_fields and tag in _literal_names(m)] or candidates
+    return sorted(chosen[0].model_fields) if chosen else []
+
+
+def _literal_names(model: Any) -> tuple:
+    from typing import get_args
+
+    return get_args(model.model_fields["name"].annotation)
+
+
+def _models_in(annotation: Any, get_args: Any, base: type) -> list[Any]:
+    if isinstance(annotation, type) and issubclass(annotation, base):
+        return [annotation]
+    found = []
+    for arg in get_args(annotation):
+        found.extend(_models_in(arg, get_args, base))
+    return found
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     msg = str(error["msg"])
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; `rl validate` lists the keys each section accepts)"
+        keys = _section_fields(tuple(error["loc"]))
+        close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; this section accepts: {', '.join(keys)}"
     if kind == "union_tag_invalid":
         ctx = error.get("ctx", {})
         return f"unknown name {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"

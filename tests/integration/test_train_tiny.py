@@ -1,0 +1,95 @@
+"""The real CLI on the tiny job: run-directory contract, exact resume after SIGKILL, Ray == local."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import RL, metrics, rl, stable
+from safetensors.torch import load_file
+
+REQUIRED = ("step", "reward/mean", "loss", "policy/entropy", "policy/mismatch_kl", "time/step_s", "time/rollout_s",
+            "time/train_s", "time/weight_sync_s", "rollout/tokens_per_s", "reward/math_answer/mean")
+
+
+def test_tiny_run_writes_the_run_directory_contract(tmp_path):
+    run = tmp_path / "run"
+    done = rl("train", "tiny", f"run_dir={run}", "trainer.max_steps=3", "trainer.eval_every_steps=3",
+              "trainer.eval_before_train=true", "trainer.keep_last=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in REQUIRED:
+        assert all(key in r for r in rows[1:]), key
+    assert rows[1]["policy/mismatch_kl"] < 1e-4  # the local HF engine samples with the learner's weights
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert (run / "config.yaml").is_file() and (run / "training.png").stat().st_size > 1000
+    assert (run / "eval" / "step_0.json").is_file() and (run / "eval" / "step_3.samples.jsonl").is_file()
+    assert "held-out accuracy" in done.stdout
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    done = rl("train", "tiny", f"run_dir={full}", "trainer.max_steps=6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen([*RL, "train", "tiny", f"run_dir={cut}", "trainer.max_steps=6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(cut / "checkpoints" / "step_3", proc)
+    os.kill(proc.pid, signal.SIGKILL)  # step 4 is running now
+    proc.wait()
+    resumed = rl("train", "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert stable(metrics(cut)) == stable(metrics(full))
+    a = load_file(str(full / "checkpoints" / "step_6" / "weights.safetensors"))
+    b = load_file(str(cut / "checkpoints" / "step_6" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert rl("train", "tiny", f"run_dir={run}", "trainer.max_steps=2").returncode == 0
+    weights = run / "checkpoints" / "step_2" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    done = rl("train", "--resume", str(run), "trainer.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping checkpoint" in done.stdout and "step_1" in done.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_cluster_matches_local_in_sync_mode(tmp_path):
+    local, ray_run = tmp_path / "local", tmp_path / "ray"
+    args = ["trainer.max_steps=3", "trainer.save_every_steps=0"]
+    assert rl("train", "tiny", f"run_dir={local}", *args).returncode == 0
+    done = rl("train", "tiny", f"run_dir={ray_run}", "cluster={name: ray, rollout_workers: 1, num_cpus: 2}", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = stable(metrics(local)), stable(metrics(ray_run))
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rl_train_rejects_bad_input_without_traceback(tmp_path):
+    done = rl("train", "tiny", "rollout.group_size=0", f"run_dir={tmp_path / 'r'}")
+    assert done.returncode == 2 and "rollout.group_size" in done.stderr and "Traceback" not in done.stderr
+    done = rl("train", "--resume", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "not a run directory" in done.stderr
