@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from rl.registry import Registry
 
-ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine", "rollout.vllm_engine"))
+ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine",))
 ADVANTAGES: Registry = Registry("advantage", ("trainers.advantages",))
 LOSSES: Registry = Registry("loss", ("trainers.losses",))
 AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
 ADAPTERS: Registry = Registry("adapter", ("trainers.adapters",))
-ENVS: Registry = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"))
+ENVS: Registry = Registry("env", ("envs.arithmetic",))
 REWARDS: Registry = Registry("reward", ("rewards.builtin",))
-CURRICULA: Registry = Registry("curriculum", ("envs.curriculum",))
 CLUSTERS: Registry = Registry("cluster", ("rl.cluster",))

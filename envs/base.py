@@ -1,0 +1,24 @@
+"""Shared env helpers: rendering chat prompts once, and deterministic splits."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+from rl.types import Prompt
+
+
+def render_prompt(tokenizer: Any, user: str, system: str | None, prompt_id: str, meta: Mapping[str, Any]) -> Prompt:
+    """Apply the model's chat template once; the token ids travel with the prompt from here on."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # base models without a template: plain text
+        text = (system + "\n\n" if system else "") + user + "\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt(prompt_id=prompt_id, text=text, token_ids=ids, meta={"question": user, **meta})
+
+
+def stable_id(*parts: Any) -> str:
+    """A short id that depends only on the content (stable across runs and machines)."""
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]

@@ -1,0 +1,48 @@
+"""Aggregating a per-token loss matrix into a scalar (ALGORITHMS.md §1.3), kept apart from the objective.
+
+Every function divides by *global* normalisers of the whole mini-batch (`Normalisers`), so the sum of
+the micro-batches' results equals the result on the whole mini-batch: gradient accumulation is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rl.registries import AGGREGATIONS
+
+
+@dataclass(frozen=True)
+class Normalisers:
+    """Counts over the whole mini-batch: loss tokens, sequences, and the Dr.GRPO constant length."""
+
+    tokens: float
+    sequences: float
+    constant_length: float
+
+
+@AGGREGATIONS.register("token_mean")
+def token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+    """sum_{i,t} m L / sum_{i,t} m  (DAPO, arXiv 2503.14476; verl's default)."""
+    return (loss * mask).sum() / max(norm.tokens, 1.0)  # loss, mask: [B, T]
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+    """(1/B) sum_i (1/|y_i|) sum_t m L  (the original GRPO objective; GSPO)."""
+    per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+    return per_seq.sum() / max(norm.sequences, 1.0)
+
+
+@AGGREGATIONS.register("seq_mean_token_sum")
+def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+    """(1/B) sum_i sum_t m L."""
+    return (loss * mask).sum() / max(norm.sequences, 1.0)
+
+
+@AGGREGATIONS.register("constant")
+def constant(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+    """sum_{i,t} m L / (B * C) with a constant C (Dr.GRPO, arXiv 2503.20783): no length bias."""
+    return (loss * mask).sum() / max(norm.sequences * norm.constant_length, 1.0)
