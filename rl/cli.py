@@ -45,9 +45,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rl.driver import resume_job, train_job
 
     if args.resume:
-        if args.job:
-            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config).")
-        return resume_job(args.resume, args.overrides)
+        # argparse puts the first override into `job`: a resumed run keeps its own config file.
+        extra = ([args.job] if args.job else []) + list(args.overrides)
+        if any("=" not in item for item in extra):
+            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config; "
+                            "key=value overrides are allowed).")
+        return resume_job(args.resume, extra)
     if not args.job:
         raise UserError("rl train needs a JOB (a YAML file or a built-in job name; see `rl jobs`) or --resume RUN_DIR.")
     from rl.config import load_job

@@ -59,7 +59,7 @@ class MetricsLogger:
             self._progress.update(self._task, completed=step, info=info)
 
     def note(self, message: str) -> None:
-        console.print(message)
+        console.print(message, soft_wrap=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -52,7 +52,7 @@ def test_bad_yaml_and_unknown_job_are_clear_errors(tmp_path):
 
 
 def test_overrides_set_nested_keys_with_yaml_types():
-    data = apply_overrides({"trainer": {"lr": 1.0}}, ["trainer.max_steps=5", "rollout.stop=['\\n']",
+    data = apply_overrides({"trainer": {"lr": 1.0}}, ["trainer.max_steps=5", 'rollout.stop=["\\n"]',
                                                       "adapter=null", "name=abc"])
     assert data == {"trainer": {"lr": 1.0, "max_steps": 5}, "rollout": {"stop": ["\n"]}, "adapter": None,
                     "name": "abc"}
