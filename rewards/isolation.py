@@ -1,18 +1,21 @@
 """Running user reward functions in a worker process, with a per-call time limit and a sandbox.
 
-The worker (spawned, so it shares no state with the trainer) starts in a fresh empty directory,
-with address-space and file-size limits, and with a Python audit hook that refuses network
-connections and file writes outside that directory. A call that exceeds `timeout_s` has its worker
-killed and replaced. This contains mistakes and misbehaving rewards; it is not a security boundary
-against deliberately hostile code (use `code_exec`, which runs code in a separate interpreter with
-OS limits, or a container for that).
+What an isolated reward gets (the guarantees):
+- its own spawned process (no state shared with the trainer); a call that exceeds `timeout_s` has the
+  worker killed and replaced, and a worker that dies (crash, memory limit) is replaced on the next call;
+- a fresh empty working directory (also its TMPDIR), deleted when the worker is replaced or closed;
+- OS limits: address space (`memory_mb`) and size of any file it writes;
+- a Python audit hook that refuses: creating or connecting sockets and DNS lookups; opening a file for
+  writing, and removing/renaming/creating/chmod-ing paths, outside that directory; starting processes.
+This contains mistakes and misbehaving rewards. It is not a security boundary against deliberately
+hostile code (ctypes or a C extension can bypass audit hooks): run untrusted code with `code_exec`
+(a separate interpreter under OS limits) or inside a container.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
+import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -21,106 +24,137 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Callable, Mapping, Sequence
 
-MEMORY_LIMIT_BYTES = 4 << 30
+from rewards.calling import Outcome, call_reward
+
 FILE_SIZE_LIMIT_BYTES = 64 << 20
-BLOCKED_EVENTS = ("socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo")
-WRITE_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate")
+STARTUP_GRACE_S = 20.0  # the first call also pays for spawning the worker and importing the user's module
+NETWORK_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+                            "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"})
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+                            "os.forkpty", "pty.spawn"})
+PATH_EVENTS = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown",
+                         "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"})
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 _FN: Callable[..., Any] | None = None
 
 
-def call_reward(fn: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str],
-                fields: Sequence[Mapping[str, Any]], kwargs: Mapping[str, Any]) -> list[Any]:
-    """Raw results of `fn` for each sample (batched and async functions handled)."""
-    if getattr(fn, "batched", False):
-        columns = {k: [f.get(k) for f in fields] for k in (fields[0] if fields else {})}
-        result = fn(list(prompts), list(completions), **columns, **kwargs)
-        result = asyncio.run(result) if inspect.isawaitable(result) else result
-        return list(result)
-    out = []
-    for p, c, f in zip(prompts, completions, fields):
-        value = fn(p, c, **{**f, **kwargs})
-        out.append(asyncio.run(value) if inspect.isawaitable(value) else value)
-    return out
+def _is_write(mode: Any, flags: Any) -> bool:
+    if isinstance(mode, str) and any(m in mode for m in "wax+"):
+        return True
+    return isinstance(flags, int) and bool(flags & WRITE_FLAGS)
 
 
-def _sandbox(root: str) -> None:
-    import resource
-
-    for limit, value in ((resource.RLIMIT_AS, MEMORY_LIMIT_BYTES), (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT_BYTES)):
-        resource.setrlimit(limit, (value, value))
+def make_audit_hook(root: str) -> Callable[[str, tuple], None]:
+    """The sandbox's audit hook: raises PermissionError on network, process and outside-`root` writes."""
     root = os.path.realpath(root)
 
     def inside(path: Any) -> bool:
-        return isinstance(path, (str, bytes, os.PathLike)) and \
-            os.path.realpath(os.fsdecode(path)).startswith(root + os.sep)
+        if isinstance(path, int):  # an already-open descriptor: its open was checked
+            return True
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False
+        real = os.path.realpath(os.fsdecode(path))
+        return real == root or real.startswith(root + os.sep)
 
     def hook(event: str, args: tuple) -> None:
-        if event in BLOCKED_EVENTS:
+        if event in NETWORK_EVENTS:
             raise PermissionError(f"reward sandbox: network access is not allowed ({event})")
-        if event == "open" and len(args) > 1 and isinstance(args[1], str) and any(m in args[1] for m in "wax+"):
-            if not inside(args[0]):
-                raise PermissionError(f"reward sandbox: writing {args[0]!r} is not allowed (only inside {root})")
-        if event in WRITE_EVENTS and args and not inside(args[0]):
-            raise PermissionError(f"reward sandbox: {event} on {args[0]!r} is not allowed")
+        if event in PROCESS_EVENTS:
+            raise PermissionError(f"reward sandbox: starting processes is not allowed ({event})")
+        if event == "open" and len(args) >= 3 and _is_write(args[1], args[2]) and not inside(args[0]):
+            raise PermissionError(f"reward sandbox: writing {args[0]!r} is not allowed (only inside {root})")
+        if event in PATH_EVENTS:
+            for path in args[:2] if event in ("os.rename", "os.link", "os.symlink", "shutil.move") else args[:1]:
+                if not inside(path):
+                    raise PermissionError(f"reward sandbox: {event} on {path!r} is not allowed (only inside {root})")
 
-    sys.addaudithook(hook)
+    return hook
 
 
-def _init_worker(name: str | None, import_path: str | None) -> None:
+def _init_worker(name: str | None, import_path: str | None, root: str, memory_mb: int) -> None:
+    import resource
+
     global _FN
     sys.dont_write_bytecode = True
     from rewards.loading import load_function
 
-    _FN = load_function(name, import_path)
-    root = tempfile.mkdtemp(prefix="rlpost-reward-")
+    _FN = load_function(name, import_path)  # before the limits: importing may legitimately need more
     os.chdir(root)
-    _sandbox(root)
+    os.environ["TMPDIR"] = root
+    tempfile.tempdir = root
+    memory = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
+    sys.addaudithook(make_audit_hook(root))
 
 
-def _run_one(prompt: str, completion: str, fields: Mapping[str, Any], kwargs: Mapping[str, Any]) -> tuple[str, Any]:
-    try:
-        return "ok", call_reward(_FN, [prompt], [completion], [fields], kwargs)[0]
-    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported back, not raised here
-        return "error", f"{type(exc).__name__}: {exc}"
+def _run(prompts: Sequence[str], completions: Sequence[str], fields: Sequence[Mapping[str, Any]],
+         kwargs: Mapping[str, Any]) -> list[Outcome]:
+    assert _FN is not None
+    return call_reward(_FN, prompts, completions, fields, kwargs)
 
 
 class IsolatedReward:
-    """One user reward in its own worker process; `__call__` returns ("ok", value) or ("error", cause)."""
+    """One reward in its own sandboxed worker process.
 
-    def __init__(self, name: str | None, import_path: str | None, kwargs: Mapping[str, Any], timeout_s: float) -> None:
-        self._init = (name, import_path)
-        self.kwargs, self.timeout_s = dict(kwargs), timeout_s
+    `__call__(prompts, completions, fields)` gives one outcome per sample. A plain function is called once
+    per sample, each call with its own `timeout_s`; a `@batched_reward` function once per batch.
+    """
+
+    def __init__(self, name: str | None, import_path: str | None, kwargs: Mapping[str, Any], timeout_s: float,
+                 batched: bool, memory_mb: int = 4096) -> None:
+        self._source = (name, import_path)
+        self.kwargs, self.timeout_s, self.batched, self.memory_mb = dict(kwargs), timeout_s, batched, memory_mb
         self._pool: ProcessPoolExecutor | None = None
+        self._root: str | None = None
+        self._warm = False
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 fields: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+        if self.batched:
+            return self._submit(prompts, completions, fields) or [self._last_error] * len(prompts)
+        out = []
+        for p, c, f in zip(prompts, completions, fields):
+            got = self._submit([p], [c], [f])
+            out.append(got[0] if got else self._last_error)
+        return out
+
+    def _submit(self, prompts: Sequence[str], completions: Sequence[str],
+                fields: Sequence[Mapping[str, Any]]) -> list[Outcome] | None:
+        """The worker's outcomes, or None with `_last_error` set when the call itself failed."""
+        timeout = self.timeout_s + (0.0 if self._warm else STARTUP_GRACE_S)
+        try:
+            future = self._ensure().submit(_run, list(prompts), list(completions), [dict(f) for f in fields],
+                                           self.kwargs)
+            result = future.result(timeout=timeout)
+            self._warm = True
+            return result
+        except FutureTimeout:
+            cause = f"timed out after {self.timeout_s:g}s (worker killed and replaced)"
+        except BrokenProcessPool:
+            cause = "the reward worker process died (crash, os._exit or memory limit); replaced"
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable return value: reported, not raised
+            cause = f"{type(exc).__name__}: {exc}"
+        self.close()
+        self._last_error: Outcome = ("error", cause)
+        return None
 
     def _ensure(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            self._root = tempfile.mkdtemp(prefix="rlpost-reward-")
             self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init_worker,
-                                             initargs=self._init)
+                                             initargs=(*self._source, self._root, self.memory_mb))
         return self._pool
 
-    def __call__(self, prompt: str, completion: str, fields: Mapping[str, Any]) -> tuple[str, Any]:
-        future = self._ensure().submit(_run_one, prompt, completion, dict(fields), self.kwargs)
-        try:
-            return future.result(timeout=self.timeout_s + 10 if self._fresh() else self.timeout_s)
-        except FutureTimeout:
-            self.close()
-            return "error", f"timed out after {self.timeout_s:g}s (worker killed)"
-        except BrokenProcessPool:
-            self.close()
-            return "error", "the reward worker process died (crash or memory limit)"
-
-    def _fresh(self) -> bool:
-        # The first call also pays for starting the worker and importing the user's module.
-        fresh = not getattr(self, "_warm", False)
-        self._warm = True
-        return fresh
-
     def close(self) -> None:
-        if self._pool is None:
-            return
-        for proc in list(getattr(self._pool, "_processes", {}).values()):
-            proc.kill()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None
+        """Kill the worker (a hung call never returns by itself) and delete its sandbox directory."""
+        if self._pool is not None:
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                proc.kill()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
         self._warm = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rl.registry import Registry
 
-ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine",))
+ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine", "rollout.vllm_engine"))
 ADVANTAGES: Registry = Registry("advantage", ("trainers.advantages",))
 LOSSES: Registry = Registry("loss", ("trainers.losses",))
 AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
