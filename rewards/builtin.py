@@ -1,32 +1,56 @@
-"""Built-in rewards, registered by name (`rewards: [{name: math_answer}]`)."""
+"""Built-in rewards, registered by name (`rewards: [{name: math_answer}]`).
+
+Answer checks here, the sandboxed code runner in `rewards.code_exec`, the reasoning-pattern reward in
+`rewards.reasoning`; importing this module registers them all.
+"""
 
 from __future__ import annotations
 
+import ast
+import logging
+import operator
 import re
 import threading
-from typing import Any
+from collections import Counter
+from typing import Any, Sequence
 
 from rewards import RewardOutput
+from rewards import code_exec as _code_exec  # noqa: F401 - registers `code_exec`
+from rewards import reasoning as _reasoning  # noqa: F401 - registers `reasoning_pattern`
 from rl.registries import REWARDS
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+MATH_VERIFY_TIMEOUT_S = 5
 
 
-def _math_verify_timeout(seconds: int) -> int | None:
-    # math-verify's timeouts use SIGALRM, which only works on the main thread.
-    return seconds if threading.current_thread() is threading.main_thread() else None
+class _NoTimeoutNotice(logging.Filter):
+    # Off the main thread we switch math-verify's SIGALRM timeouts off on purpose; it would warn every call.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutNotice())
+
+
+def _math_verify_timeout() -> int | None:
+    # math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere run without one.
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 @REWARDS.register("math_answer")
 def math_answer(prompt: str, completion: str, answer: Any = None, **fields: Any) -> float | None:
-    """1.0 if the completion's answer is mathematically equivalent to `answer` (math-verify: boxed
-    answers, fractions, LaTeX, plain numbers), else 0.0; None when the sample has no answer."""
+    """1.0 if the completion's final answer is mathematically equivalent to `answer` (math-verify: boxed
+    answers, fractions, LaTeX, and plain numbers such as "12"), else 0.0; None when the sample has no answer."""
     if answer is None:
         return None
     from math_verify import parse, verify
 
-    timeout = _math_verify_timeout(5)
-    gold = parse(str(answer) if "\\" in str(answer) or "$" in str(answer) else f"${answer}$", parsing_timeout=timeout)
+    timeout = _math_verify_timeout()
+    gold_text = str(answer)
+    if "$" not in gold_text and "\\boxed" not in gold_text:
+        gold_text = f"${gold_text}$"  # bare gold answers ("1/2", "\\frac12") parse reliably as inline math
+    gold = parse(gold_text, parsing_timeout=timeout)
     pred = parse(completion, parsing_timeout=timeout)
     if not gold or not pred:
         return 0.0
@@ -35,41 +59,28 @@ def math_answer(prompt: str, completion: str, answer: Any = None, **fields: Any)
 
 @REWARDS.register("last_number")
 def last_number(prompt: str, completion: str, answer: Any = None, **fields: Any) -> float | None:
-    """1.0 if the last number in the completion equals `answer` numerically."""
+    """1.0 if the last number in the completion equals `answer` numerically (commas ignored)."""
     if answer is None:
         return None
     found = NUMBER.findall(completion.replace(",", ""))
     try:
         return 1.0 if found and float(found[-1]) == float(str(answer).replace(",", "")) else 0.0
-    except ValueError:
+    except ValueError:  # a non-numeric gold answer never matches
         return 0.0
 
 
 @REWARDS.register("format")
 def format_reward(prompt: str, completion: str, pattern: str = r"(?s)<think>.*</think>\s*<answer>.*</answer>",
                   **fields: Any) -> float:
-    """1.0 if the whole completion matches `pattern` (default: think/answer tags)."""
+    """1.0 if the whole (stripped) completion matches `pattern` (default: think then answer tags)."""
     return 1.0 if re.fullmatch(pattern, completion.strip()) else 0.0
 
 
 @REWARDS.register("length_penalty")
 def length_penalty(prompt: str, completion: str, max_chars: int = 200, **fields: Any) -> float:
-    """0 up to `max_chars`, then falls linearly to -1 at twice that length."""
+    """0 up to `max_chars`, then falls linearly to -1 at twice that length (and stays there)."""
     over = max(0, len(completion) - max_chars)
     return -min(1.0, over / max_chars)
-
-
-REASONING_PHRASES = ("first", "then", "next", "therefore", "so ", "because", "let's", "step", "check", "verify",
-                     "wait", "alternatively", "finally")
-
-
-@REWARDS.register("reasoning_pattern")
-def reasoning_pattern(prompt: str, completion: str, phrases: tuple[str, ...] = REASONING_PHRASES,
-                      per_phrase: float = 0.1, cap: float = 1.0, **fields: Any) -> RewardOutput:
-    """Reasoning Pattern Reward (arXiv 2505.22653): reward key reasoning phrases, each counted once, capped."""
-    text = completion.lower()
-    hits = sum(1 for p in phrases if p in text)
-    return RewardOutput(total=min(cap, per_phrase * hits), components={"phrases": float(hits)})
 
 
 @REWARDS.register("digit_fraction")
@@ -81,3 +92,45 @@ def digit_fraction(prompt: str, completion: str, **fields: Any) -> float | None:
     if not chars:
         return 0.0
     return sum(c.isdigit() or c == "-" for c in chars) / len(chars)
+
+
+BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+ANSWER_TAG = re.compile(r"(?s)<answer>(.*?)</answer>")
+EXPRESSION = re.compile(r"[\d\s+\-*/().]+")
+
+
+def evaluate_arithmetic(node: ast.AST, used: list[int]) -> float:
+    """Value of a + - * / expression over integer literals, appending each literal to `used`."""
+    if isinstance(node, ast.Expression):
+        return evaluate_arithmetic(node.body, used)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        used.append(node.value)
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
+        return BINARY_OPS[type(node.op)](evaluate_arithmetic(node.left, used), evaluate_arithmetic(node.right, used))
+    raise ValueError(f"not allowed in a countdown expression: {ast.dump(node)[:40]}")
+
+
+def _candidate_expression(completion: str) -> str | None:
+    tagged = ANSWER_TAG.findall(completion)
+    text = tagged[-1] if tagged else completion.split("=")[0] if completion.count("=") == 1 else completion
+    runs = [r.strip() for r in EXPRESSION.findall(text) if any(ch.isdigit() for ch in r)]
+    return max(runs, key=len) if runs else None
+
+
+@REWARDS.register("countdown")
+def countdown(prompt: str, completion: str, numbers: Sequence[int] | None = None, target: int | None = None,
+              **fields: Any) -> RewardOutput | None:
+    """1.0 if the completion's expression (in <answer> tags, else the longest arithmetic run) uses each of
+    `numbers` exactly once with + - * / and equals `target`; component `valid` is 1 for a well-formed use."""
+    if numbers is None or target is None:
+        return None
+    expression = _candidate_expression(completion)
+    used: list[int] = []
+    try:
+        value = evaluate_arithmetic(ast.parse(expression or "", mode="eval"), used)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return RewardOutput(total=0.0, components={"valid": 0.0})
+    valid = Counter(used) == Counter(int(n) for n in numbers)
+    correct = valid and abs(value - float(target)) < 1e-9
+    return RewardOutput(total=float(correct), components={"valid": float(valid)})

@@ -14,6 +14,7 @@ hostile code (ctypes or a C extension can bypass audit hooks): run untrusted cod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -22,12 +23,14 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from rewards.calling import Outcome, call_reward
 
+PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 FILE_SIZE_LIMIT_BYTES = 64 << 20
-STARTUP_GRACE_S = 20.0  # the first call also pays for spawning the worker and importing the user's module
+STARTUP_GRACE_S = 20.0  # for spawning the worker and importing the user's module (not counted in timeout_s)
 NETWORK_EVENTS = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
                             "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"})
 PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
@@ -95,6 +98,18 @@ def _run(prompts: Sequence[str], completions: Sequence[str], fields: Sequence[Ma
     return call_reward(_FN, prompts, completions, fields, kwargs)
 
 
+@contextlib.contextmanager
+def _project_first_on_path() -> Iterator[None]:
+    """A spawned worker starts with the parent's sys.path; put this project first while it starts, so a
+    same-named directory earlier on the path (a `rewards/` folder of tests or of the user's) cannot
+    shadow the package through the editable-install finder."""
+    sys.path.insert(0, PROJECT_ROOT)
+    try:
+        yield
+    finally:
+        sys.path.remove(PROJECT_ROOT)
+
+
 class IsolatedReward:
     """One reward in its own sandboxed worker process.
 
@@ -108,7 +123,7 @@ class IsolatedReward:
         self.kwargs, self.timeout_s, self.batched, self.memory_mb = dict(kwargs), timeout_s, batched, memory_mb
         self._pool: ProcessPoolExecutor | None = None
         self._root: str | None = None
-        self._warm = False
+        self._last_error: Outcome = ("error", "")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
                  fields: Sequence[Mapping[str, Any]]) -> list[Outcome]:
@@ -123,13 +138,10 @@ class IsolatedReward:
     def _submit(self, prompts: Sequence[str], completions: Sequence[str],
                 fields: Sequence[Mapping[str, Any]]) -> list[Outcome] | None:
         """The worker's outcomes, or None with `_last_error` set when the call itself failed."""
-        timeout = self.timeout_s + (0.0 if self._warm else STARTUP_GRACE_S)
         try:
             future = self._ensure().submit(_run, list(prompts), list(completions), [dict(f) for f in fields],
                                            self.kwargs)
-            result = future.result(timeout=timeout)
-            self._warm = True
-            return result
+            return future.result(timeout=self.timeout_s)
         except FutureTimeout:
             cause = f"timed out after {self.timeout_s:g}s (worker killed and replaced)"
         except BrokenProcessPool:
@@ -137,7 +149,7 @@ class IsolatedReward:
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable return value: reported, not raised
             cause = f"{type(exc).__name__}: {exc}"
         self.close()
-        self._last_error: Outcome = ("error", cause)
+        self._last_error = ("error", cause)
         return None
 
     def _ensure(self) -> ProcessPoolExecutor:
@@ -145,6 +157,8 @@ class IsolatedReward:
             self._root = tempfile.mkdtemp(prefix="rlpost-reward-")
             self._pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init_worker,
                                              initargs=(*self._source, self._root, self.memory_mb))
+            with _project_first_on_path():
+                self._pool.submit(int).result(timeout=STARTUP_GRACE_S)  # start it now, with that path
         return self._pool
 
     def close(self) -> None:
@@ -157,4 +171,3 @@ class IsolatedReward:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
-        self._warm = False

@@ -1,14 +1,18 @@
-"""Reward shaping applied to the weighted total: clipping and PAR.
+"""Reward shaping applied to the weighted total, in the official PAR shaper's order: clip, then PAR.
 
 PAR (Preference As Reward, arXiv 2502.18770, `calculate_relative_sigmoid` in PorUna-byte/PAR):
-    r_shaped = (1/M) * sum_m sigmoid(r - r_ref_m)
-with the reference responses' rewards `r_ref_m` given per sample in `sample_meta["ref_rewards"]`.
-It is bounded in (0, 1) and centred on the references, which blunts reward hacking of reward models.
+    r_shaped = (1/M) * sum_{m<=M} sigmoid(k * (r - r_ref_m))
+with the reference responses' rewards `r_ref_m` given per sample in `sample_meta["ref_rewards"]` (a
+dataset column: M rewards of reference-policy responses, scored offline with the same reward). Bounded in
+(0, 1) and centred on the references, which blunts reward hacking of reward models. Only the sample's
+reward is clipped; references are used as given.
+
+    par(torch.tensor([2.0]), [[1.0, 3.0]])  ->  tensor([0.5])   # (sigmoid(1) + sigmoid(-1)) / 2
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -16,22 +20,24 @@ from rl.batch import RolloutBatch
 from rl.errors import UserError
 
 
-def par(rewards: torch.Tensor, ref_rewards: list[list[float]]) -> torch.Tensor:
-    """[N] mean over each sample's references of sigmoid(r - r_ref)."""
-    out = torch.empty_like(rewards)
+def par(rewards: torch.Tensor, ref_rewards: Sequence[Sequence[float]], k: float = 1.0,
+        max_refs: int | None = None) -> torch.Tensor:
+    """[N] mean over each sample's first `max_refs` references of sigmoid(k * (r - r_ref))."""
+    out = torch.empty_like(rewards)  # [N]
     for i, refs in enumerate(ref_rewards):
-        ref = torch.as_tensor(refs, dtype=rewards.dtype)
-        out[i] = torch.sigmoid(rewards[i] - ref).mean()
+        ref = torch.as_tensor(list(refs)[:max_refs], dtype=rewards.dtype)  # [M]
+        out[i] = torch.sigmoid(k * (rewards[i] - ref)).mean()
     return out
 
 
 def shape(total: torch.Tensor, batch: RolloutBatch, cfg: Any) -> torch.Tensor:
+    """[N] shaped reward from the [N] weighted total."""
+    if cfg.clip is not None:
+        total = total.clamp(cfg.clip[0], cfg.clip[1])
     if cfg.par:
         refs = [m.get("ref_rewards") for m in batch.sample_meta]
         if any(not r for r in refs):
             raise UserError("shaping.par needs reference rewards: give each sample a non-empty `ref_rewards` "
                             "list (a dataset column), or turn shaping.par off.")
-        total = par(total, refs)
-    if cfg.clip is not None:
-        total = total.clamp(cfg.clip[0], cfg.clip[1])
+        total = par(total, refs, k=cfg.par_k, max_refs=cfg.par_max_refs)
     return total

@@ -31,8 +31,11 @@ class CountdownEnv(_EnvCommon):
 
     name: Literal["countdown"] = "countdown"
     numbers: int = Field(3, ge=2, le=6)
-    """How many numbers are given."""
+    """How many numbers are given (the difficulty knob: each must be used exactly once)."""
     max_number: int = Field(20, ge=2)
+    """Numbers are drawn from 1..max_number."""
+    max_target: int = Field(1000, ge=1)
+    """Targets are positive integers up to this (reachable by construction)."""
     train_size: int = Field(5000, ge=1)
 
 
@@ -41,10 +44,13 @@ class DatasetEnv(_EnvCommon):
 
     name: Literal["dataset"] = "dataset"
     path: str
-    prompt_column: str = "prompt"
-    answer_column: str | None = "answer"
+    prompt_column: str | None = None
+    """Column holding the question; null: the format's default (plain: prompt, gsm8k: question, math: problem)."""
+    answer_column: str | None = None
+    """Column holding the answer (given to rewards as `answer`); null: the format's default (plain: answer if
+    present, gsm8k: answer, math: solution)."""
     format: Literal["plain", "gsm8k", "math"] = "plain"
-    """`gsm8k`/`math` presets extract the final answer from those datasets' solution formats."""
+    """`gsm8k` takes the answer after '####', `math` the last \\boxed{} of the solution; `plain` uses it as is."""
     test_path: str | None = None
     """A separate held-out file; null holds out `test_size` rows of `path`."""
 
@@ -73,6 +79,8 @@ class RewardConfig(Section):
     """Run in a worker process; null = yes for user functions, no for built-ins."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments for the function (its own settings)."""
+    memory_mb: int = Field(4096, ge=64)
+    """Address-space limit of an isolated reward's worker process."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "RewardConfig":
@@ -111,6 +119,17 @@ class ShapingConfig(Section):
     """Transformations of the weighted reward sum before advantages."""
 
     clip: tuple[float, float] | None = None
-    """Clip the total reward to [low, high]."""
+    """Clip the total reward to [low, high] (before PAR)."""
     par: bool = False
-    """PAR (arXiv 2502.18770): sigmoid(r - r_ref) averaged over reference rewards (`ref_rewards` field)."""
+    """PAR (arXiv 2502.18770): sigmoid(k (r - r_ref)) averaged over reference rewards (`ref_rewards` field)."""
+    par_k: float = Field(1.0, gt=0)
+    """PAR's sigmoid slope k."""
+    par_max_refs: int | None = Field(None, ge=1)
+    """Use only the first M reference rewards of each sample (null: all; the paper finds M=1 enough)."""
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"clip {list(v)}: low must not exceed high")
+        return v
