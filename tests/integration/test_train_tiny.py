@@ -93,3 +93,48 @@ def test_rl_train_rejects_bad_input_without_traceback(tmp_path):
     assert done.returncode == 2 and "rollout.group_size" in done.stderr and "Traceback" not in done.stderr
     done = rl("train", "--resume", str(tmp_path / "nothing"))
     assert done.returncode == 2 and "not a run directory" in done.stderr
+
+
+def test_async_mode_overlaps_one_version_behind_and_learns(tmp_path):
+    run = tmp_path / "run"
+    done = rl("train", "tiny", f"run_dir={run}", "trainer.mode=async", "trainer.max_staleness=1",
+              "trainer.max_steps=4", "trainer.save_every_steps=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["rollout/policy_lag"] for r in rows] == [0.0, 1.0, 1.0, 1.0]  # step n trains on samples of n-1
+    assert all(r["rollout/stale_dropped"] == 0 for r in rows)
+    done = rl("train", "tiny", f"run_dir={tmp_path / 'strict'}", "trainer.mode=async", "trainer.max_staleness=0",
+              "trainer.max_steps=3", "trainer.save_every_steps=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics(tmp_path / "strict")[-1]["rollout/stale_dropped"] == 2.0  # stale batches dropped and counted
+
+
+USER_REWARD = '''
+import time
+from rewards import RewardOutput
+
+def brevity(prompt, completion, **fields):
+    return RewardOutput(total=1.0 - min(len(completion), 50) / 50, components={"chars": float(len(completion))})
+
+calls = {"n": 0}
+
+def flaky(prompt, completion, **fields):
+    calls["n"] += 1
+    if calls["n"] == 2:
+        time.sleep(30)  # hangs once: killed at the timeout, counted, training continues
+    return 0.0
+'''
+
+
+def test_reward_file_outside_the_package_appears_in_metrics(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARD)
+    run = tmp_path / "run"
+    rewards = ('rewards=[{name: math_answer}, {import_path: "my_rewards.py:brevity", weight: 0.1}, '
+               '{import_path: "my_rewards.py:flaky", timeout_s: 1}]')
+    done = rl("train", "tiny", rewards, f"run_dir={run}", "trainer.max_steps=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(run)
+    assert all("reward/brevity/mean" in r and "reward/brevity/chars/mean" in r for r in rows)
+    assert rows[0]["reward/brevity/chars/mean"] > 0
+    assert sum(r["reward/errors/flaky"] for r in rows) >= 1
