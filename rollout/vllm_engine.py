@@ -5,8 +5,10 @@ vLLM is imported here and in rollout/_vllm_internals.py only.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -86,6 +88,10 @@ class VLLMEngine:
 
         if not self.max_lora_rank:
             raise UserError("this vLLM engine was started without LoRA support; adapters are pushed as merged weights.")
+        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
+        if rank > self.max_lora_rank:
+            raise UserError(f"the adapter's LoRA rank {rank} is above the vLLM engine's max_lora_rank "
+                            f"{self.max_lora_rank}; lower adapter.r or start the engine with a larger rank.")
         start = time.perf_counter()
         self.lora_request = LoRARequest(f"policy-v{version}", version + 1, adapter_dir)
         self.llm.reset_prefix_cache()

@@ -1,7 +1,13 @@
 """Aggregating a per-token loss matrix into a scalar (ALGORITHMS.md §1.3), kept apart from the objective.
 
-Every function divides by *global* normalisers of the whole mini-batch (`Normalisers`), so the sum of
-the micro-batches' results equals the result on the whole mini-batch: gradient accumulation is exact.
+Pure functions `fn(loss [B, T], mask [B, T], norm: Normalisers, cfg) -> scalar`. Every function divides
+by *global* normalisers of the whole mini-batch (`Normalisers`, counted once before the micro-batches),
+never by the micro-batch's own counts, so the sum of the micro-batches' results equals the result on
+the whole mini-batch: gradient accumulation is exact, whatever the micro-batch split.
+
+Worked example (ALGORITHMS.md §1.6 test 5): lengths 1 and 3, token losses [1] and [1, 2, 3]:
+    token_mean = 7/4 = 1.75;  seq_mean_token_mean = (1 + 2)/2 = 1.5;  seq_mean_token_sum = (1 + 6)/2 = 3.5;
+    constant (C = 4) = 7/(2*4) = 0.875
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ class Normalisers:
     tokens: float
     sequences: float
     constant_length: float
+
+    @staticmethod
+    def of(mask: torch.Tensor, constant_length: float) -> "Normalisers":
+        """Counts of a whole mini-batch's `mask [B, T]` (B rows, each one sequence)."""
+        return Normalisers(tokens=float(mask.sum()), sequences=float(mask.shape[0]),
+                           constant_length=float(constant_length))
 
 
 @AGGREGATIONS.register("token_mean")

@@ -1,10 +1,14 @@
 """Logprobs and entropy of sampled tokens, computed only where needed and in bounded memory.
 
 ALGORITHMS.md §0.2: logits are divided by the sampling temperature, log-softmax is taken in fp32, and
-the logit at position p scores the token at p+1. Only positions whose *next* token is a loss token
-go through the LM head (prompt positions never do), and they go in chunks of `chunk_tokens`; with
-gradients on, each chunk is recomputed in the backward pass (activation checkpointing), so at most
-one [chunk, vocab] fp32 block exists at a time instead of [batch, length, vocab].
+the logit at position p scores the token at p+1. The model's backbone runs once to hidden states
+[B, T, H]; only positions whose *next* token is a loss token go through the LM head (prompt positions
+never do), in chunks of `chunk_tokens` positions. With gradients on, each chunk is recomputed in the
+backward pass (activation checkpointing), so at most one [chunk, V] fp32 block is alive at a time
+instead of [B, T, V]: memory grows with B x T x H, not B x T x V.
+
+Output alignment matches `RolloutBatch.sampling_logprobs`: out[i, t] scores input_ids[i, t], 0 where
+loss_mask is False.
 """
 
 from __future__ import annotations
@@ -16,42 +20,53 @@ from torch.utils.checkpoint import checkpoint
 
 
 def backbone_and_head(model: Any) -> tuple[Any, Any]:
-    """(decoder stack returning hidden states, LM head) of a causal LM, PEFT-wrapped or not."""
+    """(decoder stack returning hidden states, LM head module) of a causal LM, PEFT-wrapped or not.
+    The head is called as a module, so a bias or an adapter on it is honoured."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _chunk_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+def _chunk_scores(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden @ weight.t()).float() / temperature  # [K, V] fp32
+    """([K] log softmax(head(hidden) / T)[target], [K] entropy or zeros) in fp32; hidden [K, H], targets [K].
+
+    Entropy H = log Z - E_p[logit] uses detached logits: it is a metric, saves nothing for backward,
+    and recomputing it in the checkpointed backward costs a softmax, not another [K, H] x [H, V] matmul.
+    """
+    logits = head(hidden).float() / temperature  # [K, V] fp32, the only vocab-sized block
     logz = torch.logsumexp(logits, dim=-1)  # [K]
     logp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logz  # [K]
     if not with_entropy:
-        return logp, torch.zeros_like(logp)
-    probs = torch.softmax(logits.detach(), dim=-1)
-    entropy = logz.detach() - (probs * logits.detach()).sum(-1)  # H = log Z - E_p[logit]
-    return logp, entropy
+        return logp, torch.zeros_like(logz.detach())
+    detached = logits.detach()
+    return logp, logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)
+
+
+def loss_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the positions whose logits score a loss token: token (b, c+1) is scored by (b, c)."""
+    return torch.nonzero(loss_mask[:, 1:], as_tuple=True)
 
 
 def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
                    temperature: float = 1.0, chunk_tokens: int = 1024,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [B, T], entropy [B, T]) of each loss token given its prefix; 0 elsewhere.
+    """(logp [B, T], entropy [B, T]) of each loss token given its prefix at `temperature`; 0 elsewhere.
 
-    Entropy is of the full (temperature-scaled) next-token distribution and carries no gradient.
+    Entropy is that of the full temperature-scaled next-token distribution at the position that
+    predicts each loss token, and carries no gradient (it is a metric). Rows are right-padded, so the
+    default position ids 0..T-1 are correct.
     """
     decoder, head = backbone_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False).last_hidden_state
-    rows, cols = torch.nonzero(loss_mask[:, 1:], as_tuple=True)  # token (b, c+1) is scored by position (b, c)
+    rows, cols = loss_positions(loss_mask)
     selected = hidden[rows, cols]  # [K, H]
     targets = input_ids[rows, cols + 1]  # [K]
-    weight = head.weight
-    grad = torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad)
+    recompute = torch.is_grad_enabled()  # without grad nothing is saved for backward: no need to checkpoint
     logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_tokens):
-        args = (selected[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens], temperature,
+        args = (head, selected[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature,
                 with_entropy)
-        lp, ent = checkpoint(_chunk_scores, *args, use_reentrant=False) if grad else _chunk_scores(*args)
+        lp, ent = checkpoint(_chunk_scores, *args, use_reentrant=False) if recompute else _chunk_scores(*args)
         logps.append(lp)
         entropies.append(ent)
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)

@@ -1,15 +1,25 @@
 """The policy trainer: turns a scored `RolloutBatch` into optimizer steps. It never generates.
 
-Per rollout batch: `old` logprobs once (skipped when there is a single optimizer step, where they
-equal the first forward's values), reference logprobs if KL is on, then `ppo_epochs` passes of
-`mini_batches` optimizer steps, each accumulated over micro-batches packed by a token budget.
+Per rollout batch (`step`):
+    1. reference logprobs, if the KL coefficient is > 0 (no reference exists otherwise);
+    2. split into `mini_batches` shards of whole groups; `old` logprobs of every shard once, without
+       grad, before any update (pi_old = the policy that sampled, as the learner computes it). With a
+       single optimizer step (1 epoch x 1 mini-batch) they are the training forward's own detached
+       values instead, which are identical and save a forward pass (ALGORITHMS.md §1.5);
+    3. `ppo_epochs` passes of `mini_batches` optimizer steps; each accumulates the gradient over
+       micro-batches packed by `micro_batch_tokens`, with aggregation normalisers counted over the
+       whole mini-batch, so the update does not depend on the packing (ALGORITHMS.md §1.3);
+    4. clip the gradient norm; a non-finite loss or gradient skips the update (counted in
+       `train/skipped_nonfinite`), and `max_nonfinite_steps` in a row stop the run.
+Per-token loss = objective x truncated importance weight (sampler mismatch) + beta x KL estimate.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterator
+from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 
@@ -18,8 +28,9 @@ from rl.errors import UserError
 from rl.registries import AGGREGATIONS, LOSSES
 from trainers.aggregation import Normalisers
 from trainers.logprobs import token_logprobs
-from trainers.losses import kl_penalty, mismatch_kl, mismatch_weights
-from trainers.reference import ReferencePolicy
+from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights, resolve_correction_level
+from trainers.microbatch import micro_batches, no_grad_logprobs
+from trainers.reference import ReferencePolicy, default_reference
 from trainers.schedule import build_optimizer
 
 
@@ -28,18 +39,30 @@ class NonFiniteError(UserError):
 
 
 class PolicyTrainer:
+    """AdamW on a (possibly adapter-wrapped) causal LM with a GRPO-family objective.
+
+    model: an nn.Module causal LM (maybe PEFT-wrapped); algorithm: `AlgorithmConfig`; trainer:
+    `TrainerConfig`; temperature: the rollout's sampling temperature (logprobs are taken at it);
+    backend: the rollout backend name (`auto` mismatch correction depends on it); device: where the
+    model lives; max_new_tokens: the `constant` aggregation's C when it sets none; adapter_schedule:
+    an object with `before_optimizer_step(model, update)` or None; reference: overrides the default
+    reference policy (used only when algorithm.kl.coef > 0).
+    """
+
     def __init__(self, model: Any, algorithm: Any, trainer: Any, temperature: float, backend: str, device: str,
-                 max_new_tokens: int = 64, adapter_schedule: Any = None) -> None:
+                 max_new_tokens: int = 64, adapter_schedule: Any = None,
+                 reference: ReferencePolicy | None = None) -> None:
         self.model, self.algo, self.cfg, self.device = model, algorithm, trainer, device
         self.temperature = temperature
         self.loss_fn: Callable = LOSSES.get(algorithm.loss.name)
         self.aggregate: Callable = AGGREGATIONS.get(algorithm.aggregation.name)
         self.constant_length = float(getattr(algorithm.aggregation, "max_length", None) or max_new_tokens)
-        level = algorithm.correction.level
-        self.correction = ("token" if backend == "vllm" else "none") if level == "auto" else level
-        self.reference = ReferencePolicy(model) if algorithm.kl.coef > 0 else None
+        self.correction = resolve_correction_level(algorithm.correction.level, backend)
+        self.reference: ReferencePolicy | None = None
+        if algorithm.kl.coef > 0:  # built before any update: a frozen copy must hold the initial weights
+            self.reference = reference or default_reference(model, self._batch_logprobs)
         total_updates = trainer.max_steps * trainer.ppo_epochs * trainer.mini_batches
-        self.optimizer, self.scheduler = build_optimizer(model, trainer, total_updates)
+        self.optimizer, self.scheduler = build_optimizer(self.trainable_named_parameters(), trainer, total_updates)
         self.adapter_schedule = adapter_schedule
         self.updates = 0
         self.nonfinite_streak = 0
@@ -47,79 +70,67 @@ class PolicyTrainer:
         if trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every parameter the optimizer updates (the adapter's only, with one)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
     # ----- one rollout batch -------------------------------------------------------------------
     def step(self, batch: RolloutBatch) -> dict[str, float]:
+        """`ppo_epochs` x `mini_batches` optimizer updates on `batch` (advantages set); mean metrics."""
+        if batch.advantages is None:
+            raise ValueError("PolicyTrainer.step needs a batch with advantages (batch.with_advantages)")
         start = time.perf_counter()
-        self.model.train()
-        batch = self._with_reference(batch)
+        self.model.train()  # HF gradient checkpointing is active only in train mode
+        if self.reference is not None:
+            batch = batch.with_ref_logprobs(self.reference.logprobs(batch))
         minis = batch.split_by_groups(self.cfg.mini_batches)
-        olds = [self._old_logprobs(m) for m in minis]  # before any update: pi_old is the sampling-time policy
-        stats: list[dict[str, float]] = []
-        for _ in range(self.cfg.ppo_epochs):
-            for mini, old in zip(minis, olds):
-                stats.append(self._update(mini, old))
-        metrics = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        tokens = float(batch.completion_lengths.sum())
-        metrics.update({"lr": self.scheduler.get_last_lr()[0], "train/tokens_per_s": tokens / (time.perf_counter() - start),
+        single = self.cfg.ppo_epochs * len(minis) == 1
+        olds = [None if single else self._batch_logprobs(self.model, m) for m in minis]
+        updates = [self._update(mini, old) for _ in range(self.cfg.ppo_epochs) for mini, old in zip(minis, olds)]
+        metrics = summarise(updates)
+        metrics.update({"train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
-    def _single_update(self) -> bool:
-        return self.cfg.ppo_epochs * self.cfg.mini_batches == 1
-
-    def _with_reference(self, batch: RolloutBatch) -> RolloutBatch:
-        if batch.advantages is None:
-            raise ValueError("PolicyTrainer.step needs a batch with advantages")
-        if self.reference is None:
-            return batch
-        return batch.with_ref_logprobs(self.reference.logprobs(batch, self._logprobs))
-
-    def _old_logprobs(self, mini: RolloutBatch) -> torch.Tensor | None:
-        """None for a single optimizer step: then pi_old = pi_theta and the training forward's own
-        (detached) values are exact, which saves a whole forward pass."""
-        if self._single_update():
-            return None
-        with torch.no_grad():
-            return self._logprobs(mini, with_entropy=False)[0]
-
-    def _logprobs(self, batch: RolloutBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: Any, batch: RolloutBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp [n, t], entropy [n, t]) of `batch`'s loss tokens under `model`, on the trainer's device."""
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        with self._autocast():
-            return token_logprobs(self.model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
+        with autocast:
+            return token_logprobs(model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
                                   self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
 
-    def _autocast(self) -> Any:
-        enabled = self.device.startswith("cuda")
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else _null()
+    def _batch_logprobs(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
+        """[N, T] CPU logprobs under `model`, no grad, micro-batch by micro-batch."""
+        return no_grad_logprobs(lambda micro: self._forward(model, micro, False)[0], batch,
+                                self.cfg.micro_batch_tokens)
 
-    # ----- one optimizer step ------------------------------------------------------------------
+    # ----- one optimizer update ----------------------------------------------------------------
     def _update(self, mini: RolloutBatch, old: torch.Tensor | None) -> dict[str, float]:
-        norm = Normalisers(tokens=float(mini.loss_mask.sum()), sequences=float(mini.num_samples),
-                           constant_length=self.constant_length)
+        norm = Normalisers.of(mini.loss_mask, self.constant_length)  # global over the mini-batch
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        finite = True
-        for rows, micro in pack_micro_batches(mini, self.cfg.micro_batch_tokens):
-            micro_old = None if old is None else old[rows, : micro.seq_len]
+        tally: dict[str, float] = {}
+        for rows, micro in micro_batches(mini, self.cfg.micro_batch_tokens):
+            micro_old = None if old is None else old[torch.tensor(rows), : micro.seq_len]
             loss, stats = self._micro_loss(micro, norm, micro_old)
-            if not torch.isfinite(loss):
-                finite = False
-                break
+            if not bool(torch.isfinite(loss)):
+                return self._skip()
             loss.backward()
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.max_grad_norm) if finite else None
-        if grad_norm is None or not torch.isfinite(grad_norm):
-            return self._skip(sums)
+            accumulate(tally, stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.max_grad_norm)
+        if not bool(torch.isfinite(grad_norm)):
+            return self._skip()
         if self.adapter_schedule is not None:
             self.adapter_schedule.before_optimizer_step(self.model, self.updates)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this update uses
         self.optimizer.step()
         self.scheduler.step()
         self.updates += 1
         self.nonfinite_streak = 0
-        return {**sums, "grad_norm": float(grad_norm)}
+        return {**tally, "grad_norm": float(grad_norm), "lr": lr}
 
-    def _skip(self, sums: dict[str, float]) -> dict[str, float]:
+    def _skip(self) -> dict[str, float]:
+        """Drop this update's gradient and its partial metrics; count it."""
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
@@ -128,32 +139,31 @@ class PolicyTrainer:
                 f"{self.nonfinite_streak} consecutive updates had a non-finite loss or gradient; stopping before "
                 "NaN reaches the weights. Lower trainer.lr, check rewards for extreme values, or use "
                 "model.dtype=float32. The last checkpoint is intact: resume after changing the job.")
-        return {**sums, "grad_norm": math.nan}
+        return {"grad_norm": math.nan, "lr": float(self.optimizer.param_groups[0]["lr"])}
 
     def _micro_loss(self, micro: RolloutBatch, norm: Normalisers,
                     old: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, entropy = self._logprobs(micro, with_entropy=True)
+        """(this micro-batch's share of the mini-batch loss, its metric contributions)."""
+        logp, entropy = self._forward(self.model, micro, with_entropy=True)  # [b, t] each
         dev = lambda t: t.to(self.device)  # noqa: E731
-        mask = dev(micro.loss_mask).float()  # [B, T]
-        old = logp.detach() if old is None else old
+        mask = dev(micro.loss_mask).float()  # [b, t]
+        old = logp.detach() if old is None else dev(old)  # [b, t]
         adv = dev(micro.advantages)
-        adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv  # [B, T]
-        per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss)
-        sampling = dev(micro.sampling_logprobs)
-        if self.correction != "none":
-            per_token = per_token * mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)
-        kl = torch.zeros(())
+        adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv  # [b, t]
+        per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss)  # [b, t]
+        sampling = dev(micro.sampling_logprobs)  # [b, t]
+        per_token = per_token * mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)
+        kl = torch.zeros_like(logp)
         if self.reference is not None:
-            kl_tok = kl_penalty(logp, dev(micro.ref_logprobs), self.algo.kl.estimator)
-            per_token = per_token + self.algo.kl.coef * kl_tok
-            kl = (kl_tok.detach() * mask).sum() / max(norm.tokens, 1.0)
+            kl = kl_penalty(logp, dev(micro.ref_logprobs), self.algo.kl.estimator)  # [b, t]
+            per_token = per_token + self.algo.kl.coef * kl
         loss = self.aggregate(per_token, mask, norm, self.algo.aggregation)
-        share = float(mask.sum()) / max(norm.tokens, 1.0)  # token share: metrics become mini-batch means
-        out = {"loss": float(loss.detach()), "kl": float(kl),
-               "policy/entropy": float((entropy * mask).sum()) / max(norm.tokens, 1.0),
-               "policy/mismatch_kl": float(mismatch_kl(old.detach(), sampling, mask)) * share}
+        share = float(mask.sum()) / max(norm.tokens, 1.0)  # token share: sums of metrics are mini-batch means
+        out = {"loss": float(loss.detach()), "kl": float(masked_mean(kl.detach(), mask)) * share,
+               "policy/entropy": float(masked_mean(entropy, mask)) * share,
+               "policy/mismatch_kl": float(mismatch_kl(old, sampling, mask)) * share}
         out.update({k: float(v) * share for k, v in stats.items() if k != "ratio_max"})
-        out["ratio_max"] = float(stats["ratio_max"]) * share
+        out["ratio_max"] = float(stats["ratio_max"])
         return loss, out
 
     def _params(self) -> list[torch.nn.Parameter]:
@@ -161,31 +171,34 @@ class PolicyTrainer:
 
     # ----- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule and counters; with the model's weights, enough for a bit-exact resume."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "updates": self.updates, "nonfinite_total": self.nonfinite_total}
+                "updates": self.updates, "nonfinite_total": self.nonfinite_total,
+                "nonfinite_streak": self.nonfinite_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates, self.nonfinite_total = int(state["updates"]), int(state["nonfinite_total"])
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
 
 
-def pack_micro_batches(batch: RolloutBatch, token_budget: int) -> Iterator[tuple[slice, RolloutBatch]]:
-    """Consecutive rows packed while rows x padded length stays within `token_budget` (at least one row)."""
-    lengths = batch.sequence_lengths.tolist()
-    start = 0
-    while start < len(lengths):
-        end, longest = start + 1, lengths[start]
-        while end < len(lengths) and max(longest, lengths[end]) * (end - start + 1) <= token_budget:
-            longest = max(longest, lengths[end])
-            end += 1
-        yield slice(start, end), batch.select(list(range(start, end)))
-        start = end
+MAX_METRICS = ("ratio_max",)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def accumulate(tally: dict[str, float], stats: dict[str, float]) -> None:
+    """Add a micro-batch's (share-weighted) metrics into the update's; maxima stay maxima."""
+    for k, v in stats.items():
+        tally[k] = max(tally.get(k, -math.inf), v) if k in MAX_METRICS else tally.get(k, 0.0) + v
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+
+def summarise(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Per-update metrics -> per-step: means over updates (NaN entries of skipped ones left out),
+    maxima for MAX_METRICS; a metric no update produced is NaN."""
+    keys = {k for u in updates for k in u}
+    out: dict[str, float] = {}
+    for k in sorted(keys):
+        values = [u[k] for u in updates if k in u and not math.isnan(u[k])]
+        reduce = max if k in MAX_METRICS else (lambda v: sum(v) / len(v))
+        out[k] = reduce(values) if values else math.nan
+    return out

@@ -1,41 +1,56 @@
-"""The reference policy for the KL term, without a second copy of the model when an adapter is used."""
+"""The reference policy of the KL term, behind one small interface.
+
+`PolicyTrainer` only needs reference logprobs of a batch's loss tokens. Two built-in ways to get them:
+- the model carries an adapter (it has PEFT's `disable_adapter()` context manager): the reference is
+  the same model with the adapter disabled, i.e. exactly the base weights, with no second copy;
+- full fine-tuning: a frozen copy of the initial weights, taken when the trainer is built.
+A caller with another arrangement (a remote reference, a different adapter library) passes its own
+object with a `logprobs(batch)` method.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from rl.batch import RolloutBatch
 
+# (model, batch) -> [N, T] logprobs of the batch's loss tokens under `model`, computed without grad.
+LogprobFn = Callable[[Any, RolloutBatch], torch.Tensor]
 
-class ReferencePolicy:
-    """Reference logprobs: with an adapter, the same model with the adapter disabled (exactly the base
-    model, no extra memory); for full fine-tuning, a frozen copy of the initial weights."""
 
-    def __init__(self, model: Any) -> None:
-        self.uses_adapter = hasattr(model, "disable_adapter")
-        self.model = model
-        self.frozen = None
-        if not self.uses_adapter:
-            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+class ReferencePolicy(Protocol):
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[N, T] reference logprobs aligned like `RolloutBatch.sampling_logprobs` (0 off the loss mask)."""
+        ...
 
-    def logprobs(self, batch: RolloutBatch, compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """[N, T] reference logprobs, using `compute(batch, with_entropy)` bound to the right model."""
+
+class AdapterDisabledReference:
+    """The policy model itself with its adapter switched off for the duration of the call."""
+
+    def __init__(self, model: Any, compute: LogprobFn) -> None:
+        self.model, self.compute = model, compute
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.compute(self.model, batch)
+
+
+class FrozenCopyReference:
+    """A frozen copy of the model's weights at construction time (full fine-tuning)."""
+
+    def __init__(self, model: Any, compute: LogprobFn) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.compute = compute
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         with torch.no_grad():
-            if self.uses_adapter:
-                with self.model.disable_adapter():
-                    return compute(batch, False)[0].cpu()
-            original, owner = _swap(compute, self.frozen)
-            try:
-                return compute(batch, False)[0].cpu()
-            finally:
-                owner.model = original
+            return self.compute(self.model, batch)
 
 
-def _swap(compute: Callable, frozen: Any) -> tuple[Any, Any]:
-    owner = compute.__self__  # the PolicyTrainer whose `model` the bound method reads
-    original = owner.model
-    owner.model = frozen
-    return original, owner
+def default_reference(model: Any, compute: LogprobFn) -> ReferencePolicy:
+    """Adapter disabled when the model has PEFT's `disable_adapter`, otherwise a frozen copy."""
+    kind = AdapterDisabledReference if hasattr(model, "disable_adapter") else FrozenCopyReference
+    return kind(model, compute)

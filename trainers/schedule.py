@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer (AdamW) and learning-rate schedule (linear warmup, then constant, linear or cosine decay)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,34 @@ from typing import Any
 
 import torch
 
+DECAY_SHAPES = {"constant": lambda progress: 1.0, "linear": lambda progress: 1.0 - progress,
+                "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress))}
+
 
 def lr_factor(update: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of the base learning rate at optimizer update `update` (0-based)."""
+    """Multiplier of the base learning rate at optimizer update `update` (0-based): (u+1)/warmup during
+    warmup, then the decay shape over the remaining `total - warmup` updates (reaching 0 at `total`)."""
     if warmup > 0 and update < warmup:
         return (update + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (update - warmup) / max(1, total - warmup))
-    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return DECAY_SHAPES[kind](min(1.0, (update - warmup) / max(1, total - warmup)))
 
 
-def build_optimizer(model: Any, cfg: Any, total_updates: int) -> tuple[torch.optim.Optimizer, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def parameter_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying norms' gains and biases toward 0 is not regularisation
+    (the usual GPT/Llama recipe)."""
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: Any,
+                    total_updates: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable `(name, parameter)` pairs and its LambdaLR schedule."""
     if not params:
         raise ValueError("the model has no trainable parameters")
-    # fused/foreach AdamW kernels: one pass over all parameters instead of a Python loop per tensor.
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+    # foreach kernels: one pass over all parameters instead of a Python loop per tensor.
+    optimizer = torch.optim.AdamW(parameter_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: lr_factor(u, cfg.warmup_steps, total_updates, cfg.lr_schedule))

@@ -1,12 +1,15 @@
 """SmolLM2-135M on the real vLLM engine: parity with transformers, logprobs, weight push, LoRA hot-load."""
 
+import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from common import mean_abs_logprob_diff, prompts_for
 
 from rl.config import load_job
+from rl.errors import UserError
 from rl.models import load_causal_lm
 from rl.types import SamplingParams
 from rollout.engine import build_engine
@@ -70,5 +73,9 @@ def test_weight_push_and_lora_hot_load(engines, prompts, smollm2_dir):
         hf.push_lora(adapter, 3)  # the HF engine merges the same adapter: both must agree
         assert torch.equal(with_lora.input_ids, hf.generate(prompts, params).input_ids)
     assert not torch.equal(with_lora.input_ids, before.input_ids)
+    with tempfile.TemporaryDirectory() as too_big:
+        (Path(too_big) / "adapter_config.json").write_text(json.dumps({"r": 64}))
+        with pytest.raises(UserError, match="max_lora_rank"):
+            vllm.push_lora(too_big, 5)
     vllm.push_weights(original.items(), 4)  # full weights replace the adapter
     assert torch.equal(vllm.generate(prompts, params).input_ids, before.input_ids)

@@ -1,120 +1,215 @@
-import tracemalloc
+import copy
+import io
 
 import pytest
 import torch
 
-from rl.config import load_job
-from rl.models import load_causal_lm
-from rl.types import SamplingParams
-from rollout.engine import build_engine
-from trainers.advantages import grpo
+from rl.config.adapters import LoRAAdapter
+from rl.config.algorithm import AlgorithmConfig
+from rl.config.job import TrainerConfig
+from trainer_testlib import build_lm
 from trainers.logprobs import token_logprobs
-from trainers.policy import PolicyTrainer
+from trainers.policy import NonFiniteError, PolicyTrainer
+from trainers.reference import AdapterDisabledReference, FrozenCopyReference
+from trainers.schedule import lr_factor
 
 AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"]
 
 
-@pytest.fixture(scope="module")
-def scored_batch(tiny_model_dir):
-    """8 sequences (2 prompts x 4) of uneven lengths from the real HF engine, with GRPO advantages."""
-    from rl.models import load_tokenizer
-    from rl.runtime import build_env
-
-    job = load_job("tiny")
-    engine = build_engine(job.rollout, tiny_model_dir, "float32", "cpu", 0)
-    prompts = list(build_env(job, load_tokenizer(tiny_model_dir)).train_prompts())[:2]
-    batch = engine.generate(prompts, SamplingParams(group_size=4, max_new_tokens=10, seed=0))
-    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.0, 1.0, 1.0, 0.0])
-    cfg = job.algorithm.advantage
-    return batch.with_rewards(rewards).with_advantages(grpo(rewards, batch.group_ids, cfg))
+def make(model, backend="hf", algorithm=None, reference=None, **trainer):
+    algo = AlgorithmConfig.model_validate(algorithm or {})
+    cfg = TrainerConfig.model_validate({"lr": 1e-2, "max_steps": 10, **trainer})
+    return PolicyTrainer(model, algo, cfg, temperature=1.0, backend=backend, device="cpu", max_new_tokens=8,
+                         reference=reference)
 
 
-def _updated_weights(model_dir, batch, aggregation: str, micro_tokens: int, loss: str = "ppo_clip"):
-    torch.manual_seed(0)
-    job = load_job("tiny", [f"algorithm.aggregation.name={aggregation}", f"algorithm.loss.name={loss}",
-                            f"trainer.micro_batch_tokens={micro_tokens}", "trainer.lr=0.01"])
-    model = load_causal_lm(model_dir)
-    trainer = PolicyTrainer(model, job.algorithm, job.trainer, temperature=1.0, backend="hf", device="cpu",
-                            max_new_tokens=job.rollout.max_new_tokens)
-    metrics = trainer.step(batch)
-    # The accumulated gradient is the update's direction; Adam's first step divides it by its own
-    # magnitude, which would amplify fp32 rounding of near-zero entries, so compare gradients.
-    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}, metrics
+def grads_after_step(batch, micro_batch_tokens, algorithm, **trainer):
+    model = build_lm()
+    metrics = make(model, algorithm=algorithm, micro_batch_tokens=micro_batch_tokens, **trainer).step(batch)
+    # Compare accumulated gradients, not Adam's first update: it divides by |g| and would amplify rounding.
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir, scored_batch, aggregation):
-    one, m1 = _updated_weights(tiny_model_dir, scored_batch, aggregation, micro_tokens=10_000)
-    many, m8 = _updated_weights(tiny_model_dir, scored_batch, aggregation, micro_tokens=1)  # 8 micro-batches of 1
-    assert one.keys() == many.keys() and len(one) > 0
+@pytest.mark.parametrize("algorithm", [{"aggregation": {"name": a}} for a in AGGREGATIONS] + [
+    {"loss": {"name": "gspo"}, "aggregation": {"name": "seq_mean_token_mean"}, "kl": {"coef": 0.1},
+     "correction": {"level": "sequence", "cap": 5.0}},
+    {"loss": {"name": "gspo_token"}, "kl": {"coef": 0.1, "estimator": "k1"}, "correction": {"level": "token"}},
+], ids=AGGREGATIONS + ["gspo+kl+seq_tis", "gspo_token+k1+tis"])
+def test_gradient_accumulation_one_micro_batch_of_8_equals_8_of_1(uneven_batch, algorithm):
+    one, m1 = grads_after_step(uneven_batch, 10_000, algorithm)
+    many, m8 = grads_after_step(uneven_batch, 1, algorithm)  # budget below every row: 8 micro-batches of 1
     worst = max(float((one[k] - many[k]).abs().max()) for k in one)
     assert worst < 1e-6, worst
-    assert max(float(v.abs().max()) for v in one.values()) > 1e-3  # a real, non-zero update
-    assert m1["loss"] == pytest.approx(m8["loss"], abs=1e-6)
-    assert m1["grad_norm"] == pytest.approx(m8["grad_norm"], rel=1e-5)
+    assert max(float(g.abs().max()) for g in one.values()) > 1e-3  # a real, non-zero gradient
+    for key in ("loss", "grad_norm", "policy/entropy", "kl", "ratio_mean", "policy/mismatch_kl"):
+        assert m1[key] == pytest.approx(m8[key], rel=1e-5, abs=1e-7), key
 
 
-def test_several_optimizer_steps_use_old_logprobs_and_clip(tiny_model_dir, scored_batch):
-    torch.manual_seed(0)
-    job = load_job("tiny", ["trainer.ppo_epochs=3", "trainer.mini_batches=2", "trainer.lr=0.05"])
-    model = load_causal_lm(tiny_model_dir)
-    trainer = PolicyTrainer(model, job.algorithm, job.trainer, 1.0, "hf", "cpu", 8)
-    metrics = trainer.step(scored_batch)
+def test_accumulation_matches_across_several_updates(uneven_batch):
+    """With old logprobs precomputed per mini-batch (2 epochs x 2 mini-batches) the weights after all four
+    updates do not depend on the micro-batch packing either."""
+    weights = []
+    for budget in (10_000, 1):
+        model = build_lm()
+        make(model, micro_batch_tokens=budget, ppo_epochs=2, mini_batches=2, lr=1e-3).step(uneven_batch)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_old_logprobs_are_computed_once_before_any_update_and_ratios_move(uneven_batch):
+    trainer = make(build_lm(), ppo_epochs=3, mini_batches=2, lr=0.05)
+    seen = []
+    original = trainer._batch_logprobs
+    trainer._batch_logprobs = lambda model, b: seen.append(trainer.updates) or original(model, b)
+    metrics = trainer.step(uneven_batch)
+    assert seen == [0, 0]  # one pass per mini-batch, both before the first update
     assert metrics["train/updates"] == 6
-    assert metrics["ratio_max"] > 1.0  # later updates see a policy that moved away from pi_old
+    assert metrics["ratio_max"] > 1.0 and metrics["clip_frac_high"] + metrics["clip_frac_low"] > 0
 
 
-def test_nonfinite_loss_skips_the_update_then_stops(tiny_model_dir, scored_batch):
-    job = load_job("tiny", ["trainer.max_nonfinite_steps=2"])
-    model = load_causal_lm(tiny_model_dir)
-    trainer = PolicyTrainer(model, job.algorithm, job.trainer, 1.0, "hf", "cpu", 8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    poisoned = scored_batch.with_advantages(torch.full((8,), float("nan")))
+def test_a_single_update_has_ratio_one_and_no_clipping(uneven_batch):
+    metrics = make(build_lm()).step(uneven_batch)
+    assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["ratio_max"] == pytest.approx(1.0)
+    assert metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
+    assert metrics["train/updates"] == 1 and metrics["lr"] == pytest.approx(1e-2)
+    assert metrics["policy/entropy"] > 0 and metrics["train/tokens_per_s"] > 0
+
+
+def test_step_raises_logprob_of_positive_advantage_completions(uneven_batch):
+    model = build_lm()
+
+    def seq_logp():
+        with torch.no_grad():
+            lp, _ = token_logprobs(model, uneven_batch.input_ids, uneven_batch.attention_mask, uneven_batch.loss_mask)
+        return lp.sum(1)
+
+    before = seq_logp()
+    make(model, lr=1e-3).step(uneven_batch)
+    delta = seq_logp() - before
+    adv = uneven_batch.advantages
+    assert delta[adv > 0].min() > 0 > delta[adv < 0].max()
+
+
+def test_nonfinite_loss_skips_the_update_then_stops(uneven_batch):
+    model = build_lm()
+    trainer = make(model, max_nonfinite_steps=2)
+    before = copy.deepcopy(model.state_dict())
+    poisoned = uneven_batch.with_advantages(torch.full((8,), float("nan")))
     metrics = trainer.step(poisoned)
-    assert metrics["train/skipped_nonfinite"] == 1
+    assert metrics["train/skipped_nonfinite"] == 1 and metrics["train/updates"] == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    from trainers.policy import NonFiniteError
-
+    assert all(p.grad is None for p in model.parameters())
     with pytest.raises(NonFiniteError, match="consecutive"):
         trainer.step(poisoned)
 
 
-def test_logprob_memory_grows_with_chunk_not_with_vocab_times_length(tiny_model_dir):
-    """Peak allocation of the logprob pass with gradients: a [tokens, vocab] fp32 block must never exist."""
-    model = load_causal_lm(tiny_model_dir)
-    vocab = model.config.vocab_size
+def test_resume_from_state_dict_is_bit_exact(uneven_batch):
+    """Two steps straight == one step, checkpoint (serialised), fresh objects, load, one more step."""
+    kwargs = dict(lr=1e-3, warmup_steps=2, lr_schedule="cosine", ppo_epochs=2, weight_decay=0.1)
+    straight = make(build_lm(), **kwargs)
+    straight.step(uneven_batch)
+    straight.step(uneven_batch)
 
-    def peak(length: int) -> int:
-        ids = torch.randint(0, vocab, (4, length))
-        attn = torch.ones_like(ids, dtype=torch.bool)
-        tracemalloc.start()
-        logp, _ = token_logprobs(model, ids, attn, attn, chunk_tokens=64, with_entropy=True)
-        logp.sum().backward()
-        _, top = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        return top
+    interrupted = make(build_lm(), **kwargs)
+    interrupted.step(uneven_batch)
+    buffer = io.BytesIO()
+    torch.save({"model": interrupted.model.state_dict(), "trainer": interrupted.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed_model = build_lm(seed=123)  # a different init: everything must come from the checkpoint
+    resumed_model.load_state_dict(saved["model"])
+    resumed = make(resumed_model, **kwargs)
+    resumed.load_state_dict(saved["trainer"])
+    resumed.step(uneven_batch)
+    for (name, a), b in zip(straight.model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), name
+    assert resumed.updates == straight.updates == 4
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
 
-    torch.set_num_threads(1)
-    small, large = peak(128), peak(512)
-    full_logits_bytes = 4 * 512 * vocab * 4
-    assert large - small < full_logits_bytes / 2, (small, large, full_logits_bytes)
+
+def test_no_reference_without_kl_and_a_frozen_copy_for_full_fine_tuning(uneven_batch):
+    assert make(build_lm()).reference is None
+    model = build_lm()
+    initial = copy.deepcopy(model)
+    trainer = make(model, algorithm={"kl": {"coef": 0.5}})
+    assert isinstance(trainer.reference, FrozenCopyReference)
+    trainer.step(uneven_batch)
+    trainer.step(uneven_batch)
+    with torch.no_grad():
+        expected, _ = token_logprobs(initial, uneven_batch.input_ids, uneven_batch.attention_mask,
+                                     uneven_batch.loss_mask)
+    assert torch.allclose(trainer.reference.logprobs(uneven_batch), expected, atol=1e-6)
+    assert trainer.step(uneven_batch)["kl"] > 0  # the policy moved away from the reference
+
+
+def test_with_an_adapter_the_reference_is_the_base_model_without_a_copy(uneven_batch):
+    from trainers.adapters import apply_adapter
+
+    base = build_lm()
+    with torch.no_grad():
+        expected, _ = token_logprobs(base, uneven_batch.input_ids, uneven_batch.attention_mask, uneven_batch.loss_mask)
+    model = apply_adapter(base, LoRAAdapter(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainer = make(model, algorithm={"kl": {"coef": 0.5}}, lr=0.05)
+    assert isinstance(trainer.reference, AdapterDisabledReference) and trainer.reference.model is model
+    assert {n for n, _ in trainer.trainable_named_parameters()} == {
+        n for n, p in model.named_parameters() if "lora_" in n}
+    trainer.step(uneven_batch)
+    metrics = trainer.step(uneven_batch)
+    assert metrics["kl"] > 0  # the adapter changed the policy ...
+    assert torch.allclose(trainer.reference.logprobs(uneven_batch), expected, atol=1e-6)  # ... not the reference
+
+
+def test_a_caller_supplied_reference_is_used(uneven_batch):
+    class Fixed:
+        calls = 0
+
+        def logprobs(self, batch):
+            Fixed.calls += 1
+            return batch.sampling_logprobs
+
+    metrics = make(build_lm(), algorithm={"kl": {"coef": 0.1, "estimator": "k1"}}, reference=Fixed()).step(uneven_batch)
+    assert Fixed.calls == 1 and metrics["kl"] != 0
+
+
+def test_mismatch_correction_auto_follows_the_backend(uneven_batch):
+    assert make(build_lm(), backend="hf").correction == "none"
+    vllm = make(build_lm(), backend="vllm")
+    assert vllm.correction == "token"
+    metrics = vllm.step(uneven_batch)
+    assert metrics["policy/mismatch_kl"] > 0.1  # synthetic sampler logprobs disagree with the model
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(uneven_batch):
+    plain, _ = grads_after_step(uneven_batch, 10_000, {})
+    checkpointed, _ = grads_after_step(uneven_batch, 10_000, {}, gradient_checkpointing=True)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_learning_rate_schedule_and_weight_decay_groups():
+    assert [lr_factor(u, 2, 10, "constant") for u in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(u, 2, 10, "linear") for u in (2, 6, 10)] == [1.0, 0.5, 0.0]
+    assert lr_factor(6, 2, 10, "cosine") == pytest.approx(0.5) and lr_factor(10, 2, 10, "cosine") == pytest.approx(0)
+    trainer = make(build_lm(), weight_decay=0.1)
+    decay = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in trainer.model.named_parameters():
+        assert (id(p) in decay) == (p.dim() >= 2), name
 
 
 @pytest.mark.smollm2
 @pytest.mark.slow
 def test_a_step_on_smollm2_raises_logprob_of_positive_completions(smollm2_dir):
-    from rl.models import load_tokenizer
-    from rl.runtime import build_env
+    """Arithmetic prompts with right (advantage > 0) and wrong (< 0) answers, full fine-tuning, one step."""
+    from rl.config.algorithm import GRPOAdvantage
+    from rl.models import load_causal_lm, load_tokenizer
+    from trainer_testlib import chat_batch
+    from trainers.advantages import grpo
 
-    job = load_job("quickstart", ["trainer.lr=1e-4"])
-    from trainers.adapters import apply_adapter
-
-    model = apply_adapter(load_causal_lm(smollm2_dir), job.adapter)
-    engine = build_engine(job.rollout, smollm2_dir, "float32", "cpu", 0, model=model)
-    prompts = list(build_env(job, load_tokenizer(smollm2_dir)).train_prompts())[:2]
-    batch = engine.generate(prompts, SamplingParams(group_size=4, max_new_tokens=16, seed=0))
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])
-    batch = batch.with_rewards(rewards).with_advantages(grpo(rewards, batch.group_ids, job.algorithm.advantage))
+    tokenizer = load_tokenizer(smollm2_dir)
+    model = load_causal_lm(smollm2_dir)
+    batch = chat_batch(tokenizer, [("What is 3 + 4? Answer with a number.", ["7", "The answer is 7.", "9", "12"]),
+                                   ("What is 6 x 2? Answer with a number.", ["12", "8", "It is 12.", "3"])])
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    batch = batch.with_rewards(rewards).with_advantages(grpo(rewards, batch.group_ids, GRPOAdvantage()))
 
     def seq_logp():
         with torch.no_grad():
@@ -122,7 +217,10 @@ def test_a_step_on_smollm2_raises_logprob_of_positive_completions(smollm2_dir):
         return lp.sum(1)
 
     before = seq_logp()
-    trainer = PolicyTrainer(model, job.algorithm, job.trainer, 1.0, "hf", "cpu", 16)
-    trainer.step(batch)
+    metrics = make(model, lr=1e-6).step(batch)
     delta = seq_logp() - before
-    assert delta[rewards > 0].mean() > 0 > delta[rewards == 0].mean()
+    # One Adam step is sign-like per parameter, so single sequences may move either way; on average the
+    # right answers must gain and the wrong ones lose, and the advantage-weighted change must be positive.
+    assert delta[rewards > 0].mean() > 0 > delta[rewards == 0].mean(), delta
+    assert float((batch.advantages * delta).sum()) > 0
+    assert metrics["grad_norm"] > 0 and metrics["train/skipped_nonfinite"] == 0

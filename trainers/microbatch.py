@@ -1,0 +1,47 @@
+"""Micro-batches packed by a token budget, and no-grad logprob passes over them.
+
+Packing only decides which rows share a forward pass; with the global normalisers of
+trainers/aggregation.py the accumulated gradient does not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rl.batch import RolloutBatch
+
+
+def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Row indices of each micro-batch. Rows go longest first (similar lengths share a batch, so little
+    padding) and are packed while rows x longest length stays within `token_budget`; a row longer than
+    the budget gets a micro-batch of its own.
+
+    >>> pack_micro_batches([3, 8, 5, 2], token_budget=10)
+    [[1], [2, 0], [3]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    for row in order:
+        if packs and (len(packs[-1]) + 1) * lengths[packs[-1][0]] <= token_budget:
+            packs[-1].append(row)
+        else:
+            packs.append([row])
+    return packs
+
+
+def micro_batches(batch: RolloutBatch, token_budget: int) -> list[tuple[list[int], RolloutBatch]]:
+    """(rows, sub-batch trimmed to its longest row) for each micro-batch of `batch`."""
+    return [(rows, batch.select(rows)) for rows in pack_micro_batches(batch.sequence_lengths.tolist(), token_budget)]
+
+
+def no_grad_logprobs(compute: Callable[[RolloutBatch], torch.Tensor], batch: RolloutBatch,
+                     token_budget: int) -> torch.Tensor:
+    """[N, T] CPU logprobs of `batch` from `compute(micro) -> [n, t]`, run micro-batch by micro-batch
+    without grad, so a whole rollout batch never goes through the model at once."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # [N, T]
+    with torch.no_grad():
+        for rows, micro in micro_batches(batch, token_budget):
+            out[torch.tensor(rows), : micro.seq_len] = compute(micro).float().cpu()
+    return out
