@@ -124,7 +124,14 @@ def train(parts: Any, batch: RolloutBatch) -> dict[str, float]:
     if batch.num_samples == 0:
         return {"train/skipped_empty": 1.0}
     start = time.perf_counter()
-    metrics = dict(parts.learner.train_step(batch))
+    sleep = parts.job.rollout.backend == "vllm" and parts.job.rollout.vllm.sleep_between_steps
+    if sleep:
+        parts.rollout.broadcast("sleep")
+    try:
+        metrics = dict(parts.learner.train_step(batch))
+    finally:
+        if sleep:
+            parts.rollout.broadcast("wake")
     metrics["time/train_s"] = time.perf_counter() - start
     return metrics
 

@@ -46,6 +46,13 @@ class RolloutWorker:
             self.engine.push_weights(payload["tensors"].items(), version)
         return time.perf_counter() - start
 
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory while the learner trains (vLLM on GPU; no-op otherwise)."""
+        getattr(self.engine, "sleep", lambda: None)()
+
+    def wake(self) -> None:
+        getattr(self.engine, "wake", lambda: None)()
+
     def close(self) -> None:
         self.engine.close()
 

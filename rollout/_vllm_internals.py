@@ -81,3 +81,8 @@ def sleep(llm: Any) -> None:
 
 def wake(llm: Any) -> None:
     llm.wake_up()
+
+
+def shutdown(llm: Any) -> None:
+    """Stop the engine-core process now instead of at garbage collection (frees its reserved memory)."""
+    llm.llm_engine.engine_core.shutdown()

@@ -1,8 +1,17 @@
-"""`backend: hf`: transformers generation with KV cache and batching (the portable CPU default)."""
+"""`backend: hf`: batched transformers decoding with a KV cache (the portable CPU default).
+
+Why a decode loop of our own instead of `model.generate`:
+- sampling, the sampled token's logprob and per-row seeds come from one fp32 pass over each step's
+  logits [R, V] (generate's `output_logits` would keep every step's [R, V] logits alive);
+- the model's generation_config cannot slip extra logits processors in (vLLM ignores them too);
+- finished rows are dropped from the batch and the KV cache, so a round does not keep decoding
+  rows that already hit EOS or a stop string.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -11,88 +20,202 @@ from rl.batch import RolloutBatch
 from rl.models import load_causal_lm, load_tokenizer
 from rl.registries import ROLLOUT_BACKENDS
 from rl.types import Prompt, SamplingParams
-from rollout.engine import Sample, build_batch, check_prompts
+from rollout.engine import Sample, build_batch, check_prompts, merge_lora, request_seeds
 
 
 class HFEngine:
-    """Samples with a transformers model. Given the learner's own model (local sync mode) it needs no
-    weight sync at all; otherwise it holds a copy updated in place by `push_weights`."""
+    """Samples with a transformers causal LM. Given the learner's own model (local sync mode) it needs
+    no weight sync; otherwise it holds its own copy, updated in place by `push_weights`."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64, max_prompt_tokens: int = 512) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_prompt_tokens = max_batch_size, max_prompt_tokens
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.context = int(getattr(model.config, "max_position_embeddings", 4096))
+        self.context = int(getattr(model.config, "max_position_embeddings", None) or 4096)
         self.policy_version = 0
+        self._base: dict[str, torch.Tensor] | None = None  # pre-LoRA weights, kept on the first push_lora
 
     @classmethod
-    def from_config(cls, cfg: Any, model_dir: str, dtype: str, device: str, seed: int, model: Any = None,
+    def from_config(cls, rollout_cfg: Any, model_dir: str, dtype: str, device: str, seed: int, model: Any = None,
                     max_lora_rank: int | None = None) -> "HFEngine":
+        """The registry's factory. `seed` is unused: every `generate` call carries its own seed."""
         if model is None:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             model = load_causal_lm(model_dir, dtype, device).eval().requires_grad_(False)
-        return cls(model, load_tokenizer(model_dir), cfg.hf.max_batch_size, cfg.max_prompt_tokens)
+        return cls(model, load_tokenizer(model_dir), rollout_cfg.hf.max_batch_size, rollout_cfg.max_prompt_tokens)
 
     # ----- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+        """group_size rows per prompt (contiguous), decoded in rounds of at most max_batch_size rows."""
         check_prompts(prompts, params, self.max_prompt_tokens, self.context)
-        rows = [(g, p) for g, p in enumerate(prompts) for _ in range(params.group_size)]
+        seeds = request_seeds(prompts, params.seed)
+        rows = [(g, p, seeds[g] + j) for g, p in enumerate(prompts) for j in range(params.group_size)]
         samples: list[Sample] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(rows), self.max_batch_size):
-                samples.extend(self._round(rows[start:start + self.max_batch_size], params, start))
+                samples.extend(self._round(rows[start:start + self.max_batch_size], params))
         finally:
             self.model.train(was_training)
         return build_batch(samples, self.tokenizer, self.pad_id, self.policy_version)
 
-    def _round(self, rows: list[tuple[int, Prompt]], params: SamplingParams, offset: int) -> list[Sample]:
-        ids, attention = _left_pad([p.token_ids for _, p in rows], self.pad_id)
-        device = next(self.model.parameters()).device
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(params.seed * 7907 + offset)  # reproducible per call and round
-            out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=params.max_new_tokens,
-                do_sample=not params.greedy, temperature=params.temperature if not params.greedy else None,
-                top_p=params.top_p if not params.greedy else None,
-                top_k=(params.top_k if params.top_k > 0 else None) if not params.greedy else None,
-                eos_token_id=self.eos_ids, pad_token_id=self.pad_id, return_dict_in_generate=True,
-                output_logits=True, use_cache=True, stop_strings=list(params.stop) or None,
-                tokenizer=self.tokenizer if params.stop else None)
-        new = out.sequences[:, ids.shape[1]:].cpu()  # [R, L]
-        logps = _sampled_logprobs(out.logits, new, 1.0 if params.greedy else params.temperature)
-        return [self._sample(g, p, new[i], logps[i], params) for i, (g, p) in enumerate(rows)]
-
-    def _sample(self, group: int, prompt: Prompt, tokens: torch.Tensor, logps: torch.Tensor,
-                params: SamplingParams) -> Sample:
-        keep, reason = _cut(tokens.tolist(), self.eos_ids, self.pad_id, params, self.tokenizer)
-        return Sample(prompt, group, tuple(tokens[:keep].tolist()), tuple(logps[:keep].tolist()), reason)
+    def _round(self, rows: list[tuple[int, Prompt, int]], params: SamplingParams) -> list[Sample]:
+        ids, attention = _left_pad([p.token_ids for _, p, _ in rows], self.pad_id)
+        sampler = _Sampler(params, [s for _, _, s in rows])
+        stopper = _Stopper(self.tokenizer, self.eos_ids, params.stop)
+        with torch.inference_mode():
+            out = _decode(self.model, ids, attention, sampler, stopper, params.max_new_tokens)
+        return [Sample(p, g, tuple(out.tokens[i, :n].tolist()), tuple(out.logprobs[i, :n].tolist()), out.reasons[i])
+                for i, ((g, p, _), n) in enumerate(zip(rows, out.lengths.tolist()))]
 
     # ----- weights ---------------------------------------------------------------------------
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
+        """Copy full weights in place (names must be this model's state-dict keys); seconds spent."""
         start = time.perf_counter()
         state = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in named_tensors:
-                state[name].copy_(tensor)  # KeyError names a weight this model does not have
+                if name not in state:
+                    raise KeyError(f"push_weights: {name!r} is not a weight of this model")
+                state[name].copy_(tensor)
         self.policy_version = version
         return time.perf_counter() - start
 
     def push_lora(self, adapter_dir: str, version: int) -> float:
-        """Merge a PEFT LoRA directory into this engine's weights (kept base: merged out of place)."""
-        from trainers.adapters.lora_io import merged_from_lora_dir  # PEFT stays in trainers/adapters
-
-        if not hasattr(self, "_base"):
+        """Merge a PEFT LoRA directory into this engine's weights: W0 + scale B A, from the weights as
+        they were before the first adapter (kept), so successive adapters never stack."""
+        start = time.perf_counter()
+        if self._base is None:
             self._base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return self.push_weights(merged_from_lora_dir(self._base, adapter_dir).items(), version)
+        merged = merge_lora(self._base, adapter_dir)
+        self.push_weights(merged.items(), version)
+        return time.perf_counter() - start
 
     def close(self) -> None:
-        self.model = None
+        self.model, self._base = None, None
+
+
+# ----- decoding --------------------------------------------------------------------------------
+@dataclass
+class _Decoded:
+    tokens: torch.Tensor    # [R, L] long, sampled tokens (garbage after each row's length)
+    logprobs: torch.Tensor  # [R, L] f32
+    lengths: torch.Tensor   # [R] long, tokens kept per row (through EOS / the stop string)
+    reasons: list[str]      # R finish reasons
+
+
+def _decode(model: Any, ids: torch.Tensor, attention: torch.Tensor, sampler: "_Sampler", stopper: "_Stopper",
+            max_new: int) -> _Decoded:
+    """Decode up to max_new tokens for R left-padded prompts ids [R, P] with a KV cache.
+
+    Rows leave the batch (and the cache) once enough of them are finished, so late steps only run
+    the rows still going.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    r = ids.shape[0]
+    tokens = torch.full((r, max_new), -1, dtype=torch.long)
+    logprobs = torch.zeros((r, max_new), dtype=torch.float32)
+    lengths = torch.full((r,), max_new, dtype=torch.long)
+    reasons = ["length"] * r
+    live = torch.arange(r)                            # [A] original row of each batch row
+    done = torch.zeros(r, dtype=torch.bool)           # [R]
+    mask = attention.to(device)                       # [A, P + step]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    next_pos = positions[:, -1] + 1
+    for step in range(max_new):
+        tok, lp = sampler(logits, live)               # [A], [A]
+        tokens[live, step], logprobs[live, step] = tok.cpu(), lp.cpu()
+        for i, reason in stopper(tokens, live, step):
+            if not done[i]:
+                done[i], lengths[i], reasons[i] = True, step + 1, reason
+        if step + 1 == max_new or bool(done[live].all()):
+            break
+        stale = done[live]                            # finished rows still in the batch
+        if int(stale.sum()) * 8 >= len(live):        # compacting copies the cache: only when worth it
+            keep = (~stale).nonzero().squeeze(1).to(device)
+            cache.reorder_cache(keep)
+            live, tok, mask, next_pos = live[keep.cpu()], tok[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return _Decoded(tokens, logprobs, lengths, reasons)
+
+
+class _Sampler:
+    """Draws one token per row from softmax(truncate(logits / T)) and returns its fp32 logprob.
+
+    Each row has its own torch.Generator (seeded per request and sample), so a row's tokens do not
+    depend on which other rows share its batch. Inverse-CDF sampling needs one uniform per row,
+    not one random number per vocabulary entry.
+    """
+
+    def __init__(self, params: SamplingParams, seeds: Sequence[int]) -> None:
+        self.params = params
+        self.generators = [torch.Generator().manual_seed(s % (2 ** 63)) for s in seeds]
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [A, V] for the rows `live` [A] -> sampled tokens [A] long, their logprobs [A] f32."""
+        p = self.params
+        if p.greedy:
+            scaled = logits.float()                   # [A, V]
+            tok = scaled.argmax(-1)
+        else:
+            scaled = _truncate(logits.float() / p.temperature, p.top_k, p.top_p)
+            lse = torch.logsumexp(scaled, -1, keepdim=True)
+            cdf = (scaled - lse).exp_().cumsum_(-1)  # [A, V]
+            u = torch.tensor([torch.rand((), generator=self.generators[i]).item() for i in live.tolist()],
+                             dtype=cdf.dtype, device=cdf.device)
+            # right=True never lands on a zero-probability (masked) token; clamp guards fp32 rounding at 1.
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            tok = tok.clamp_(max=scaled.shape[-1] - 1)
+            return tok, (scaled.gather(1, tok[:, None]) - lse).squeeze(1)
+        return tok, (scaled.gather(1, tok[:, None]) - torch.logsumexp(scaled, -1, keepdim=True)).squeeze(1)
+
+
+def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [A, V] outside the top-k and the top-p nucleus to -inf (vLLM's semantics)."""
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p    # mass before a token already reaches top_p
+        outside[:, 0] = False
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return scaled
+
+
+class _Stopper:
+    """Which rows finished at this step: EOS, or a stop string completed in the decoded text."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
+        # Tokens to re-decode per check: enough to hold the longest stop string even if some tokens
+        # decode to nothing (special tokens) or to partial UTF-8 bytes.
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 8
+
+    def __call__(self, tokens: torch.Tensor, live: torch.Tensor, step: int) -> list[tuple[int, str]]:
+        """tokens [R, L]; live [A] rows decoded this step -> [(row, "stop")] for rows that finished."""
+        finished = live[torch.isin(tokens[live, step], self.eos)].tolist()
+        if self.stop:
+            tails = tokens[live, max(0, step + 1 - self.window): step + 1].tolist()
+            texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+            finished += [row for row, text in zip(live.tolist(), texts) if any(s in text for s in self.stop)]
+        return [(row, "stop") for row in finished]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the model's generation config plus the tokenizer's (vLLM stops on both too)."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -101,6 +224,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [R, P] and attention [R, P] long, prompts aligned to the right edge."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -108,29 +232,6 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
         attention[i, width - len(s):] = 1
     return ids, attention
-
-
-def _sampled_logprobs(step_logits: Sequence[torch.Tensor], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[R, L] log-softmax(logits / T) of each sampled token, in fp32 (the raw, unprocessed logits)."""
-    out = torch.zeros(tokens.shape, dtype=torch.float32)
-    for t, logits in enumerate(step_logits):
-        scaled = logits.float().cpu() / temperature  # [R, V]
-        out[:, t] = scaled.gather(1, tokens[:, t:t + 1]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
-    return out
-
-
-def _cut(tokens: list[int], eos_ids: list[int], pad_id: int, params: SamplingParams, tokenizer: Any) -> tuple[int, str]:
-    """How many tokens to keep (through the first EOS) and the finish reason."""
-    for i, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return i + 1, "stop"
-    if params.stop:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if any(s in text for s in params.stop):
-            while tokens and tokens[-1] == pad_id and pad_id not in eos_ids:
-                tokens = tokens[:-1]
-            return len(tokens), "stop"
-    return len(tokens), "length"
 
 
 ROLLOUT_BACKENDS.register("hf")(HFEngine.from_config)

@@ -5,10 +5,9 @@ vLLM is imported here and in rollout/_vllm_internals.py only.
 
 from __future__ import annotations
 
-import json
+import gc
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -19,18 +18,30 @@ from rl.models import load_tokenizer
 from rl.registries import ROLLOUT_BACKENDS
 from rl.types import Prompt, SamplingParams
 from rollout import _vllm_internals as internals
-from rollout.engine import Sample, build_batch, check_prompts
+from rollout.engine import Sample, build_batch, check_prompts, lora_rank, request_seeds
+
+_FINISH = {"stop": "stop", "length": "length"}  # anything else (abort, error) is an abort
 
 
 def _prepare_environment(cfg: Any) -> None:
-    # Callables sent through collective_rpc (the in-place reload) need this flag; the CPU backend
-    # sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    # Set (not setdefault): the job's config is the contract, and spawned engine processes inherit these.
+    # Callables sent through collective_rpc (the in-place reload) need the serialisation flag.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.vllm.kv_cache_gib))))
+        gib = cfg.vllm.kv_cache_gib
+        if gib != int(gib):
+            raise UserError(f"rollout.vllm.kv_cache_gib={gib}: vLLM's CPU backend takes whole GiB "
+                            "(VLLM_CPU_KVCACHE_SPACE); use an integer such as 1 or 2.")
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
 
 
 class VLLMEngine:
+    """An in-process `vllm.LLM`; token ids in, token ids and sampling logprobs out.
+
+    processed_logprobs: vLLM reports logprobs after temperature and top-k/top-p, the contract in
+    rollout/engine.py (greedy requests get log_softmax of the raw logits).
+    """
+
     def __init__(self, cfg: Any, model_dir: str, dtype: str, seed: int, max_lora_rank: int | None = None) -> None:
         _prepare_environment(cfg)
         from vllm import LLM
@@ -51,6 +62,7 @@ class VLLMEngine:
         self.max_lora_rank = max_lora_rank
         self.shared = internals.SharedWeights()
         self.lora_request: Any = None
+        self._lora_ids = 0  # vLLM caches adapters by int id: a new id per push, never a reused one
         self.policy_version = 0
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
@@ -59,20 +71,21 @@ class VLLMEngine:
 
         check_prompts(prompts, params, self.cfg.max_prompt_tokens, self.context)
         requests = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
+        # Sample j of a request gets seed + j inside vLLM; the HF engine follows the same rule.
         sampling = [VSamplingParams(n=params.group_size, max_tokens=params.max_new_tokens,
                                     temperature=0.0 if params.greedy else params.temperature,
                                     top_p=1.0 if params.greedy else params.top_p,
                                     top_k=-1 if params.greedy else params.top_k, stop=list(params.stop) or None,
-                                    logprobs=0, seed=params.seed * 7907 + i)
-                    for i in range(len(prompts))]
+                                    logprobs=0, seed=seed, skip_special_tokens=True)
+                    for seed in request_seeds(prompts, params.seed)]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False, lora_request=self.lora_request)
         samples = []
         for g, (prompt, out) in enumerate(zip(prompts, outputs)):
-            for c in out.outputs:
+            for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens = tuple(c.token_ids)
+                # logprobs=0: each step's dict holds exactly the sampled token
                 logps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, tokens))
-                reason = "stop" if c.finish_reason == "stop" else ("length" if c.finish_reason == "length" else "abort")
-                samples.append(Sample(prompt, g, tokens, logps, reason))
+                samples.append(Sample(prompt, g, tokens, logps, _FINISH.get(c.finish_reason, "abort")))
         return build_batch(samples, self.tokenizer, self.tokenizer.pad_token_id, self.policy_version)
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
@@ -88,12 +101,13 @@ class VLLMEngine:
 
         if not self.max_lora_rank:
             raise UserError("this vLLM engine was started without LoRA support; adapters are pushed as merged weights.")
-        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
+        rank = lora_rank(adapter_dir)
         if rank > self.max_lora_rank:
             raise UserError(f"the adapter's LoRA rank {rank} is above the vLLM engine's max_lora_rank "
                             f"{self.max_lora_rank}; lower adapter.r or start the engine with a larger rank.")
         start = time.perf_counter()
-        self.lora_request = LoRARequest(f"policy-v{version}", version + 1, adapter_dir)
+        self._lora_ids += 1
+        self.lora_request = LoRARequest(f"policy-v{version}-{self._lora_ids}", self._lora_ids, adapter_dir)
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return time.perf_counter() - start
@@ -107,16 +121,12 @@ class VLLMEngine:
             internals.wake(self.llm)
 
     def close(self) -> None:
+        """Stop the engine's processes and free its memory (vLLM CPU reserves it up front)."""
         self.shared.close()
-        llm, self.llm = getattr(self, "llm", None), None
+        llm, self.llm = self.llm, None
         if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            internals.shutdown(llm)
         del llm
-        import gc
-
         gc.collect()
 
 

@@ -123,7 +123,7 @@ class MismatchCorrection(Section):
 class AlgorithmConfig(Section):
     """The learning algorithm."""
 
-    name: Literal["grpo", "grpo_ma", "rapid"] = "grpo"
+    name: Literal["grpo"] = "grpo"
     """The training recipe; `grpo` covers the GRPO family (GSPO, Dr.GRPO, DAPO) through the keys below."""
     advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
     loss: LossConfig = Field(default_factory=PPOClipLoss)

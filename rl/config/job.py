@@ -43,8 +43,6 @@ class TrainerConfig(Section):
     logprob_chunk_tokens: int = Field(1024, ge=1)
     """Positions whose logits are materialised at once when computing logprobs and entropy."""
     gradient_checkpointing: bool = False
-    shared_prefix: bool = False
-    """Prefix Grouper: encode each group's prompt once (arXiv 2506.05433)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every_steps: int = Field(10, ge=0)
     """0 disables periodic checkpoints (the last step is always saved)."""
@@ -107,13 +105,6 @@ class EvalConfig(Section):
     """null = rollout.max_new_tokens."""
 
 
-class SwarmConfig(Section):
-    """SAPO rollout sharing (arXiv 2509.08721)."""
-
-    local: int = Field(8, ge=0)
-    external: int = Field(0, ge=0)
-
-
 class JobConfig(Section):
     """A complete RL job."""
 
@@ -131,7 +122,6 @@ class JobConfig(Section):
     cluster: ClusterConfig = Field(default_factory=LocalCluster)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    swarm: SwarmConfig | None = None
     run_dir: str | None = None
     """null = runs/<name>."""
 
@@ -139,6 +129,8 @@ class JobConfig(Section):
     def _consistent(self) -> "JobConfig":
         if not self.rewards:
             raise ValueError("rewards: give at least one reward")
+        if self.rollout.vllm.sleep_between_steps and self.trainer.mode == "async":
+            raise ValueError("rollout.vllm.sleep_between_steps needs trainer.mode: sync (async keeps generating)")
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"rewards: two rewards share a name ({labels}); metrics would collide")

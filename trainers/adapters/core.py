@@ -1,101 +1,122 @@
-"""Applying, saving, merging and exporting adapters through PEFT's tuner interface."""
+"""Building, scheduling, disabling and checkpointing adapters through PEFT's tuner interface.
+
+Each registered name maps a project config (rl/config/adapters.py) to a PEFT config; RoSA and PaCA are the
+project's own PEFT tuners (rosa.py, paca.py), so PEFT's `get_peft_model`, `disable_adapter()`,
+`merge_adapter()` and state-dict helpers work for all four unchanged.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
-from peft import LoraConfig, MissConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import set_peft_model_state_dict
 
 from rl.registries import ADAPTERS
+from trainers.adapters.paca import PacaConfig
+from trainers.adapters.rosa import RosaConfig
+from trainers.adapters.rosa_schedule import RosaSchedule
 
 ADAPTER_NAME = "default"
+
+
+class AdapterSchedule(Protocol):
+    """A training-time adapter schedule; the PolicyTrainer calls it once per optimizer update."""
+
+    def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """Called after `step`'s backward (gradients present), before `optimizer.step()`."""
 
 
 @ADAPTERS.register("lora")
 def lora_config(cfg: Any) -> LoraConfig:
     """LoRA (arXiv 2106.09685): W0 + (alpha/r) B A, B initialised to zero."""
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 @ADAPTERS.register("bone")
 def bone_config(cfg: Any) -> MissConfig:
     """Bone / MiSS (arXiv 2409.15371): PEFT removed BoneConfig; MissConfig(init_weights=True) is Bone."""
     init = {"bone": True, "bat": "bat", "mini": "mini"}[cfg.variant]
-    return MissConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_weights=init, task_type="CAUSAL_LM")
+    return MissConfig(r=cfg.r, mini_r=cfg.mini_r, miss_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      init_weights=init, task_type="CAUSAL_LM")
 
 
-def apply_adapter(model: Any, cfg: Any) -> Any:
+@ADAPTERS.register("rosa")
+def rosa_config(cfg: Any) -> RosaConfig:
+    """RoSA (arXiv 2401.04679): LoRA + a sparse delta whose support the schedule picks from gradients."""
+    impl = "gather" if cfg.impl == "auto" else cfg.impl
+    return RosaConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, density=cfg.density, impl=impl,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+
+
+@ADAPTERS.register("paca")
+def paca_config(cfg: Any) -> PacaConfig:
+    """PaCA (arXiv 2503.01905): r random input columns of each weight trained directly."""
+    return PacaConfig(r=cfg.r, paca_alpha=cfg.alpha, mode=cfg.mode, target_modules=list(cfg.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def _rosa_schedule(model: Any, cfg: Any) -> RosaSchedule:
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.accumulator_dtype]
+    return RosaSchedule(model, cfg.warmup_steps, cfg.grad_collection_steps, cfg.density, cfg.grad_accumulation,
+                        cfg.restart_after_mask, dtype, ADAPTER_NAME)
+
+
+# Adapters whose training needs a per-step schedule; the others have none.
+_SCHEDULES: dict[str, Callable[[Any, Any], AdapterSchedule]] = {"rosa": _rosa_schedule}
+
+
+def peft_config(cfg: Any) -> PeftConfig:
+    """The PEFT config for a project adapter config (`adapter:` section of the job)."""
+    return ADAPTERS.get(cfg.name)(cfg)
+
+
+def apply_adapter(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+    """`model` wrapped by the adapter `cfg` describes (a `PeftModel`); `cfg=None` returns `model` unchanged.
+
+    Only adapter parameters require grad afterwards. PEFT upcasts bf16/fp16 adapter weights to fp32.
+    """
     if cfg is None:
         return model
-    peft_cfg = ADAPTERS.get(cfg.name)(cfg)
-    return get_peft_model(model, peft_cfg, adapter_name=ADAPTER_NAME)
+    return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER_NAME)
 
 
-def schedule_for(model: Any, cfg: Any) -> Any:
-    """A per-optimizer-step hook for adapters with a training schedule (none for LoRA and Bone)."""
-    return None
+def schedule_for(model: torch.nn.Module, cfg: Any) -> Optional[AdapterSchedule]:
+    """The adapter's per-optimizer-step hook object, or None (full fine-tuning, LoRA, Bone, PaCA)."""
+    if cfg is None or cfg.name not in _SCHEDULES:
+        return None
+    return _SCHEDULES[cfg.name](model, cfg)
 
 
 def is_adapted(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
-
-
-def load_adapter_state_dict(model: Any, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter checkpoint has keys this model does not: {unexpected[:5]}")
-
-
-def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Full weights with the adapter merged, under the base model's parameter names; the training
-    model is not modified (PEFT's merge_adapter would write into it)."""
+@contextlib.contextmanager
+def disable_adapter(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block the model computes with exactly its base weights (the RL reference policy)."""
     if not is_adapted(model):
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    base = model.get_base_model()
-    merged: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.active_adapters:
-                layer = module.get_base_layer()
-                merged[f"{name}.weight"] = layer.weight + module.get_delta_weight(ADAPTER_NAME).to(layer.weight.dtype)
-        prefixes = tuple(getattr(model, "prefix", "lora_") for _ in range(1)) + ("lora_", "miss_", "rosa_", "paca_")
-        for key, value in base.state_dict().items():
-            if any(f".{p}" in key for p in prefixes):
-                continue
-            merged.setdefault(key.replace(".base_layer", ""), value.detach())
-    return merged
+        raise TypeError("disable_adapter needs an adapter-wrapped model; a full fine-tune keeps a frozen copy instead")
+    with model.disable_adapter():
+        yield model
 
 
-def lora_form(model: Any, out_dir: str) -> bool:
-    """Write the adapter as a PEFT LoRA directory when it *is* LoRA (vLLM hot-loads those exactly)."""
-    if not is_adapted(model) or not isinstance(model.peft_config[ADAPTER_NAME], LoraConfig):
-        return False
-    model.save_pretrained(out_dir, selected_adapters=[ADAPTER_NAME])
-    nested = Path(out_dir) / ADAPTER_NAME
-    if nested.is_dir():  # some PEFT versions nest non-default names; keep the files at the top level
-        for item in nested.iterdir():
-            item.rename(Path(out_dir) / item.name)
-    return True
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of everything that defines the adapter: trainable tensors and persistent buffers
+    (RoSA's support indices and ready flag, PaCA's column indices and original columns), PEFT key names."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
-def export_merged(model: Any, tokenizer: Any, out_dir: str) -> None:
-    """A plain Hugging Face directory (adapter merged) that transformers and vLLM load."""
-    from transformers import AutoModelForCausalLM
-
-    base = model.get_base_model() if is_adapted(model) else model
-    fresh = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-    missing, unexpected = fresh.load_state_dict(merged_state_dict(model), strict=False)
-    real_missing = [k for k in missing if not (k == "lm_head.weight" and base.config.tie_word_embeddings)]
-    if real_missing or unexpected:
-        raise ValueError(f"export: weights do not match the base architecture ({real_missing[:3]}, {unexpected[:3]})")
-    fresh.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def load_adapter_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of `adapter_state_dict`; fails on any missing or unexpected adapter key."""
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME))
+    missing = sorted(expected - set(state))
+    if unexpected or missing:
+        raise ValueError(f"adapter checkpoint does not match this model: unexpected {unexpected[:5]}, "
+                         f"missing {missing[:5]}; was it saved with the same adapter config?")

@@ -1,0 +1,112 @@
+"""RoSA's mask schedule, driven by the RL loop through one hook per optimizer step (ADAPTERS.md §3.2).
+
+Timeline for `warmup_steps=N, collection_steps=K` (step = the optimizer update's 0-based index):
+  steps 0..N-1      LoRA only (the sparse values are not in the forward, so they get no gradient and
+                    AdamW, which skips parameters without one, leaves them at 0);
+  steps N..N+K-1    LoRA keeps training; every targeted layer also accumulates its dense weight gradient
+                    G = dL/dW (through a zero "probe" delta) into a CPU running mean of G² (or G);
+  end of step N+K-1 per layer, Ω = top-int(d·m·n) entries of the accumulator; the sparse part is live from
+                    step N+K on. With `restart=True` both adapters are then reset to their inits (the
+                    paper's restart recipe, done in place) and this step's update is dropped.
+The PolicyTrainer calls `before_optimizer_step(model, step)` after backward and before `optimizer.step()`.
+Resuming: the masks are checkpointed with the adapter (buffers), so a resumed run past step N+K does nothing
+here; a run resumed inside the collection window collects K fresh steps.
+Known limit: an update the trainer skips (non-finite loss) still leaves its probe gradient, which then
+counts towards the next collection step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+
+from trainers.adapters.rosa import RosaLayer
+
+GradAccumulation = Literal["mean_squared", "mean"]
+
+
+def accumulate(running: Optional[torch.Tensor], grad: torch.Tensor, count: int, mode: GradAccumulation,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Running mean over collection steps of G² (`mean_squared`, the empirical diagonal Fisher) or G.
+
+    running: mean of the first `count` terms ([m, n], on CPU, `dtype`) or None when count == 0; grad: [m, n].
+    """
+    term = grad.detach().float().cpu()
+    term = term.square() if mode == "mean_squared" else term
+    if running is None or count == 0:
+        return term.to(dtype)
+    return (running.float() + (term - running.float()) / (count + 1)).to(dtype)
+
+
+def make_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Sorted flat indices of the int(density·m·n) largest |scores| entries. scores [m, n] -> [nnz] int64."""
+    k = int(density * scores.numel())
+    return torch.topk(scores.float().abs().flatten(), k).indices.sort().values
+
+
+def rosa_layers(model: torch.nn.Module) -> Iterator[RosaLayer]:
+    return (module for module in model.modules() if isinstance(module, RosaLayer))
+
+
+class RosaSchedule:
+    """Warm-up LoRA, collect gradients, build masks, optionally restart: an `AdapterSchedule`."""
+
+    def __init__(self, model: torch.nn.Module, warmup_steps: int, collection_steps: int, density: float,
+                 mode: GradAccumulation = "mean_squared", restart: bool = False,
+                 accumulator_dtype: torch.dtype = torch.float32, adapter: str = "default") -> None:
+        self.warmup_steps, self.collection_steps, self.density = warmup_steps, collection_steps, density
+        self.mode, self.restart, self.accumulator_dtype, self.adapter = mode, restart, accumulator_dtype, adapter
+        self.collected = 0
+        self.accumulators: dict[str, torch.Tensor] = {}
+        if not self.done(model) and warmup_steps == 0:
+            self._arm(model)  # step 0 already collects: its forward must see the probes
+
+    def done(self, model: torch.nn.Module) -> bool:
+        return all(layer.spa_ready(self.adapter) for layer in rosa_layers(model))
+
+    def before_optimizer_step(self, model: torch.nn.Module, step: int, optimizer: Any = None) -> None:
+        """Advance the schedule after `step`'s backward; `optimizer` (optional) lets a restart clear its state."""
+        if self.done(model):
+            return
+        if self.accumulators or self._armed(model):
+            self._collect(model)
+            if self.collected >= self.collection_steps:
+                self._build_masks(model, optimizer)
+                return
+        if step + 1 >= self.warmup_steps and not self._armed(model):
+            self._arm(model)
+
+    def _armed(self, model: torch.nn.Module) -> bool:
+        return any(layer.probe is not None for layer in rosa_layers(model))
+
+    def _arm(self, model: torch.nn.Module) -> None:
+        for layer in rosa_layers(model):
+            layer.arm_probe()
+
+    def _collect(self, model: torch.nn.Module) -> None:
+        for name, layer in model.named_modules():
+            if isinstance(layer, RosaLayer):
+                self.accumulators[name] = accumulate(self.accumulators.get(name), layer.take_probe_grad(),
+                                                     self.collected, self.mode, self.accumulator_dtype)
+        self.collected += 1
+
+    def _build_masks(self, model: torch.nn.Module, optimizer: Any) -> None:
+        for name, layer in model.named_modules():
+            if isinstance(layer, RosaLayer):
+                layer.disarm_probe()
+                idx = make_mask(self.accumulators.pop(name), self.density)
+                layer.set_mask(self.adapter, idx.to(layer.rosa_spa_idx[self.adapter].device))
+                if self.restart:
+                    layer.reset_adapter(self.adapter)
+                    _drop_update(layer, optimizer)
+        self.collected = 0
+
+
+def _drop_update(layer: RosaLayer, optimizer: Any) -> None:
+    """After a restart: no update from the pre-restart gradient, and no stale Adam moments if we can reach them."""
+    for param in layer.parameters():
+        if param.requires_grad:
+            param.grad = None
+            if optimizer is not None:
+                optimizer.state.pop(param, None)
