@@ -60,6 +60,9 @@ class RolloutWorker:
 def _lora_rank(job: Any) -> int | None:
     """The LoRA rank the vLLM engine must accept when the adapter is served as LoRA, else None."""
     adapter = job.adapter
-    if adapter is None or job.rollout.backend != "vllm" or adapter.name == "rosa":
+    if adapter is None or job.rollout.backend != "vllm":
         return None
-    return int(getattr(adapter, "r", 16))
+    # RoSA's sparse part and Bone's `bat` variant have no exact LoRA form: they are pushed merged.
+    if adapter.name == "rosa" or (adapter.name == "bone" and adapter.variant == "bat"):
+        return None
+    return int(adapter.r)

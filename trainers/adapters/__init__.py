@@ -1,19 +1,24 @@
-"""Parameter-efficient adapters (ADAPTERS.md). PEFT is imported in this package and nowhere else.
+"""Parameter-efficient adapters (ADAPTERS.md): LoRA, Bone (PEFT MiSS), RoSA, PaCA. PEFT is imported here only.
 
 The API the rest of the project uses:
-    apply_adapter(model, cfg)            -> model wrapped with the adapter (cfg None: unchanged)
-    schedule_for(model, cfg)             -> per-optimizer-step hook object or None (RoSA's mask schedule)
-    adapter_state_dict / load_adapter_state_dict   checkpoint the adapter (and buffers defining it)
-    merged_state_dict(model)             -> full weights with the adapter merged, base names, out of place
-    lora_form(model, out_dir)            -> True after writing a PEFT LoRA dir vLLM can hot-load (exact forms only)
-    export_merged(model, tokenizer, dir) -> a plain Hugging Face model directory
-The reference policy is `model.disable_adapter()` (PEFT's context manager): exactly the base model.
+    apply_adapter(model, cfg)              -> PEFT-wrapped model (cfg None: model unchanged)
+    schedule_for(model, cfg)               -> AdapterSchedule or None; the PolicyTrainer calls
+                                              `schedule.before_optimizer_step(model, step)` after each backward,
+                                              before `optimizer.step()` (RoSA's warm-up/collect/mask schedule)
+    disable_adapter(model)                 -> context manager: exactly the base model (the reference policy)
+    adapter_state_dict / load_adapter_state_dict   the adapter's tensors and defining buffers (checkpoints)
+    merged_state_dict(model, only_adapted) -> merged full weights, base-model names, computed out of place
+    lora_form(model, out_dir)              -> True after writing a PEFT LoRA dir vLLM can hot-load (exact forms)
+    lora_rank(model)                       -> the rank lora_form writes, or None when there is no LoRA form
+    export_merged(model, tokenizer, dir)   -> a plain Hugging Face model directory
 """
 
 from __future__ import annotations
 
-from trainers.adapters.core import (adapter_state_dict, apply_adapter, export_merged, load_adapter_state_dict,
-                                    lora_form, merged_state_dict, schedule_for)
+from trainers.adapters.core import (ADAPTER_NAME, AdapterSchedule, adapter_state_dict, apply_adapter, disable_adapter,
+                                    is_adapted, load_adapter_state_dict, peft_config, schedule_for)
+from trainers.adapters.export import export_merged, lora_form, lora_rank, merged_state_dict
 
-__all__ = ["apply_adapter", "schedule_for", "adapter_state_dict", "load_adapter_state_dict", "merged_state_dict",
-           "lora_form", "export_merged"]
+__all__ = ["ADAPTER_NAME", "AdapterSchedule", "apply_adapter", "schedule_for", "disable_adapter", "is_adapted",
+           "peft_config", "adapter_state_dict", "load_adapter_state_dict", "merged_state_dict", "lora_form",
+           "lora_rank", "export_merged"]

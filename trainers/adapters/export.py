@@ -23,8 +23,6 @@ from safetensors.torch import save_file
 from trainers.adapters.core import ADAPTER_NAME, is_adapted
 from trainers.adapters.paca import PacaConfig, PacaLayer
 
-PEFT_ROOT = "base_model.model."
-
 
 # ----- merged full weights ---------------------------------------------------------------------------
 def _miss_merged(layer: MissLayer, adapter: str) -> torch.Tensor:
@@ -86,7 +84,8 @@ def _write_lora_dir(out_dir: str, config: LoraConfig, tensors: dict[str, torch.T
     """adapter_config.json + adapter_model.safetensors, the layout vLLM's LoRA loader and PEFT read."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(Path(out_dir) / "adapter_model.safetensors"))
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(cpu, str(Path(out_dir) / "adapter_model.safetensors"))
 
 
 def _lora_as_is(model: Any, config: LoraConfig, out_dir: str) -> bool:
@@ -149,7 +148,8 @@ def lora_rank(model: torch.nn.Module) -> Optional[int]:
     if not is_adapted(model):
         return None
     config = model.peft_config[ADAPTER_NAME]
-    if isinstance(config, (LoraConfig, PacaConfig)) or (isinstance(config, MissConfig) and config.init_weights != "bat"):
+    exact = isinstance(config, (LoraConfig, PacaConfig))
+    if exact or (isinstance(config, MissConfig) and config.init_weights != "bat"):
         return int(config.r)
     return None
 

@@ -72,7 +72,8 @@ def sampled_grad(grad_out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, n: 
         rows, cols = idx // n, idx % n
         crow = torch.zeros(m + 1, dtype=torch.int64, device=idx.device)
         crow[1:] = torch.bincount(rows, minlength=m).cumsum(0)
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(idx, dtype=x.dtype), (m, n))
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(idx, dtype=x.dtype), (m, n),
+                                          check_invariants=False)  # built sorted and in range above
         return torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x, beta=0.0).values()
     return (grad_out.t() @ x).flatten()[idx]  # transient dense [m, n]
 
@@ -198,7 +199,8 @@ class RosaLayer(nn.Module, BaseTunerLayer):
         shape = (self.out_features, self.in_features)
         delta = torch.zeros(shape, device=self.base_layer.weight.device)
         if adapter in self.rosa_A:
-            delta += self.rosa_scaling[adapter] * (self.rosa_B[adapter].weight.float() @ self.rosa_A[adapter].weight.float())
+            lora_b, lora_a = self.rosa_B[adapter].weight.float(), self.rosa_A[adapter].weight.float()
+            delta += self.rosa_scaling[adapter] * (lora_b @ lora_a)
         if self.spa_ready(adapter):
             delta += dense_sparse(self.rosa_spa_values[adapter].float(), self.rosa_spa_idx[adapter], shape)
         return delta

@@ -1,0 +1,144 @@
+"""Learner-step time and peak memory: full fine-tuning vs LoRA, Bone, RoSA, PaCA (ADAPTERS.md §8.6, issue 7).
+
+Step time is the fastest timed step (robust to other processes sharing the CPU); the median is also kept.
+One step = forward + backward of a causal-LM loss on a fixed batch + AdamW step, on the same model and batch.
+Adapters target all 7 projections at comparable trainable-parameter counts: LoRA r, Bone 2r, PaCA 2r
+(r·m vs r(n+m): equal on square weights), RoSA r/2 plus the density that fills the rest of LoRA's budget.
+Each method runs in its own subprocess so peak memory is its own: CUDA `max_memory_allocated`, or on CPU
+the growth of the process's peak RSS over the loaded model (an upper-bound-ish figure, allocator included).
+
+    python benchmarks/adapters.py --model tiny-llama --batch 8 --seq 128 --steps 5 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+METHODS = ["full", "lora", "bone", "rosa", "paca"]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def adapter_config(method: str, r: int, model: torch.nn.Module) -> Any:
+    """The project config for `method` at LoRA-r-comparable size (None = full fine-tuning)."""
+    from rl.config.adapters import BoneAdapter, LoRAAdapter, PaCAAdapter, RoSAAdapter
+
+    linears = [m for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS]
+    lora_budget = sum(r * (m.in_features + m.out_features) for m in linears)
+    rosa_lora = sum((r // 2) * (m.in_features + m.out_features) for m in linears)
+    density = (lora_budget - rosa_lora) / sum(m.in_features * m.out_features for m in linears)
+    return {"full": None,
+            "lora": LoRAAdapter(r=r, alpha=2 * r, target_modules=PROJECTIONS),
+            "bone": BoneAdapter(r=2 * r, target_modules=PROJECTIONS),
+            "rosa": RoSAAdapter(r=r // 2, alpha=r, density=density, target_modules=PROJECTIONS),
+            "paca": PaCAAdapter(r=2 * r, alpha=4 * r, target_modules=PROJECTIONS)}[method]
+
+
+def peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time `args.steps` learner steps of `method` after `args.warmup` untimed ones."""
+    from rl.models import load_causal_lm, resolve_model
+    from trainers.adapters import apply_adapter
+    from trainers.adapters.rosa import RosaLayer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = load_causal_lm(resolve_model(args.model), args.dtype, device)
+    cfg = adapter_config(method, args.r, model)
+    model = apply_adapter(model, cfg)
+    for layer in model.modules():  # the mask schedule is not a per-step cost: give RoSA a (random) mask now
+        if isinstance(layer, RosaLayer):
+            nnz = layer.rosa_spa_values["default"].numel()
+            layer.set_mask("default", torch.randperm(layer.in_features * layer.out_features, device=device)[:nnz])
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and args.dtype != "float32")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_peak = peak_bytes(device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = peak_bytes(device)
+    return {"method": method, "device": device, "trainable_params": sum(p.numel() for p in params),
+            "step_s": min(times), "step_median_s": statistics.median(times), "peak_mib": peak / 2**20,
+            "peak_over_model_mib": (peak - (0 if device == "cuda" else base_peak)) / 2**20,
+            "config": None if cfg is None else cfg.model_dump()}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lora = next((r for r in rows if r["method"] == "lora"), None)
+    lines = [f"{'method':8} {'trainable':>12} {'step_s':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7}"]
+    for r in rows:
+        t = r["step_s"] / lora["step_s"] if lora else float("nan")
+        lora_mem = lora["peak_over_model_mib"] if lora else 0.0
+        m = r["peak_over_model_mib"] / lora_mem if lora_mem else float("nan")
+        lines.append(f"{r['method']:8} {r['trainable_params']:>12,} {r['step_s']:>9.4f} {t:>7.2f} "
+                     f"{r['peak_over_model_mib']:>9.1f} {m:>7.2f}")
+    return "\n".join(lines)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-llama", help="alias, hub id or local directory")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--r", type=int, default=8, help="LoRA rank; the others are sized to match it")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    if args.one:
+        print(json.dumps(run_one(args.one, args)))
+        return
+    rows = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "one"}, "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
