@@ -20,7 +20,7 @@ REQUIRED = ("step", "reward/mean", "loss", "policy/entropy", "policy/mismatch_kl
 def test_tiny_run_writes_the_run_directory_contract(tmp_path):
     run = tmp_path / "run"
     done = rl("train", "tiny", f"run_dir={run}", "trainer.max_steps=3", "trainer.eval_every_steps=3",
-              "trainer.eval_before_train=true", "trainer.keep_last=2")
+              "trainer.eval_before_train=true", "trainer.keep_last=2", "logging.wandb.mode=offline")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -29,6 +29,7 @@ def test_tiny_run_writes_the_run_directory_contract(tmp_path):
     assert rows[1]["policy/mismatch_kl"] < 1e-4  # the local HF engine samples with the learner's weights
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
     assert (run / "config.yaml").is_file() and (run / "training.png").stat().st_size > 1000
+    assert list((run / "wandb").glob("offline-run-*"))  # wandb runs offline without a key
     assert (run / "eval" / "step_0.json").is_file() and (run / "eval" / "step_3.samples.jsonl").is_file()
     assert "held-out accuracy" in done.stdout
 
