@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/rollout.py                       # SmolLM2-135M, 16 prompts x 8 x 64 tokens
     .venv/bin/python benchmarks/rollout.py --model tiny-llama --prompts 4 --group 4 --tokens 16
+    .venv/bin/python benchmarks/rollout.py --backends vllm --sync-models tiny-llama   # + sync time vs model size
 
 Prints a table and one JSON line. Tokens/s counts generated (completion) tokens over wall time.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,20 +44,48 @@ def bench_backend(backend: str, model_dir: str, prompts: list, args: argparse.Na
         t = time.perf_counter()
         batch = engine.generate(prompts, SamplingParams(group_size=args.group, max_new_tokens=args.tokens, seed=r + 1))
         runs.append((float(batch.completion_lengths.sum()), time.perf_counter() - t))
-    weights = load_causal_lm(model_dir).state_dict()
-    syncs = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        engine.push_weights(weights.items(), 1)
-        syncs.append(time.perf_counter() - t)
+    sync = sync_seconds(engine, model_dir, args.sync_repeats)
     engine.close()
     tokens, seconds = sum(r[0] for r in runs), sum(r[1] for r in runs)
     return {"backend": backend, "startup_s": startup, "tokens_per_s": tokens / seconds,
-            "tokens_per_call": tokens / len(runs), "weight_sync_s": min(syncs), "weight_sync_s_all": syncs,
-            "params_m": sum(v.numel() for v in weights.values()) / 1e6}
+            "tokens_per_call": tokens / len(runs), **sync}
+
+
+def sync_seconds(engine, model_dir: str, repeats: int) -> dict:
+    """Full-weight push time (min and all of `repeats`; the first also pays for mapping the buffer)."""
+    from rl.models import load_causal_lm
+
+    weights = load_causal_lm(model_dir).state_dict()
+    syncs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        engine.push_weights(weights.items(), 1)
+        syncs.append(time.perf_counter() - t)
+    distinct = {v.untyped_storage().data_ptr(): v for v in weights.values()}.values()  # tied weights once
+    return {"weight_sync_s": min(syncs), "weight_sync_s_all": syncs,
+            "weights_mb": sum(v.numel() * v.element_size() for v in distinct) / 2**20}
+
+
+def bench_sync_only(model: str, repeats: int) -> dict:
+    """vLLM weight-sync seconds for another model size (no generation)."""
+    from rl.config import load_job
+    from rl.models import resolve_model
+    from rollout.engine import build_engine
+
+    model_dir = resolve_model(model)
+    engine = build_engine(load_job("quickstart", ["adapter=null", "rollout.backend=vllm"]).rollout, model_dir,
+                          "float32", "cpu", 0)
+    try:
+        return {"model": model, **sync_seconds(engine, model_dir, repeats)}
+    finally:
+        engine.close()
 
 
 def main() -> None:
+    # Run as a script, this file's folder comes first on sys.path and its name would shadow the
+    # `rollout` package: put the repository root there instead.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--backends", default="hf,vllm")
@@ -62,6 +93,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sync-repeats", type=int, default=4)
+    parser.add_argument("--sync-models", default="", help="comma-separated extra models: vLLM sync time vs size")
     args = parser.parse_args()
     from rl.models import resolve_model
 
@@ -69,11 +102,15 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     prompts = workload(model_dir, args.prompts)
     rows = [bench_backend(b, model_dir, prompts, args) for b in args.backends.split(",")]
-    print(f"{'backend':8s} {'tokens/s':>9s} {'tokens/call':>12s} {'sync s':>7s} {'start s':>8s}")
+    sizes = [bench_sync_only(m, args.sync_repeats) for m in filter(None, args.sync_models.split(","))]
+    print(f"{'backend':8s} {'tokens/s':>9s} {'tokens/call':>12s} {'sync s':>7s} {'MB':>7s} {'start s':>8s}")
     for r in rows:
         print(f"{r['backend']:8s} {r['tokens_per_s']:9.1f} {r['tokens_per_call']:12.0f} {r['weight_sync_s']:7.2f} "
-              f"{r['startup_s']:8.1f}")
-    print(json.dumps({"benchmark": "rollout", "model": args.model, "workload": vars(args), "results": rows}))
+              f"{r['weights_mb']:7.0f} {r['startup_s']:8.1f}")
+    for r in sizes:
+        print(f"vllm sync {r['model']}: {r['weight_sync_s']:.2f} s for {r['weights_mb']:.0f} MB")
+    print(json.dumps({"benchmark": "rollout", "model": args.model, "workload": vars(args), "results": rows,
+                      "sync_vs_size": sizes}))
 
 
 if __name__ == "__main__":

