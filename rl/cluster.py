@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from rl.batch import RolloutBatch
@@ -43,7 +42,8 @@ class RolloutPool:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         shards = _shard(list(prompts), self.workers.size)
-        args = [(s, _shard_params(params, i)) if s else None for i, s in enumerate(shards)]
+        # Seeds derive from each prompt's id (rollout/engine.py), so sharding does not change the samples.
+        args = [(s, params) if s else None for s in shards]
         results = [r for r in self.workers.call_many("generate", args) if r is not None]
         return results[0] if len(results) == 1 else RolloutBatch.concat(results)
 
@@ -59,11 +59,6 @@ def _shard(items: list, k: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
-
-
-def _shard_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Distinct seeds per shard, so workers never draw the same samples (shard 0 keeps the seed)."""
-    return replace(params, seed=params.seed * 1009 + index) if index else params
 
 
 class Placement:

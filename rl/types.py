@@ -37,8 +37,9 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one group per prompt. `seed` makes a call reproducible (per-request seeds are
-    derived from it and the row index); `greedy=True` ignores temperature/top-p/top-k."""
+    """How to sample one group per prompt. `seed` makes a call reproducible: each prompt's requests are
+    seeded from (seed, prompt_id, occurrence), sample j of a group with that seed + j, so a prompt's samples
+    do not depend on batching or sharding. `greedy=True` ignores temperature/top-p/top-k."""
 
     group_size: int = 1
     max_new_tokens: int = 64

@@ -14,8 +14,8 @@ class VLLMOptions(Section):
 
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     """Fraction of accelerator memory (on CPU: of NUMA-node memory) vLLM reserves."""
-    kv_cache_gib: float = Field(1.0, gt=0)
-    """CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """CPU only: KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)."""
     enforce_eager: bool = True
     """Skip CUDA-graph capture (required on CPU; faster start-up on GPU)."""
     max_model_len: int | None = Field(None, gt=0)
