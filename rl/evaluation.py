@@ -43,7 +43,7 @@ def evaluate(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any, sam
     greedy = rollout.generate(prompts, SamplingParams(1, max_new, stop=tuple(job.rollout.stop), seed=seed, greedy=True))
     total, correct = _score(scorer, greedy, primary)
     report: dict[str, Any] = {
-        "n": len(prompts), "accuracy": float(correct.float().mean()), "reward_mean": float(total.mean()),
+        "n": len(prompts), "accuracy": float(correct.double().mean()), "reward_mean": float(total.double().mean()),
         "length_mean": float(greedy.completion_lengths.float().mean()), "samples": samples,
     }
     records = [{"prompt_id": p.prompt_id, "mode": "greedy", "completion": greedy.completion_texts[i],
