@@ -182,8 +182,8 @@ def trained_weights(batch, shared_prefix, lora=False, **trainer):
 
 
 @pytest.mark.parametrize("trainer", [{}, {"ppo_epochs": 2, "mini_batches": 2, "micro_batch_tokens": 20},
-                                     {"lora": True, "ppo_epochs": 2}],
-                         ids=["one-update", "2x2-updates-micro-batched", "lora-2-updates"])
+                                     {"lora": True, "ppo_epochs": 2}, {"gradient_checkpointing": True}],
+                         ids=["one-update", "2x2-updates-micro-batched", "lora-2-updates", "grad-checkpointing"])
 def test_trainer_step_gives_the_same_update_with_and_without_shared_prefix(trainer):
     batch = shared_batch([7, 12, 5, 9], [[3, 6, 1], [5, 2, 4], [8, 3, 2], [2, 2, 7]], seed=4)
     start, _ = trained_weights(batch, False, lr=1e-30, **trainer)  # the initial weights, same layout
