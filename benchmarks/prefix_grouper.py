@@ -43,8 +43,8 @@ SHAPES = {
 }
 
 
-def build_model(name: str, device: str) -> Any:
-    """A random model of a named shape, or a real one (alias, directory or hub id)."""
+def build_model(name: str, device: str, layers: int | None = None) -> Any:
+    """A random model of a named shape (optionally with fewer layers), or a real one (alias, directory, hub id)."""
     if name not in SHAPES:
         from rl.models import load_causal_lm, resolve_model
 
@@ -52,7 +52,8 @@ def build_model(name: str, device: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=8192, attn_implementation="sdpa", **SHAPES[name])
+    shape = {**SHAPES[name], **({"num_hidden_layers": layers} if layers else {})}
+    config = LlamaConfig(max_position_embeddings=8192, attn_implementation="sdpa", **shape)
     return LlamaForCausalLM(config).to(device)
 
 
@@ -65,7 +66,8 @@ def forward_flops(config: Any, prompt: int, group: int, completion: int, layout:
     if layout == "padded":
         tokens, pairs = group * (prompt + completion), group * (prompt + completion) ** 2 / 2
     else:
-        tokens, pairs = prompt + group * completion, prompt ** 2 / 2 + group * (prompt * completion + completion ** 2 / 2)
+        tokens = prompt + group * completion
+        pairs = prompt ** 2 / 2 + group * (prompt * completion + completion ** 2 / 2)
     head = 2 * h * config.vocab_size * group * completion
     return layers * (tokens * per_token + pairs * per_pair) + head
 
@@ -98,7 +100,7 @@ def run_one(layout: str, prompt: int, group: int, args: argparse.Namespace) -> d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.model, device).train()
+    model = build_model(args.model, device, args.layers).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     b = group_batch(prompt, group, args.completion, model.config.vocab_size, device)
@@ -123,7 +125,8 @@ def run_one(layout: str, prompt: int, group: int, args: argparse.Namespace) -> d
             cpu_times.append(time.process_time() - cpu_start)
     peak = peak_bytes(device)
     return {"layout": layout, "prompt": prompt, "group": group, "completion": args.completion, "device": device,
-            "threads": torch.get_num_threads(), "wall_s": min(times), "cpu_s": min(cpu_times),
+            "threads": torch.get_num_threads(), "clock": args.clock,
+            "layers": model.config.num_hidden_layers, "wall_s": min(times), "cpu_s": min(cpu_times),
             "step_s": min(cpu_times if args.clock == "cpu" else times), "wall_s_all": [round(t, 3) for t in times],
             "peak_mib": peak / 2**20, "peak_over_model_mib": (peak - (0 if device == "cuda" else base_peak)) / 2**20,
             "forward_gflop": forward_flops(model.config, prompt, group, args.completion, layout) / 1e9}
@@ -170,6 +173,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help=f"a random shape ({', '.join(SHAPES)}) or an alias/directory")
+    p.add_argument("--layers", type=int, default=None,
+                   help="fewer decoder layers than the shape has: per-layer costs, and so the FLOP ratio, barely "
+                        "change (only the LM head's share grows); for a slow or shared CPU")
     p.add_argument("--prompts", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--completion", type=int, default=128)
@@ -204,7 +210,8 @@ def main() -> None:
     raw, rows = [], []
     for prompt in args.prompts:
         for group in args.groups:
-            runs = [subprocess_run(layout, prompt, group) for _ in range(args.rounds) for layout in ("padded", "grouped")]
+            runs = [subprocess_run(layout, prompt, group) for _ in range(args.rounds)
+                    for layout in ("padded", "grouped")]
             raw += runs
             pair = [fastest([r for r in runs if r["layout"] == layout]) for layout in ("padded", "grouped")]
             rows.append(compare(*pair))
