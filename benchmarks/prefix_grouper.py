@@ -174,8 +174,8 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help=f"a random shape ({', '.join(SHAPES)}) or an alias/directory")
     p.add_argument("--layers", type=int, default=None,
-                   help="fewer decoder layers than the shape has: per-layer costs, and so the FLOP ratio, barely "
-                        "change (only the LM head's share grows); for a slow or shared CPU")
+                   help="fewer decoder layers than the shape has, for a slow or shared CPU; the LM head (same in "
+                        "both layouts) then weighs more, so the FLOP ratio, computed for the layers used, is lower")
     p.add_argument("--prompts", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--completion", type=int, default=128)
