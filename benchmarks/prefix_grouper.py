@@ -14,8 +14,9 @@ G(P+C)^2/2 vs P^2/2 + G(PC + C^2/2) query-key pairs (the paper's two-call attent
 used here also spends the off-diagonal completion blocks), the LM head on GC tokens in both.
 
     python benchmarks/prefix_grouper.py                          # SmolLM2-135M shape, the full grid
-    # the saved CPU figure (2-CPU host shared with other jobs: 1 thread, CPU-time clock, 6 of 30 layers)
-    python benchmarks/prefix_grouper.py --prompts 1024 --groups 8 --layers 6 --threads 1 --clock cpu \
+    # the saved CPU figure (2-CPU host shared with other jobs: 1 thread, CPU-time clock); *_6layers.json
+    # and *_12layers.json add --layers 6 / --layers 12
+    python benchmarks/prefix_grouper.py --prompts 1024 --groups 8 --threads 1 --clock cpu \
         --warmup 0 --steps 1 --out benchmarks/results/prefix_grouper_cpu.json
     python benchmarks/prefix_grouper.py --quick                  # tiny-llama shape, small grid: a smoke run
 """
