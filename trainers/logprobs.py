@@ -59,8 +59,17 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     decoder, head = backbone_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False).last_hidden_state
     rows, cols = loss_positions(loss_mask)
-    selected = hidden[rows, cols]  # [K, H]
-    targets = input_ids[rows, cols + 1]  # [K]
+    return score_positions(head, hidden[rows, cols], input_ids, (rows, cols + 1), temperature, chunk_tokens,
+                           with_entropy)
+
+
+def score_positions(head: Any, selected: torch.Tensor, input_ids: torch.Tensor,
+                    scored: tuple[torch.Tensor, torch.Tensor], temperature: float, chunk_tokens: int,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [B, T], entropy [B, T]): the tokens input_ids[scored] scored from their predicting hidden
+    states `selected` [K, H], through the LM head `chunk_tokens` positions at a time; 0 elsewhere.
+    Shared by the padded forward above and the shared-prefix one (trainers/prefix_grouper.py)."""
+    targets = input_ids[scored]  # [K]
     recompute = torch.is_grad_enabled()  # without grad nothing is saved for backward: no need to checkpoint
     logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_tokens):
@@ -72,6 +81,6 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     entropy = torch.zeros_like(logp)
     if logps:
-        logp = logp.index_put((rows, cols + 1), torch.cat(logps))
-        entropy = entropy.index_put((rows, cols + 1), torch.cat(entropies).detach())
+        logp = logp.index_put(scored, torch.cat(logps))
+        entropy = entropy.index_put(scored, torch.cat(entropies).detach())
     return logp, entropy

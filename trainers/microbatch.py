@@ -31,17 +31,28 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     return packs
 
 
-def micro_batches(batch: RolloutBatch, token_budget: int) -> list[tuple[list[int], RolloutBatch]]:
-    """(rows, sub-batch trimmed to its longest row) for each micro-batch of `batch`."""
-    return [(rows, batch.select(rows)) for rows in pack_micro_batches(batch.sequence_lengths.tolist(), token_budget)]
+def micro_batches(batch: RolloutBatch, token_budget: int,
+                  keep_groups: bool = False) -> list[tuple[list[int], RolloutBatch]]:
+    """(rows, sub-batch trimmed to its longest row) for each micro-batch of `batch`.
+
+    keep_groups (trainer.shared_prefix): whole groups only, each counted at its packed length
+    prompt + sum of completions (one packed row per group, trainers/prefix_grouper.py)."""
+    if not keep_groups:
+        packs = pack_micro_batches(batch.sequence_lengths.tolist(), token_budget)
+        return [(rows, batch.select(rows)) for rows in packs]
+    bounds = batch.group_bounds()
+    lengths = batch.sequence_lengths.tolist()
+    packed = [sum(lengths[s:e]) - (e - s - 1) * int(batch.prompt_lengths[s]) for s, e in bounds]
+    packs = [[r for g in pack for r in range(*bounds[g])] for pack in pack_micro_batches(packed, token_budget)]
+    return [(rows, batch.select(rows)) for rows in packs]
 
 
 def no_grad_logprobs(compute: Callable[[RolloutBatch], torch.Tensor], batch: RolloutBatch,
-                     token_budget: int) -> torch.Tensor:
+                     token_budget: int, keep_groups: bool = False) -> torch.Tensor:
     """[N, T] CPU logprobs of `batch` from `compute(micro) -> [n, t]`, run micro-batch by micro-batch
     without grad, so a whole rollout batch never goes through the model at once."""
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # [N, T]
     with torch.no_grad():
-        for rows, micro in micro_batches(batch, token_budget):
+        for rows, micro in micro_batches(batch, token_budget, keep_groups):
             out[torch.tensor(rows), : micro.seq_len] = compute(micro).float().cpu()
     return out

@@ -30,6 +30,7 @@ from trainers.aggregation import Normalisers
 from trainers.logprobs import token_logprobs
 from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights, resolve_correction_level
 from trainers.microbatch import micro_batches, no_grad_logprobs
+from trainers.prefix_grouper import check_supported, shared_prefix_logprobs
 from trainers.reference import ReferencePolicy, default_reference
 from trainers.schedule import build_optimizer
 
@@ -67,6 +68,8 @@ class PolicyTrainer:
         self.updates = 0
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        if trainer.shared_prefix:  # fail before any rollout, not at the first forward
+            check_supported(model)
         if trainer.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -97,20 +100,24 @@ class PolicyTrainer:
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
         with autocast:
+            if self.cfg.shared_prefix:  # Prefix Grouper: each group's prompt encoded once (ALGORITHMS.md §4)
+                return shared_prefix_logprobs(
+                    model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask), batch.prompt_lengths,
+                    batch.group_ids, self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
             return token_logprobs(model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
                                   self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
 
     def _batch_logprobs(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
         """[N, T] CPU logprobs under `model`, no grad, micro-batch by micro-batch."""
         return no_grad_logprobs(lambda micro: self._forward(model, micro, False)[0], batch,
-                                self.cfg.micro_batch_tokens)
+                                self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
 
     # ----- one optimizer update ----------------------------------------------------------------
     def _update(self, mini: RolloutBatch, old: torch.Tensor | None) -> dict[str, float]:
         norm = Normalisers.of(mini.loss_mask, self.constant_length)  # global over the mini-batch
         self.optimizer.zero_grad(set_to_none=True)
         tally: dict[str, float] = {}
-        for rows, micro in micro_batches(mini, self.cfg.micro_batch_tokens):
+        for rows, micro in micro_batches(mini, self.cfg.micro_batch_tokens, self.cfg.shared_prefix):
             micro_old = None if old is None else old[torch.tensor(rows), : micro.seq_len]
             loss, stats = self._micro_loss(micro, norm, micro_old)
             if not bool(torch.isfinite(loss)):

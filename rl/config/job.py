@@ -43,6 +43,10 @@ class TrainerConfig(Section):
     logprob_chunk_tokens: int = Field(1024, ge=1)
     """Positions whose logits are materialised at once when computing logprobs and entropy."""
     gradient_checkpointing: bool = False
+    shared_prefix: bool = False
+    """Prefix Grouper (ALGORITHMS.md §4): encode each group's shared prompt once, each completion attending
+    to [prompt; itself]; same logprobs and gradients as the padded forward, less compute for long prompts.
+    Needs sdpa or eager attention and full (not sliding-window) attention."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every_steps: int = Field(10, ge=0)
     """0 disables periodic checkpoints (the last step is always saved)."""
