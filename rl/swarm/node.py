@@ -59,6 +59,7 @@ class SwarmNode:
         self.limits = Limits.of(self.cfg)
         self.rejected: Counter[str] = Counter()
         self.published = self.received = 0
+        self.peer_seen: dict[str, float] = {}  # node id -> when its last valid rollout arrived
 
     # ----- 1. publish ------------------------------------------------------------------------
     def publish(self, batch: RolloutBatch, step: int) -> dict[str, float]:
@@ -82,6 +83,7 @@ class SwarmNode:
                 if rollout.node_id == self.node_id:
                     continue  # our own messages come back through the board
                 self.pool.add(rollout)
+                self.peer_seen[rollout.node_id] = time.monotonic()
                 added += 1
             except Rejected as exc:
                 self.rejected[exc.reason] += 1
@@ -110,7 +112,7 @@ class SwarmNode:
                    "swarm/local_samples": float(local.num_samples if local is not None else 0),
                    "swarm/external_samples": float(external.num_samples if external is not None else 0),
                    "swarm/received": float(self.received), "swarm/pool": float(len(self.pool)),
-                   "swarm/peers": float(self.pool.peers()), "swarm/rejected": float(sum(self.rejected.values())),
+                   "swarm/peers": float(self.peers()), "swarm/rejected": float(sum(self.rejected.values())),
                    "swarm/transport_errors": float(self.transport.errors), **stats}
         metrics.update({f"swarm/rejected/{r}": float(self.rejected[r]) for r in REASONS if self.rejected[r]})
         metrics["swarm/external_shortfall"] = self.cfg.external - metrics["swarm/external"]
@@ -155,6 +157,11 @@ class SwarmNode:
             rows = torch.nonzero(result.keep).flatten()
             ext = ext.select(rows) if len(rows) else None
         return ext
+
+    def peers(self) -> int:
+        """Peers whose rollouts arrived within max_age_s (live members of the swarm, as seen from here)."""
+        recent = time.monotonic() - self.cfg.max_age_s
+        return sum(t >= recent for t in self.peer_seen.values())
 
     # ----- the driver's entry point -------------------------------------------------------------
     def exchange(self, parts: Any, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
