@@ -9,7 +9,7 @@ The hub stores opaque messages; every node validates what it reads (rl/swarm/val
     swarm: {transport: {name: http, url: http://HUB:8765}}     # in every node's job
 
 HTTP API: POST /messages (body = one message, UTF-8) -> {"seq": n}; GET /messages?after=N&limit=M ->
-{"next": cursor, "messages": [...]}; GET /health -> {"messages": count}. Oversized bodies get 413.
+{"board": id, "next": cursor, "messages": [...]}; GET /health -> {"messages": count}. Oversized bodies get 413.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -33,6 +34,7 @@ class Board:
         self._items: deque[tuple[int, float, bytes]] = deque()
         self._next = 0
         self._lock = threading.Lock()
+        self.id = uuid.uuid4().hex  # readers notice a restarted hub (new sequence) by a new id
 
     def post(self, message: bytes) -> int:
         with self._lock:
@@ -94,7 +96,7 @@ def _handler(board: Board, max_message_bytes: int) -> type[BaseHTTPRequestHandle
             except ValueError:
                 return self._reply(400, {"error": "after and limit must be integers"})
             nxt, messages = board.since(after, min(limit, MAX_PAGE))
-            self._reply(200, {"next": nxt, "messages": [m.decode("utf-8") for m in messages]})
+            self._reply(200, {"board": board.id, "next": nxt, "messages": [m.decode("utf-8") for m in messages]})
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet by default
             pass

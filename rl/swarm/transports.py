@@ -91,7 +91,7 @@ class HttpTransport:
         self.url, self.timeout_s = cfg.url.rstrip("/"), cfg.timeout_s
         self.max_response_bytes = MAX_PAGE * (max_message_bytes + 64) + 1024
         self.hub = _try_serve(self.url, max_message_bytes) if cfg.serve else None
-        self.cursor, self.errors = 0, 0
+        self.cursor, self.errors, self.board_id = 0, 0, ""
         self._outbox: queue.Queue[bytes | None] = queue.Queue(self.QUEUE)
         self._sender = threading.Thread(target=self._send_loop, name="swarm-http-send", daemon=True)
         self._sender.start()
@@ -117,22 +117,30 @@ class HttpTransport:
                 self._outbox.task_done()
 
     def receive(self) -> list[bytes]:
-        url = f"{self.url}/messages?after={self.cursor}&limit={MAX_PAGE}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
-                data = response.read(self.max_response_bytes + 1)
-            if len(data) > self.max_response_bytes:
-                raise ValueError("hub response too large")
-            page = json.loads(data)
-            nxt, messages = int(page["next"]), page["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
-                raise ValueError("hub response has no list of messages")
+            board, nxt, messages = self._get(self.cursor)
+            if board != self.board_id:  # first read, or the hub restarted: its sequence began again
+                self.board_id = board
+                if self.cursor:
+                    board, nxt, messages = self._get(0)
         except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError) as exc:
             self.errors += 1
             log.debug("swarm: reading from %s failed: %s", self.url, exc)
             return []
         self.cursor = nxt
         return [m.encode("utf-8") for m in messages]
+
+    def _get(self, cursor: int) -> tuple[str, int, list[str]]:
+        url = f"{self.url}/messages?after={cursor}&limit={MAX_PAGE}"
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+            data = response.read(self.max_response_bytes + 1)
+        if len(data) > self.max_response_bytes:
+            raise ValueError("hub response too large")
+        page = json.loads(data)
+        messages = page["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, str) for m in messages):
+            raise ValueError("hub response has no list of messages")
+        return str(page["board"]), int(page["next"]), messages
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) until every queued message has been sent or has failed."""
