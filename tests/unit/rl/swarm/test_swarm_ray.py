@@ -1,0 +1,47 @@
+"""The Ray transport on a real local Ray cluster: a named exchange actor shared by nodes."""
+
+from types import SimpleNamespace
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import os
+
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # a loaded CI machine starts raylets slowly
+    ray.init(num_cpus=1, include_dashboard=False, namespace="rlpost-swarm-test", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def cfg(name):
+    return SimpleNamespace(name="ray", address=None, exchange=name, timeout_s=5.0)
+
+
+def test_nodes_exchange_through_the_named_actor_and_survive_its_death(cluster):
+    from rl.swarm.ray_transport import RayTransport, kill_exchange
+
+    a, b = RayTransport(cfg("swarm-t")), RayTransport(cfg("swarm-t"))
+    a.publish([b"one", b"two"])
+    assert b.receive() == [b"one", b"two"] and b.receive() == []
+    late = RayTransport(cfg("swarm-t"))  # joins the same exchange and reads the backlog
+    assert late.receive() == [b"one", b"two"]
+
+    kill_exchange("swarm-t")  # the exchange dies: reads fail (counted), no hang, then it is re-created
+    assert b.receive() == [] and b.errors == 1
+    a._rejoin()
+    a.publish([b"three"])
+    assert b.receive() == [b"three"]
+
+
+def test_a_different_exchange_name_is_a_different_swarm(cluster):
+    from rl.swarm.ray_transport import RayTransport
+
+    a, other = RayTransport(cfg("swarm-x")), RayTransport(cfg("swarm-y"))
+    a.publish([b"m"])
+    assert other.receive() == []
+    assert RayTransport(cfg("swarm-x")).receive() == [b"m"]
