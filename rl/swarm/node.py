@@ -104,8 +104,8 @@ class SwarmNode:
         self._wait_for(self.cfg.external)
         external, stats = self._external(parts, batch.policy_version, step)
         mixed = mixing.mix([local, external], ext_pad(parts))
-        if mixed is None:  # nothing local asked for and nothing external there: keep the step alive
-            mixed = mixing.first_groups(batch, 1)
+        if mixed is None:  # local: 0 and no peer rollouts: train on one own group rather than on nothing
+            local = mixed = mixing.first_groups(batch, 1)
             stats["swarm/fallback_local"] = 1.0
         metrics = {"swarm/local": float(local.num_groups if local is not None else 0),
                    "swarm/external": float(external.num_groups if external is not None else 0),
