@@ -19,7 +19,7 @@ def cluster():
 
 
 def cfg(name):
-    return SimpleNamespace(name="ray", address=None, exchange=name, timeout_s=5.0)
+    return SimpleNamespace(name="ray", address=None, exchange=name, timeout_s=60.0)  # actor start on a busy host
 
 
 def test_nodes_exchange_through_the_named_actor_and_survive_its_death(cluster):
