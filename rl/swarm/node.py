@@ -139,7 +139,7 @@ class SwarmNode:
                 ext = mixing.drop_groups(ext, uniform)
             if ext is not None:
                 kept.append(ext)
-                claimed += [x for r in chosen for x in r.rewards]  # for the gap metric below (approximate)
+                claimed += [x for r in chosen for x in r.rewards]  # aligned with ext unless rows were dropped
         if not kept:
             return None, {"swarm/skipped_uniform": float(skipped)}
         ext = kept[0] if len(kept) == 1 else RolloutBatch.concat(kept, pad_token_id=ext_pad(parts))
