@@ -2,9 +2,10 @@
 
 The first node to look for the exchange creates it (`get_if_exists`), later ones join it; being
 detached, it outlives any node, so nodes join and leave freely. Sends are fire-and-forget; reads wait
-at most `timeout_s`. If the exchange dies, reads fail (counted) and the next read re-creates it: the
-node trains on its own rollouts meanwhile. Ray is imported inside functions, so `rl --help` stays fast
-(the swarm's only Ray module, as rl/cluster.py is the placement's).
+at most `timeout_s`. If the exchange dies, reads fail (counted) and later calls re-create or join a new
+one (rollouts published meanwhile are lost); the node trains on its own rollouts in between.
+Ray is imported inside functions, so `rl --help` stays fast (the swarm's only Ray module, as
+rl/cluster.py is the placement's).
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ class RayTransport:
         self.ray = ensure_ray(cfg.address)
         self.name, self.timeout_s = cfg.exchange, cfg.timeout_s
         self.actor: Any = exchange_actor(self.ray, self.name)
-        self.cursor, self.errors = 0, 0
+        self.cursor, self.errors, self._broken = 0, 0, False
+        self._last_publish: Any = None
 
     def publish(self, messages: Sequence[bytes]) -> None:
         if not messages:
             return
+        if self._broken and not self._rejoin():
+            self.errors += 1
+            return
         try:
-            self.actor.publish.remote(list(messages))  # fire and forget: never waits for the exchange
+            self._last_publish = self.actor.publish.remote(list(messages))  # fire and forget: never waits
         except Exception as exc:  # noqa: BLE001 - any Ray failure here only means "not shared this time"
             self.errors += 1
             log.debug("swarm: publishing to the exchange failed: %s", exc)
@@ -76,24 +81,38 @@ class RayTransport:
     def receive(self) -> list[bytes]:
         errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError,
                   self.ray.exceptions.RaySystemError)
+        if self._broken and not self._rejoin():
+            return []
         try:
             self.cursor, page = self.ray.get(self.actor.since.remote(self.cursor), timeout=self.timeout_s)
             return page
         except errors as exc:
             self.errors += 1
+            self._broken = True
             log.warning("swarm: the exchange actor did not answer (%s); training on local rollouts", type(exc).__name__)
-            self._rejoin()
             return []
 
-    def _rejoin(self) -> None:
-        """After a failure: join (or re-create) the exchange; a new exchange starts at cursor 0."""
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) until the last publish reached the exchange (tests; sends are otherwise async)."""
+        if self._last_publish is not None:
+            try:
+                self.ray.get(self._last_publish, timeout=timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a lost send is only counted
+                self.errors += 1
+                log.debug("swarm: a publish did not arrive: %s", exc)
+
+    def _rejoin(self) -> bool:
+        """After a failure: join (or re-create) the exchange; True once a live one (not the dead one) is
+        found. A dead actor's name is released asynchronously, so this is retried on later calls."""
         try:
             actor = exchange_actor(self.ray, self.name)
         except Exception as exc:  # noqa: BLE001
             log.debug("swarm: rejoining the exchange failed: %s", exc)
-            return
-        if actor._actor_id != self.actor._actor_id:
-            self.actor, self.cursor = actor, 0
+            return False
+        if actor._actor_id == self.actor._actor_id:
+            return False
+        self.actor, self.cursor, self._broken = actor, 0, False  # a new exchange's sequence starts at 0
+        return True
 
     def close(self) -> None:
         pass

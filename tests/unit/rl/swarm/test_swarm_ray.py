@@ -1,5 +1,6 @@
 """The Ray transport on a real local Ray cluster: a named exchange actor shared by nodes."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -27,15 +28,19 @@ def test_nodes_exchange_through_the_named_actor_and_survive_its_death(cluster):
 
     a, b = RayTransport(cfg("swarm-t")), RayTransport(cfg("swarm-t"))
     a.publish([b"one", b"two"])
+    a.flush()
     assert b.receive() == [b"one", b"two"] and b.receive() == []
     late = RayTransport(cfg("swarm-t"))  # joins the same exchange and reads the backlog
     assert late.receive() == [b"one", b"two"]
 
     kill_exchange("swarm-t")  # the exchange dies: reads fail (counted), no hang, then it is re-created
-    assert b.receive() == [] and b.errors == 1
-    a._rejoin()
+    assert a.receive() == [] and b.receive() == [] and a.errors == b.errors == 1
+    deadline = time.monotonic() + 60
+    while not a._rejoin() and time.monotonic() < deadline:  # the dead actor's name is released
+        time.sleep(0.5)
     a.publish([b"three"])
-    assert b.receive() == [b"three"]
+    a.flush()
+    assert b.receive() == [b"three"]  # b joins the same new exchange
 
 
 def test_a_different_exchange_name_is_a_different_swarm(cluster):
@@ -43,5 +48,6 @@ def test_a_different_exchange_name_is_a_different_swarm(cluster):
 
     a, other = RayTransport(cfg("swarm-x")), RayTransport(cfg("swarm-y"))
     a.publish([b"m"])
+    a.flush()
     assert other.receive() == []
     assert RayTransport(cfg("swarm-x")).receive() == [b"m"]
