@@ -19,6 +19,7 @@ EPILOG = """examples:
   rl eval runs/quickstart/checkpoints/step_50 --job quickstart --samples 4
   rl validate my_job.yaml                  check a job without running it
   rl export runs/quickstart/checkpoints/step_50 --out merged_model
+  rl swarm sapo --nodes 4                  SAPO: 4 nodes sharing rollouts (lock-step, one process)
 """
 
 
@@ -71,6 +72,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args.checkpoint, args.out)
 
 
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from rl.swarm.launcher import launch
+
+    return launch(args.job, args.overrides, args.nodes)
+
+
+def cmd_swarm_hub(args: argparse.Namespace) -> int:
+    import time
+
+    from rl.swarm.hub import Hub
+
+    hub = Hub(args.host, args.port, max_messages=args.max_messages, ttl_s=args.ttl_s)
+    print(f"swarm hub listening at {hub.url} (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        hub.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rl", description="rlpost: RL post-training for language models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "validate": (cmd_validate, "check a job without running it"),
         "export": (cmd_export, "write a Hugging Face model directory from a checkpoint (adapters merged)"),
         "jobs": (cmd_jobs, "list built-in jobs"),
+        "swarm": (cmd_swarm, "run N SAPO nodes of a job (lock-step, processes + hub, or Ray actors)"),
+        "swarm-hub": (cmd_swarm_hub, "serve the HTTP hub SAPO nodes on several machines share rollouts through"),
     }
     subs = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
     for name, (fn, _) in commands.items():
@@ -99,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     subs["eval"].add_argument("--out", help="report path (default: <target>/eval.json or ./eval.json)")
     subs["export"].add_argument("checkpoint")
     subs["export"].add_argument("--out", required=True)
+    subs["swarm"].add_argument("job", help="YAML job file or built-in job name (with a swarm: section)")
+    subs["swarm"].add_argument("overrides", nargs="*", help="key.path=value overrides for every node")
+    subs["swarm"].add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
+    subs["swarm-hub"].add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    subs["swarm-hub"].add_argument("--port", type=int, default=8765)
+    subs["swarm-hub"].add_argument("--max-messages", type=int, default=4096, help="messages kept (oldest dropped)")
+    subs["swarm-hub"].add_argument("--ttl-s", type=float, default=600.0, help="seconds a message is kept")
     return parser
 
 

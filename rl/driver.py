@@ -23,6 +23,7 @@ from rl.errors import UserError
 from rl.metrics import MetricsLogger, plot_run
 from rl.runtime import build_run
 from rl.shutdown import graceful_shutdown
+from rl.swarm.node import build_swarm
 
 
 def train_job(job: Any) -> int:
@@ -66,6 +67,7 @@ def run(job: Any, run_dir: Path, checkpoint: Path | None) -> int:
 def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
     job = parts.job
     pipeline = steps.RolloutPipeline(parts)
+    swarm = build_swarm(job)  # SAPO (swarm: null -> a no-op)
     with graceful_shutdown() as stop:
         if job.trainer.eval_before_train and start == 0:
             logger.log(0, steps.evaluate_at(parts, run_dir, 0))
@@ -74,10 +76,12 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
             started = time.perf_counter()
             batch, rollout_metrics = pipeline.next_batch(step)
             batch, score_metrics = steps.score(parts, batch)
+            batch, swarm_metrics = swarm.exchange(parts, batch, step)
             batch = steps.with_advantages(job, batch)
             train_metrics = steps.train(parts, batch)
             sync_metrics = pipeline.sync_weights(version=step)
-            metrics = steps.step_metrics(started, rollout_metrics, score_metrics, train_metrics, sync_metrics)
+            metrics = steps.step_metrics(started, rollout_metrics, score_metrics, swarm_metrics, train_metrics,
+                                         sync_metrics)
             if steps.due(step, job.trainer.eval_every_steps, job.trainer.max_steps):
                 metrics.update(steps.evaluate_at(parts, run_dir, step))
             logger.log(step, metrics)
@@ -87,4 +91,5 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
                 logger.note(f"stopped after step {step} ({stop.requested}); continue with: rl train --resume {run_dir}")
                 break
         pipeline.close()
+        swarm.close()
     return step

@@ -45,6 +45,11 @@ class Learner:
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         return self.trainer.step(batch)
 
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[N, T] no-grad logprobs of `batch`'s tokens under the current policy (0 off the loss mask);
+        SAPO uses them as external rows' sampling logprobs (rl/swarm/node.py)."""
+        return self.trainer._batch_logprobs(self.model, batch)
+
     # ----- weight sync -----------------------------------------------------------------------
     def sync_payload(self, want_lora: bool) -> dict[str, Any]:
         """What the rollout side needs to match this policy.

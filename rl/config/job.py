@@ -11,6 +11,7 @@ from rl.config.algorithm import AlgorithmConfig
 from rl.config.base import Section
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
 from rl.config.rollout import RolloutConfig
+from rl.config.swarm import SwarmConfig
 
 
 class ModelConfig(Section):
@@ -128,6 +129,8 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run_dir: str | None = None
     """null = runs/<name>."""
+    swarm: SwarmConfig | None = None
+    """SAPO: share rollouts with a swarm of nodes and train on I local + J external ones; null = off."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
@@ -138,6 +141,13 @@ class JobConfig(Section):
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"rewards: two rewards share a name ({labels}); metrics would collide")
+        return self
+
+    @model_validator(mode="after")
+    def _swarm_fits(self) -> "JobConfig":
+        if self.swarm is not None and self.swarm.local > self.rollout.prompts_per_step:
+            raise ValueError(f"swarm.local={self.swarm.local} exceeds rollout.prompts_per_step="
+                             f"{self.rollout.prompts_per_step} (the local groups generated per step); lower it")
         return self
 
     @property

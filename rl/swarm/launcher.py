@@ -1,0 +1,121 @@
+"""`rl swarm JOB --nodes N`: run N SAPO nodes of one job; the job's `swarm.transport` decides how.
+
+* memory: lock-step in this process. Every round all nodes generate and publish, then all train, so
+  each node sees its peers' rollouts of the same round: a deterministic, controlled experiment.
+* http:   one `rl train` process per node and a hub in this process (nodes run at their own pace).
+* ray:    one Ray actor per node on a local (or `swarm.transport.address`) cluster, sharing a named
+          exchange actor.
+
+Node i gets `swarm.node_id=node<i>`, `seed=<seed>+i` (its own questions and samples) and
+`run_dir=<run_dir>/node<i>`. A node that fails does not stop the others; the exit status is the worst.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rl.errors import UserError
+
+
+def node_overrides(job: Any, overrides: Sequence[str], i: int) -> list[str]:
+    return [*overrides, f"swarm.node_id=node{i}", f"seed={job.seed + i}",
+            f"run_dir={Path(job.resolved_run_dir) / f'node{i}'}"]
+
+
+def launch(job_ref: str, overrides: Sequence[str], nodes: int) -> int:
+    from rl.config import load_job
+
+    job = load_job(job_ref, overrides)
+    if job.swarm is None:
+        raise UserError("rl swarm needs a job with a `swarm:` section (e.g. swarm: {local: 4, external: 4}); "
+                        "see rl/jobs/sapo.yaml.")
+    if job.cluster.name != "local":
+        raise UserError("rl swarm runs each node with cluster: local (a node is one process or actor); "
+                        "set cluster.name=local.")
+    if nodes < 1:
+        raise UserError("--nodes must be at least 1.")
+    runner = {"memory": _run_lockstep, "http": _run_processes, "ray": _run_ray}[job.swarm.transport.name]
+    return runner(job_ref, job, list(overrides), nodes)
+
+
+def _run_lockstep(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+    from rl.config import load_job
+    from rl.swarm.lockstep import run_lockstep
+
+    quiet = ["logging.progress=false", "logging.wandb.mode=disabled"]  # one process, N loggers
+    jobs = [load_job(job_ref, node_overrides(job, overrides, i) + quiet) for i in range(nodes)]
+    dirs = run_lockstep(jobs)
+    print("\n".join(f"node{i}: {d}" for i, d in enumerate(dirs)))
+    return 0
+
+
+def _run_processes(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+    from urllib.parse import urlparse
+
+    from rl.swarm.hub import Hub
+
+    url = urlparse(job.swarm.transport.url)
+    hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port, max_message_bytes=job.swarm.max_message_bytes)
+    print(f"swarm hub at {hub.url}")
+    procs = []
+    try:
+        for i in range(nodes):
+            args = node_overrides(job, overrides, i) + [f"swarm.transport.url={hub.url}", "logging.progress=false"]
+            log_path = Path(job.resolved_run_dir) / f"node{i}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "rl.cli", "train", job_ref, *args],
+                                              stdout=log, stderr=subprocess.STDOUT))
+            print(f"node{i}: pid {procs[-1].pid}, log {log_path}")
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        hub.close()
+    print("exit codes: " + ", ".join(f"node{i}={c}" for i, c in enumerate(codes)))
+    return max(codes)
+
+
+class NodeHost:
+    """A Ray actor running one node's whole `rl train`."""
+
+    def run(self, job_ref: str, overrides: list[str], threads: int) -> int:
+        import torch
+
+        from rl.config import load_job
+        from rl.driver import train_job
+
+        torch.set_num_threads(threads)
+        return train_job(load_job(job_ref, overrides))
+
+
+def _run_ray(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+    import os
+
+    from rl.swarm.ray_transport import ensure_ray, exchange_actor, kill_exchange
+
+    ray = ensure_ray(job.swarm.transport.address)
+    exchange_actor(ray, job.swarm.transport.exchange)
+    threads = max(1, (os.cpu_count() or 1) // nodes)
+    host = ray.remote(num_cpus=0, max_restarts=0)(NodeHost)
+    actors = [host.remote() for _ in range(nodes)]
+    quiet = ["logging.progress=false"]
+    refs = {a.run.remote(job_ref, node_overrides(job, overrides, i) + quiet, threads): i for i, a in enumerate(actors)}
+    codes: dict[int, int] = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        i = refs[done[0]]
+        try:
+            codes[i] = int(ray.get(done[0]))
+        except Exception as exc:  # noqa: BLE001 - one node's failure is reported, the others go on
+            print(f"node{i} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            codes[i] = 1
+        print(f"node{i} finished ({time.strftime('%H:%M:%S')})")
+    kill_exchange(job.swarm.transport.exchange)
+    return max(codes.values())
