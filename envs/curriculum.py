@@ -80,19 +80,40 @@ class PromptFeatures:
 
 
 class ValueHead(torch.nn.Module):
-    """features [P, H] -> predicted mean reward [P]: LayerNorm (LLM hidden states have a few huge
-    dimensions), then a one-hidden-layer MLP, then an optional sigmoid (0/1 rewards)."""
+    """features [P, H] -> predicted mean reward [P]: per-dimension standardisation with running statistics of
+    the prompts trained on, a one-hidden-layer MLP, and an optional sigmoid (0/1 rewards).
+
+    Why standardise: an LM's prompt features share a large common component (the chat template) and a few
+    huge dimensions; what tells prompts apart is a small residual that a plain MLP on raw features learns
+    slowly. The statistics are buffers, so they are checkpointed with the weights."""
 
     def __init__(self, width: int, hidden: int, squash: str, seed: int) -> None:
         super().__init__()
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the head's init depends on the job seed only, not on what ran before
-        self.net = torch.nn.Sequential(torch.nn.LayerNorm(width, elementwise_affine=False),
-                                       torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
         torch.random.set_rng_state(gen_state)
         self.squash = squash
+        self.register_buffer("feature_mean", torch.zeros(width, dtype=torch.float64))
+        self.register_buffer("feature_m2", torch.zeros(width, dtype=torch.float64))
+        self.register_buffer("feature_count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor) -> None:
+        """Merge a batch [B, H] into the running mean/variance (Chan et al.'s parallel Welford update)."""
+        x = features.double()
+        n, mean = float(x.shape[0]), x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        total = self.feature_count + n
+        delta = mean - self.feature_mean
+        self.feature_mean += delta * n / total
+        self.feature_m2 += m2 + delta**2 * self.feature_count * n / total
+        self.feature_count.copy_(total)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.feature_count > 1:
+            std = (self.feature_m2 / (self.feature_count - 1)).sqrt().clamp_min(1e-4)
+            features = ((features.double() - self.feature_mean) / std).float()               # [P, H]
         out = self.net(features).squeeze(-1)                                                  # [P]
         return torch.sigmoid(out) if self.squash == "sigmoid" else out
 
@@ -146,7 +167,8 @@ class PCLValueModel:
         feats = self.features(keys)                                                           # [G, H]
         with self._lock:
             with torch.no_grad():
-                before = float(((self.head(feats) - targets) ** 2).mean())
+                before = float(((self.head(feats) - targets) ** 2).mean())  # the error V made on these prompts
+            self.head.observe(feats)
             for _ in range(self.cfg.updates_per_step):
                 loss = ((self.head(feats) - targets) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
