@@ -1,0 +1,130 @@
+"""PCL (arXiv 2510.01135) vs uniform prompt sampling on arithmetic of mixed difficulty (built-in job `pcl`).
+
+    nice -n 15 .venv/bin/python benchmarks/pcl_vs_uniform.py --steps 12 --out benchmarks/results/pcl_vs_uniform.json
+
+Runs the real CLI twice on the same job and seed: `curriculum: null` (uniform) and `curriculum: pcl`, then
+compares what PCL is for:
+* the share of groups whose rewards are not all equal (`reward/varied_group_frac`; only those groups give a
+  non-zero GRPO advantage), per arm;
+* the value model's error on the prompts it is about to learn from (`curriculum/value_mse`, measured before
+  each update), early vs late;
+* the price of picking prompts: value-model selection over the k*m pool (`curriculum/select_seconds`, measured
+  in the run) against generating rollouts for the (k-1)*m extra pool prompts, which rollout-based filtering
+  (pre-filter / dynamic sampling) would need; the latter is measured directly with the same engine and sampling
+  settings, and also extrapolated from the run's own `time/rollout_s`.
+Prints one JSON object (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_arm(name: str, curriculum: str, args: argparse.Namespace) -> list[dict]:
+    run_dir = Path(args.work) / name
+    if not (args.reuse and (run_dir / "checkpoints" / f"step_{args.steps}").is_dir()):
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        cmd = [sys.executable, "-m", "rl.cli", "train", "pcl", f"curriculum={curriculum}", f"run_dir={run_dir}",
+               f"trainer.max_steps={args.steps}", f"seed={args.seed}", "trainer.save_every_steps=0",
+               "logging.progress=false", "logging.wandb.mode=disabled", f"model.path={args.model}",
+               f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} arm failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def arm_summary(rows: list[dict]) -> dict:
+    half = len(rows) // 2
+    return {"steps": len(rows), "varied_group_frac_mean": mean(rows, "reward/varied_group_frac"),
+            "varied_group_frac_second_half": mean(rows[half:], "reward/varied_group_frac"),
+            "varied_group_frac_per_step": [r["reward/varied_group_frac"] for r in rows],
+            "reward_mean": mean(rows, "reward/mean"), "step_s_mean": mean(rows, "time/step_s"),
+            "rollout_s_mean": mean(rows, "time/rollout_s"), "train_s_mean": mean(rows, "time/train_s")}
+
+
+def value_summary(rows: list[dict]) -> dict:
+    third = max(len(rows) // 3, 1)
+    mse = [r["curriculum/value_mse"] for r in rows]
+    return {"value_mse_per_step": mse, "value_mse_first_third": statistics.fmean(mse[:third]),
+            "value_mse_last_third": statistics.fmean(mse[-third:]),
+            "selected_pred_mean_per_step": [r["curriculum/selected_pred_mean"] for r in rows],
+            "target_mean_per_step": [r["curriculum/target_mean"] for r in rows],
+            "select_s_mean": mean(rows, "curriculum/select_seconds"),
+            "update_s_mean": mean(rows, "curriculum/update_seconds")}
+
+
+def measure_rollout_filtering(args: argparse.Namespace) -> dict:
+    """Seconds to generate groups for the (k-1)*m extra pool prompts with the job's engine and sampling
+    settings: what a rollout-based filter spends per step before it can choose."""
+    from rl.config import load_job
+    from rl.models import load_tokenizer, resolve_model
+    from rl.runtime import build_env
+    from rl.steps import sampling_params
+    from rollout.engine import build_engine
+
+    job = load_job("pcl", [f"model.path={args.model}", f"rollout.prompts_per_step={args.prompts}",
+                           f"rollout.group_size={args.group}", f"seed={args.seed}"])
+    model_dir = resolve_model(job.model.path)
+    prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())
+    extra = args.prompts * (job.curriculum.pool_factor - 1)
+    engine = build_engine(job.rollout, model_dir, job.model.dtype, "cpu", job.seed)
+    engine.generate(prompts[:1], sampling_params(job, 0))  # warm-up
+    seconds = []
+    for r in range(args.repeats):
+        chosen = prompts[1 + r * extra: 1 + (r + 1) * extra]
+        start = time.perf_counter()
+        engine.generate(chosen, sampling_params(job, r + 1))
+        seconds.append(time.perf_counter() - start)
+    engine.close()
+    return {"extra_pool_prompts": extra, "generate_extra_s": seconds, "generate_extra_s_mean": statistics.fmean(seconds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts_per_step (m)")
+    parser.add_argument("--group", type=int, default=8, help="group_size (n)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rollout-filter generations")
+    parser.add_argument("--work", default="/tmp/pcl_vs_uniform")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --work")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    uniform, pcl = run_arm("uniform", "null", args), run_arm("pcl", "{name: pcl}", args)
+    filtering = measure_rollout_filtering(args)
+    pcl_values = value_summary(pcl)
+    report = {
+        "machine": f"{os.cpu_count()}-CPU host (shared, contended); torch CPU",
+        "job": "pcl", "model": args.model, "steps": args.steps, "prompts_per_step": args.prompts,
+        "group_size": args.group, "seed": args.seed,
+        "uniform": arm_summary(uniform), "pcl": {**arm_summary(pcl), **pcl_values},
+        "rollout_filtering": {
+            **filtering,
+            "extrapolated_from_run_s": mean(pcl, "time/rollout_s") * (filtering["extra_pool_prompts"] / args.prompts),
+        },
+    }
+    report["selection_speedup_vs_rollout_filtering"] = filtering["generate_extra_s_mean"] / pcl_values["select_s_mean"]
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
