@@ -27,18 +27,33 @@ import time
 from pathlib import Path
 
 
-def run_arm(name: str, curriculum: str, args: argparse.Namespace) -> list[dict]:
+def start_arm(name: str, curriculum: str, args: argparse.Namespace) -> subprocess.Popen | None:
+    """Start one arm's `rl train` (None if --reuse finds it finished). Both arms run at once: on a contended
+    host that halves the wall time, and both see the same contention."""
     run_dir = Path(args.work) / name
-    if not (args.reuse and (run_dir / "checkpoints" / f"step_{args.steps}").is_dir()):
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        cmd = [sys.executable, "-m", "rl.cli", "train", "pcl", f"curriculum={curriculum}", f"run_dir={run_dir}",
-               f"trainer.max_steps={args.steps}", f"seed={args.seed}", "trainer.save_every_steps=0",
-               "logging.progress=false", "logging.wandb.mode=disabled", f"model.path={args.model}",
-               f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} arm failed:\n{done.stderr[-3000:]}")
+    if args.reuse and (run_dir / "metrics.jsonl").is_file() and len(read_rows(run_dir)) == args.steps:
+        return None
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    cmd = [sys.executable, "-m", "rl.cli", "train", "pcl", f"curriculum={curriculum}", f"run_dir={run_dir}",
+           f"trainer.max_steps={args.steps}", f"seed={args.seed}", "trainer.save_every_steps=0",
+           "logging.progress=false", "logging.wandb.mode=disabled", f"model.path={args.model}",
+           f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
+           f"rollout.max_new_tokens={args.tokens}"]
+    log = open(Path(args.work) / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_arms(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    procs = {name: start_arm(name, cur, args) for name, cur in (("uniform", "null"), ("pcl", "{name: pcl}"))}
+    for name, proc in procs.items():
+        if proc is not None and proc.wait() != 0:
+            raise SystemExit(f"{name} arm failed; see {Path(args.work) / (name + '.log')}")
+    return read_rows(Path(args.work) / "uniform"), read_rows(Path(args.work) / "pcl")
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -76,7 +91,8 @@ def measure_rollout_filtering(args: argparse.Namespace) -> dict:
     from rollout.engine import build_engine
 
     job = load_job("pcl", [f"model.path={args.model}", f"rollout.prompts_per_step={args.prompts}",
-                           f"rollout.group_size={args.group}", f"seed={args.seed}"])
+                           f"rollout.group_size={args.group}", f"rollout.max_new_tokens={args.tokens}",
+                           f"seed={args.seed}"])
     model_dir = resolve_model(job.model.path)
     prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())
     extra = args.prompts * (job.curriculum.pool_factor - 1)
@@ -98,6 +114,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=8, help="prompts_per_step (m)")
     parser.add_argument("--group", type=int, default=8, help="group_size (n)")
+    parser.add_argument("--tokens", type=int, default=12, help="max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="timed rollout-filter generations")
     parser.add_argument("--work", default="/tmp/pcl_vs_uniform")
@@ -105,13 +122,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    uniform, pcl = run_arm("uniform", "null", args), run_arm("pcl", "{name: pcl}", args)
+    uniform, pcl = run_arms(args)
     filtering = measure_rollout_filtering(args)
     pcl_values = value_summary(pcl)
     report = {
         "machine": f"{os.cpu_count()}-CPU host (shared, contended); torch CPU",
         "job": "pcl", "model": args.model, "steps": args.steps, "prompts_per_step": args.prompts,
-        "group_size": args.group, "seed": args.seed,
+        "group_size": args.group, "max_new_tokens": args.tokens, "seed": args.seed,
+        "pool_factor": 4, "command": " ".join(sys.argv),
         "uniform": arm_summary(uniform), "pcl": {**arm_summary(pcl), **pcl_values},
         "rollout_filtering": {
             **filtering,
