@@ -120,14 +120,28 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/pcl_vs_uniform")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --work")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--part", choices=("all", "filtering", "report"), default="all",
+                        help="filtering: only time rollout-based filtering (to --work/filtering.json), e.g. next to "
+                             "running arms; report: summarise the runs under --work as they are (partial runs too)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    uniform, pcl = run_arms(args)
-    filtering = measure_rollout_filtering(args)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.part == "filtering":
+        (work / "filtering.json").write_text(json.dumps(measure_rollout_filtering(args)))
+        return
+    if args.part == "all":
+        uniform, pcl = run_arms(args)
+        (work / "filtering.json").write_text(json.dumps(measure_rollout_filtering(args)))
+    else:
+        uniform, pcl = read_rows(work / "uniform"), read_rows(work / "pcl")
+    filtering = json.loads((work / "filtering.json").read_text())
+    steps = min(len(uniform), len(pcl))  # compare the same number of steps
+    uniform, pcl = uniform[:steps], pcl[:steps]
     pcl_values = value_summary(pcl)
     report = {
         "machine": f"{os.cpu_count()}-CPU host (shared, contended); torch CPU",
-        "job": "pcl", "model": args.model, "steps": args.steps, "prompts_per_step": args.prompts,
+        "job": "pcl", "model": args.model, "steps": steps, "prompts_per_step": args.prompts,
         "group_size": args.group, "max_new_tokens": args.tokens, "seed": args.seed,
         "pool_factor": 4, "command": " ".join(sys.argv),
         "uniform": arm_summary(uniform), "pcl": {**arm_summary(pcl), **pcl_values},
