@@ -14,14 +14,13 @@ p(1-p); both peak at p = 0.5.
 Departure from the paper, for a CPU: the paper's value model is a whole LM (same size as or smaller than the
 policy) with a scalar head, fine-tuned end to end. Here the backbone is a *frozen* copy of a causal LM (by
 default the policy's own base weights) and only an MLP head is trained. Frozen features depend only on the
-prompt, so each prompt's features are computed once and cached: scoring a pool costs one forward per *new*
-prompt plus a tiny MLP, and an update costs microseconds. Each prompt is run alone (no padding, no batch), so
-its features do not depend on which other prompts shared its pool: a resumed run selects exactly the same
-prompts as an uninterrupted one.
+prompt: scoring a pool costs one batched forward of the backbone over the pool's prompts (no generation, no
+LM head) plus a tiny MLP, and the update reuses those features, so it costs milliseconds.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import time
@@ -31,6 +30,8 @@ import torch
 
 from rl.batch import RolloutBatch
 from rl.registries import CURRICULA
+
+FEATURE_BATCH = 32  # prompts per backbone forward when scoring a pool
 
 
 def select_closest(pred: torch.Tensor, target: float, count: int) -> list[int]:
@@ -52,30 +53,51 @@ def group_mean_rewards(batch: RolloutBatch) -> tuple[list[tuple[int, ...]], torc
 
 
 class PromptFeatures:
-    """Frozen causal-LM prompt features ([H] per prompt), computed once per distinct prompt and cached."""
+    """Frozen causal-LM prompt features ([H] per prompt), computed for a whole pool in padded batches.
+
+    A pool is always computed afresh and its features kept only until the pool after next (the update of step n
+    may come after the selection of step n+1 in async mode): batched float results can differ in the last bit
+    with batch composition, so this makes selection depend only on the pool itself, which a resumed run draws
+    identically. Prompts repeat across pools only across epochs, so a longer-lived cache would save little."""
 
     def __init__(self, model: Any, pooling: str, layer: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.backbone = getattr(model, model.base_model_prefix)  # the decoder stack, without the LM head
         self.pooling, self.layer = pooling, layer
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._pools: collections.deque[list[tuple[int, ...]]] = collections.deque(maxlen=2)
 
     @property
     def width(self) -> int:
         return int(self.model.config.hidden_size)
 
     @torch.no_grad()
-    def _one(self, ids: tuple[int, ...]) -> torch.Tensor:
-        x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        out = self.backbone(input_ids=x, output_hidden_states=self.layer != -1)
-        h = (out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer])[0].float()  # [L, H]
-        return (h[-1] if self.pooling == "last" else h.mean(0)).cpu()                                  # [H]
+    def _batch(self, prompts: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """[P, H] for P prompts: right-padded (causal attention: real positions never see the padding)."""
+        lengths = torch.tensor([len(ids) for ids in prompts])                                  # [P]
+        x = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)                    # [P, L]
+        for i, ids in enumerate(prompts):
+            x[i, : len(ids)] = torch.tensor(ids)
+        mask = torch.arange(x.shape[1]) < lengths[:, None]                                     # [P, L]
+        out = self.backbone(input_ids=x.to(self.model.device), attention_mask=mask.long().to(self.model.device),
+                            output_hidden_states=self.layer != -1)
+        h = (out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]).float().cpu()  # [P, L, H]
+        if self.pooling == "last":
+            return h[torch.arange(len(prompts)), lengths - 1]                                  # [P, H]
+        return (h * mask[..., None]).sum(1) / lengths[:, None]                                 # [P, H]
 
-    def __call__(self, prompts: Sequence[tuple[int, ...]]) -> torch.Tensor:
-        """[P, H] features of P prompts (given as token-id tuples)."""
-        for ids in prompts:
-            if ids not in self._cache:
-                self._cache[ids] = self._one(ids)
+    def __call__(self, prompts: Sequence[tuple[int, ...]], new_pool: bool = False) -> torch.Tensor:
+        """[P, H] features of P prompts (token-id tuples). `new_pool`: these are a new candidate pool (older
+        pools' features beyond the previous one are dropped)."""
+        # A new pool is always computed afresh, so selection never depends on what an earlier pool held.
+        missing = [ids for ids in dict.fromkeys(prompts) if new_pool or ids not in self._cache]
+        for start in range(0, len(missing), FEATURE_BATCH):
+            chunk = missing[start : start + FEATURE_BATCH]
+            self._cache.update(zip(chunk, self._batch(chunk)))
+        if new_pool:
+            self._pools.append(list(prompts))
+            keep = {ids for pool in self._pools for ids in pool}
+            self._cache = {ids: f for ids, f in self._cache.items() if ids in keep}
         return torch.stack([self._cache[ids] for ids in prompts]) if prompts else torch.zeros(0, self.width)
 
 
@@ -136,16 +158,16 @@ class PCLValueModel:
         self.updates = 0
         self._lock = threading.Lock()
 
-    def predict(self, prompts: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    def predict(self, prompts: Sequence[tuple[int, ...]], new_pool: bool = False) -> torch.Tensor:
         """[P] predicted mean reward of each prompt (token-id tuples) under the current policy."""
-        feats = self.features(prompts)
+        feats = self.features(prompts, new_pool)
         with self._lock, torch.no_grad():
             return self.head(feats)
 
     def select(self, pool: Sequence[Any], count: int) -> tuple[list[Any], dict[str, float]]:
         """The `count` prompts of `pool` (rl.types.Prompt) whose prediction is closest to the target."""
         start = time.perf_counter()
-        pred = self.predict([tuple(p.token_ids) for p in pool])                               # [P]
+        pred = self.predict([tuple(p.token_ids) for p in pool], new_pool=True)                # [P]
         chosen = select_closest(pred, self.cfg.target, count)
         picked = pred[chosen]
         return [pool[i] for i in chosen], {
