@@ -108,6 +108,29 @@ def measure_rollout_filtering(args: argparse.Namespace) -> dict:
     return {"extra_pool_prompts": extra, "generate_extra_s": seconds, "generate_extra_s_mean": statistics.fmean(seconds)}
 
 
+def measure_selection(args: argparse.Namespace) -> dict:
+    """Seconds for value-model selection over fresh k*m pools: batched backbone forwards (the implementation)
+    and one prompt per forward (for comparison)."""
+    import envs.curriculum as pcl
+    from rl.config import load_job
+    from rl.models import load_tokenizer, resolve_model
+    from rl.runtime import build_env
+
+    job = load_job("pcl", [f"model.path={args.model}", f"seed={args.seed}"])
+    model_dir = resolve_model(job.model.path)
+    prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())
+    value = pcl.PCLValueModel(job.curriculum, model_dir, job.model.dtype, job.seed)
+    pool = args.prompts * job.curriculum.pool_factor
+    result = {"pool_size": pool}
+    for label, chunk in (("batched", pcl.FEATURE_BATCH), ("one_prompt_per_forward", 1)):
+        pcl.FEATURE_BATCH, seconds = chunk, []
+        for r in range(args.repeats):
+            _, metrics = value.select(prompts[(r + 1) * pool: (r + 2) * pool], args.prompts)
+            seconds.append(metrics["curriculum/select_seconds"])
+        result[f"select_s_{label}"] = seconds
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
@@ -120,13 +143,16 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/pcl_vs_uniform")
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under --work")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--part", choices=("all", "filtering", "report"), default="all",
+    parser.add_argument("--part", choices=("all", "filtering", "select", "report"), default="all",
                         help="filtering: only time rollout-based filtering (to --work/filtering.json), e.g. next to "
                              "running arms; report: summarise the runs under --work as they are (partial runs too)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.part == "select":
+        (work / "select.json").write_text(json.dumps(measure_selection(args)))
+        return
     if args.part == "filtering":
         (work / "filtering.json").write_text(json.dumps(measure_rollout_filtering(args)))
         return
@@ -150,6 +176,8 @@ def main() -> None:
             "extrapolated_from_run_s": mean(pcl, "time/rollout_s") * (filtering["extra_pool_prompts"] / args.prompts),
         },
     }
+    if (work / "select.json").is_file():
+        report["selection_microbenchmark"] = json.loads((work / "select.json").read_text())
     report["selection_speedup_vs_rollout_filtering"] = filtering["generate_extra_s_mean"] / pcl_values["select_s_mean"]
     text = json.dumps(report, indent=1)
     print(text)
