@@ -7,7 +7,7 @@ first), so held-out accuracy measures generalisation, not memorisation.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from envs.base import render_prompt, stable_id
 from rl.registries import ENVS
@@ -34,12 +34,26 @@ def draw_questions(digits: int, operations: Sequence[str], count: int, rng: rand
     return out
 
 
+def digit_shares(digits: int | Sequence[int]) -> list[tuple[int, Callable[[int], int]]]:
+    """(digits, share of a split size) per difficulty: an int is the whole split (the single-difficulty
+    env, drawn exactly as before); a list splits each size evenly, the first ones taking the remainder."""
+    if isinstance(digits, int):
+        return [(digits, lambda n: n)]
+    kinds = list(dict.fromkeys(digits))
+    return [(d, lambda n, i=i: n // len(kinds) + (i < n % len(kinds))) for i, d in enumerate(kinds)]
+
+
 @ENVS.register("arithmetic")
 class ArithmeticEnv:
     def __init__(self, cfg: Any, tokenizer: Any, seed: int) -> None:
-        rng = random.Random(f"arithmetic:{seed}:{cfg.digits}:{''.join(cfg.operations)}")
-        test = draw_questions(cfg.digits, cfg.operations, cfg.test_size, rng, set())
-        train = draw_questions(cfg.digits, cfg.operations, cfg.train_size, rng, set(test))
+        test, train = [], []
+        for digits, share in digit_shares(cfg.digits):
+            rng = random.Random(f"arithmetic:{seed}:{digits}:{''.join(cfg.operations)}")
+            test += draw_questions(digits, cfg.operations, share(cfg.test_size), rng, set())
+            train += draw_questions(digits, cfg.operations, share(cfg.train_size), rng, set(test))
+        if not isinstance(cfg.digits, int):  # mixed: interleave difficulties (the sampler permutes anyway)
+            random.Random(f"arithmetic-mix:{seed}").shuffle(train)
+            random.Random(f"arithmetic-mix:{seed}:test").shuffle(test)
         system = cfg.system_prompt or DEFAULT_SYSTEM
         self._train = [self._prompt(q, tokenizer, system) for q in train]
         self._test = [self._prompt(q, tokenizer, system) for q in test]

@@ -7,7 +7,8 @@ catches: resume walks checkpoints newest first and takes the first one whose man
 
 Files: `weights.safetensors` (full weights, or adapter weights with an adapter), `trainer.pt`
 (optimizer, scheduler, counters), `rng.pt` (python/numpy/torch RNG states), `state.json` (step,
-policy version, data cursor, ...), `config.yaml` (the resolved job), `manifest.json`.
+policy version, data cursor, ...), `config.yaml` (the resolved job), `manifest.json`, and with a curriculum
+`curriculum.pt` (its learned state, e.g. the PCL value head and its optimizer).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rl.errors import UserError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+CURRICULUM = "curriculum.pt"  # optional: the curriculum's learned state (PCL value head + optimizer)
 PREFIX = "step_"
 
 
@@ -69,11 +71,13 @@ def restore_rng(states: Mapping[str, Any]) -> None:
 
 
 def _write_files(tmp: Path, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any],
-                 state: Mapping[str, Any], config_yaml: str) -> None:
+                 state: Mapping[str, Any], config_yaml: str, curriculum_state: Mapping[str, Any] | None) -> None:
     # safetensors refuses shared or non-contiguous storage; checkpoint tensors are independent copies.
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save(dict(trainer_state), tmp / "trainer.pt")
     torch.save(capture_rng(), tmp / "rng.pt")
+    if curriculum_state is not None:
+        torch.save(dict(curriculum_state), tmp / CURRICULUM)
     (tmp / "state.json").write_text(json.dumps(dict(state), indent=1, sort_keys=True))
     (tmp / "config.yaml").write_text(config_yaml)
     files = sorted(p.name for p in tmp.iterdir())
@@ -85,7 +89,8 @@ def _write_files(tmp: Path, weights: Mapping[str, torch.Tensor], trainer_state: 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, torch.Tensor],
                     trainer_state: Mapping[str, Any], state: Mapping[str, Any], config_yaml: str,
-                    keep_last: int = 3, before_rename: Callable[[Path], None] | None = None) -> Path:
+                    keep_last: int = 3, before_rename: Callable[[Path], None] | None = None,
+                    curriculum_state: Mapping[str, Any] | None = None) -> Path:
     """Write `checkpoints/step_<step>` atomically, then prune to the newest `keep_last`.
 
     A failure (disk full, permissions) removes the partial temp directory, leaves every earlier
@@ -98,7 +103,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_files(tmp, weights, trainer_state, state, config_yaml)
+        _write_files(tmp, weights, trainer_state, state, config_yaml, curriculum_state)
         if before_rename is not None:
             before_rename(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace it only once the new one is whole
@@ -159,7 +164,7 @@ def latest_intact_checkpoint(run_dir: str | Path, report: Callable[[str], None] 
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Everything a checkpoint holds: weights, trainer_state, rng, state, config_yaml."""
+    """Everything a checkpoint holds: weights, trainer_state, rng, state, config_yaml, curriculum (or None)."""
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem is not None:
@@ -170,4 +175,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         "rng": torch.load(path / "rng.pt", weights_only=False),
         "state": json.loads((path / "state.json").read_text()),
         "config_yaml": (path / "config.yaml").read_text(),
+        "curriculum": torch.load(path / CURRICULUM, weights_only=False) if (path / CURRICULUM).is_file() else None,
     }

@@ -1,11 +1,12 @@
 """`rl train`: the RL loop. One page; the details live in rl/steps.py.
 
     for step in 1..max_steps:
-        prompts  = sampler.next(prompts_per_step)
+        prompts  = sampler.next(prompts_per_step)         # curriculum (PCL): best of a larger pool
         batch    = rollout.generate(prompts)              # RolloutBatch, policy_version stamped
         batch    = score(batch)                           # rewards (+ components), failed groups dropped
         batch    = advantages(batch)                      # group-relative
         metrics  = learner.train_step(batch)              # ppo_epochs x mini_batches optimizer steps
+        curriculum.update(batch)                          # PCL: value model learns mean group rewards
         sync     = push weights to the rollout workers    # version = step
         log, evaluate, checkpoint
 """
@@ -79,9 +80,10 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
             batch, swarm_metrics = swarm.exchange(parts, batch, step)
             batch = steps.with_advantages(job, batch)
             train_metrics = steps.train(parts, batch)
+            curriculum_metrics = steps.update_curriculum(parts, batch)     # PCL value model: on-policy targets
             sync_metrics = pipeline.sync_weights(version=step)
             metrics = steps.step_metrics(started, rollout_metrics, score_metrics, swarm_metrics, train_metrics,
-                                         sync_metrics)
+                                         curriculum_metrics, sync_metrics)
             if steps.due(step, job.trainer.eval_every_steps, job.trainer.max_steps):
                 metrics.update(steps.evaluate_at(parts, run_dir, step))
             logger.log(step, metrics)

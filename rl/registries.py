@@ -16,3 +16,4 @@ ENVS: Registry = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dat
 REWARDS: Registry = Registry("reward", ("rewards.builtin",))
 CLUSTERS: Registry = Registry("cluster", ("rl.cluster",))
 SWARM_TRANSPORTS: Registry = Registry("swarm transport", ("rl.swarm.transports", "rl.swarm.ray_transport"))
+CURRICULA: Registry = Registry("curriculum", ("envs.curriculum",))

@@ -8,7 +8,7 @@ from typing import Any
 from rl.cluster import Placement
 from rl.models import load_tokenizer, resolve_model
 from rl.registries import CLUSTERS, ENVS
-from rl.sampler import PromptSampler
+from rl.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.types import Env, Scorer
 
 
@@ -18,7 +18,7 @@ class RunParts:
     model_dir: str
     tokenizer: Any
     env: Env
-    sampler: PromptSampler
+    sampler: PromptSampler | CurriculumSampler
     scorer: Scorer
     placement: Placement
 
@@ -68,7 +68,7 @@ def build_run(job: Any) -> RunParts:
     model_dir = resolve_model(job.model.path, job.model.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     env = build_env(job, tokenizer)
-    sampler = PromptSampler(env.train_prompts(), job.seed)
+    sampler = build_sampler(job, env.train_prompts(), model_dir)
     scorer = build_scorer(job)
     placement = build_placement(job, model_dir)
     return RunParts(job, model_dir, tokenizer, env, sampler, scorer, placement)

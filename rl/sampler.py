@@ -42,3 +42,45 @@ class PromptSampler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
+
+    def last_metrics(self) -> dict[str, float]:
+        """Metrics of the latest `next` call (none for uniform sampling)."""
+        return {}
+
+
+class CurriculumSampler:
+    """A curriculum on top of the uniform sampler: each `next(m)` draws `pool_factor * m` candidates from the
+    seeded permutations (so the epoch cursor counts candidates, selected or not) and lets the curriculum keep m.
+
+    The curriculum (e.g. envs.curriculum.PCLValueModel) provides `select(pool, m) -> (prompts, metrics)`,
+    `update(scored_batch) -> metrics`, `state_dict()` and `load_state_dict()`.
+    """
+
+    def __init__(self, uniform: PromptSampler, curriculum: Any, pool_factor: int) -> None:
+        self.uniform, self.curriculum, self.pool_factor = uniform, curriculum, pool_factor
+        self._metrics: dict[str, float] = {}
+
+    def next(self, count: int) -> list[Prompt]:
+        pool = self.uniform.next(count * self.pool_factor)
+        chosen, self._metrics = self.curriculum.select(pool, count)
+        return chosen
+
+    def last_metrics(self) -> dict[str, float]:
+        return dict(self._metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.uniform.state_dict()  # the value model's tensors travel in the checkpoint's curriculum.pt
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.uniform.load_state_dict(state)
+
+
+def build_sampler(job: Any, prompts: Sequence[Prompt], model_dir: str) -> PromptSampler | CurriculumSampler:
+    """`curriculum: null` samples uniformly; a named curriculum (rl.registries.CURRICULA) selects from a pool."""
+    uniform = PromptSampler(prompts, job.seed)
+    if job.curriculum is None:
+        return uniform
+    from rl.registries import CURRICULA
+
+    curriculum = CURRICULA.get(job.curriculum.name)(job.curriculum, model_dir, job.model.dtype, job.seed)
+    return CurriculumSampler(uniform, curriculum, job.curriculum.pool_factor)

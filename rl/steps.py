@@ -53,10 +53,10 @@ class RolloutPipeline:
 
     def _generate(self, step: int) -> tuple[RolloutBatch, dict[str, float], dict[str, Any]]:
         prompts = self.parts.sampler.next(self.job.rollout.prompts_per_step)
-        cursor = self.parts.sampler.state_dict()
+        cursor, selection = self.parts.sampler.state_dict(), self.parts.sampler.last_metrics()
         start = time.perf_counter()
         batch = self.parts.rollout.generate(prompts, sampling_params(self.job, step))
-        return batch, rollout_metrics(batch, time.perf_counter() - start), cursor
+        return batch, {**rollout_metrics(batch, time.perf_counter() - start), **selection}, cursor
 
     def next_batch(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         if not self.is_async:
@@ -109,10 +109,26 @@ def score(parts: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, floa
         metrics[f"reward/{name}/mean"] = _nanmean(values)
     for name, count in result.errors.items():
         metrics[f"reward/errors/{name}"] = float(count)
+    metrics["reward/varied_group_frac"] = varied_group_share(batch)
     if not bool(result.keep.all()):
         metrics["reward/dropped_samples"] = float((~result.keep).sum())
         batch = batch.select(torch.nonzero(result.keep).flatten())
     return batch, metrics
+
+
+def varied_group_share(batch: RolloutBatch) -> float:
+    """Share of groups whose rewards are not all equal: only they get non-zero group-relative advantages
+    (the group-level "effective ratio" of PCL, arXiv 2510.01135)."""
+    bounds = batch.group_bounds()
+    varied = sum(bool((batch.rewards[s:e] != batch.rewards[s]).any()) for s, e in bounds)
+    return varied / max(len(bounds), 1)
+
+
+def update_curriculum(parts: Any, batch: RolloutBatch) -> dict[str, float]:
+    """PCL: the value model learns from this step's prompts and their mean rewards under the policy that
+    generated them (after the policy step, as in the paper); nothing for uniform sampling."""
+    curriculum = getattr(parts.sampler, "curriculum", None)
+    return curriculum.update(batch) if curriculum is not None and batch.num_samples else {}
 
 
 def with_advantages(job: Any, batch: RolloutBatch) -> RolloutBatch:
@@ -160,9 +176,11 @@ def evaluate_at(parts: Any, run_dir: Path, step: int) -> dict[str, float]:
 def save(parts: Any, run_dir: Path, step: int, sampler_state: Mapping[str, Any]) -> Path:
     weights, trainer_state = parts.learner.checkpoint_state()
     state = {"step": step, "policy_version": step, "sampler": dict(sampler_state), "job": parts.job.name}
+    curriculum = getattr(parts.sampler, "curriculum", None)
     return save_checkpoint(run_dir, step, weights=weights, trainer_state=trainer_state, state=state,
                            config_yaml=(Path(run_dir) / "config.yaml").read_text(),
-                           keep_last=parts.job.trainer.keep_last)
+                           keep_last=parts.job.trainer.keep_last,
+                           curriculum_state=curriculum.state_dict() if curriculum is not None else None)
 
 
 def restore(parts: Any, path: Path) -> int:
@@ -170,10 +188,21 @@ def restore(parts: Any, path: Path) -> int:
     payload = load_checkpoint(path)
     parts.learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
     parts.sampler.load_state_dict(payload["state"]["sampler"])
+    restore_curriculum(parts, payload.get("curriculum"))
     restore_rng(payload["rng"])
     step = int(payload["state"]["step"])
     sync_rollout(parts, version=step)
     return step
+
+
+def restore_curriculum(parts: Any, state: Mapping[str, Any] | None) -> None:
+    curriculum = getattr(parts.sampler, "curriculum", None)
+    if curriculum is None:
+        return
+    if state is None:  # e.g. a curriculum added on resume: its value model starts untrained
+        print("checkpoint has no curriculum state: the curriculum's value model starts fresh")
+        return
+    curriculum.load_state_dict(state)
 
 
 def print_summary(run_dir: Path, job: Any, last_step: int) -> None:

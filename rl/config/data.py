@@ -20,8 +20,8 @@ class ArithmeticEnv(_EnvCommon):
     """Integer arithmetic questions generated from the seed (`a op b`)."""
 
     name: Literal["arithmetic"] = "arithmetic"
-    digits: int = Field(2, ge=1, le=9)
-    """Digits per operand."""
+    digits: Annotated[int, Field(ge=1, le=9)] | list[Annotated[int, Field(ge=1, le=9)]] = 2
+    """Digits per operand; a list (e.g. [1, 2, 3]) mixes difficulties in equal shares of each split."""
     operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
     train_size: int = Field(5000, ge=1)
 

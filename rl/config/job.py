@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from rl.config.adapters import AdapterConfig
 from rl.config.algorithm import AlgorithmConfig
 from rl.config.base import Section
+from rl.config.curriculum import CurriculumConfig
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
 from rl.config.rollout import RolloutConfig
 from rl.config.swarm import SwarmConfig
@@ -122,6 +123,8 @@ class JobConfig(Section):
     rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[list-item]
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    curriculum: CurriculumConfig | None = None
+    """Prompt selection, e.g. {name: pcl, pool_factor: 4, target: 0.5}; null = uniform (seeded permutations)."""
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     cluster: ClusterConfig = Field(default_factory=LocalCluster)
