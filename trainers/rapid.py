@@ -9,15 +9,19 @@ learner's own model, the `hf` backend). Only the first mini-batch is on-policy.
 
 Estimator (group relative policy gradient with importance weights; §8.2):
     w_i   = min(pi(y_i|x) / pi_b(y_i|x), eta)                    sequence-level, detached, eta = 2.0
-    b_i   = (1/G) sum_j w_j R_j                 (`weighted_mean`: the IS estimate of V(x) = E_pi[R])
+    b_i   = (1/(G-1)) sum_{j != i} w_j R_j       (`leave_one_out`, default: the IS estimate of V(x) = E_pi[R]
+                                                 from the other members; exactly unbiased before clipping)
+          | (1/G) sum_j w_j R_j                 (`weighted_mean`: holds the sample's own w_i R_i, so off
+                                                 policy its w_i^2 R_i term biases the gradient)
           | sum_j w_j R_j / sum_j w_j           (`self_normalised`)
-          | (1/(G-1)) sum_{j != i} w_j R_j       (`leave_one_out`: exactly unbiased before clipping)
     A_i   = w_i (R_i - b_i) [/ (std_j R_j + eps) with `scale_by_std`]
     L_t   = -sg[A_i] log pi(y_{i,t})            gradient = -(1/...) sum_i A_i grad log pi(y_i)
 [INFERRED]: the paper's text was not available here (only its abstract and reviews: "importance weights
 clipped at 2.0", "an additional IS term in the value estimation"); the forms above are the natural
-derivation of those statements and are options. Worked example: rewards [1, 0] with w = [3, 1] -> used
-w = [2, 1]; weighted_mean b = (2 * 1 + 1 * 0) / 2 = 1, A = [2 * (1 - 1), 1 * (0 - 1)] = [0, -1].
+derivation of those statements and are options; the default is the one that is unbiased (the paper's
+stated property; tests/unit/trainers/test_rapid.py checks it on a bandit). Worked example: rewards [1, 0],
+w = [3, 1] -> used w = [2, 1]; leave_one_out b = [1 * 0, 2 * 1] = [0, 2], A = [2 * (1 - 0), 1 * (0 - 2)] = [2, -2];
+weighted_mean b = (2 * 1 + 1 * 0) / 2 = 1, A = [0, -1].
 
 Groups must be whole inside a micro-batch (the baseline needs every member's weight under the current
 policy, from the same forward pass): `needs_whole_groups` tells the trainer to pack by groups.

@@ -102,8 +102,9 @@ class RapidLoss(Section):
     name: Literal["rapid"] = "rapid"
     eta: float = Field(2.0, gt=0)
     """Importance weights are clipped at this value (the paper's 2.0)."""
-    baseline: Literal["weighted_mean", "self_normalised", "leave_one_out"] = "weighted_mean"
-    """Group value estimate: (1/G) sum w R, sum w R / sum w, or the leave-one-out form of the first."""
+    baseline: Literal["leave_one_out", "weighted_mean", "self_normalised"] = "leave_one_out"
+    """Group value estimate from the other members, (1/(G-1)) sum_{j != i} w_j R_j (unbiased before clipping,
+    the paper's claim); or (1/G) sum w R; or sum w R / sum w (both hold the sample's own term)."""
     scale_by_std: bool = False
     """Divide advantages by the group's reward std (GRPO-style); the paper's GRPG does not."""
     eps: float = Field(1e-6, gt=0)
