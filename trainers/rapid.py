@@ -51,7 +51,8 @@ def _group_sum(x: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tenso
     return torch.zeros(groups, dtype=x.dtype).scatter_add_(0, index, x)[index]
 
 
-def weighted_group_advantage(rewards: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor, cfg: Any) -> torch.Tensor:
+def weighted_group_advantage(rewards: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor,
+                             cfg: Any) -> torch.Tensor:
     """[B] A_i = w_i (R_i - b_i) with the IS-weighted group baseline `cfg.baseline` (module docstring)."""
     index, groups = _group_index(group_ids)
     r, w = rewards.double(), weights.double()
@@ -82,8 +83,13 @@ def rapid_objective(logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torc
     seq_mask = (mask.sum(1) > 0).float()  # [B]
     stats.update({"rapid/weight_mean": masked_mean(w, seq_mask),
                   "rapid/weight_clipped_frac": masked_mean((raw > cfg.eta).float(), seq_mask),
-                  "rapid/ess_frac": (w * seq_mask).sum() ** 2 / ((w ** 2 * seq_mask).sum() * seq_mask.sum()).clamp(min=1e-12)})
+                  "rapid/ess_frac": effective_sample_fraction(w, seq_mask)})
     return loss, stats
+
+
+def effective_sample_fraction(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(sum w)^2 / (n sum w^2) over the `rows` [B] holding tokens: 1 if all weights agree, 1/n if one dominates."""
+    return (w * rows).sum() ** 2 / ((w ** 2 * rows).sum() * rows.sum()).clamp(min=1e-12)
 
 
 def prepare_rapid(trainer: Any, mini: Any) -> dict[str, torch.Tensor]:

@@ -52,8 +52,8 @@ def test_weights_are_clipped_at_eta_and_carry_no_gradient():
     logp = behaviour + torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]], dtype=torch.float64)
     theta = logp.clone().requires_grad_()
     mask = torch.ones_like(logp)
-    loss, stats = rapid(theta, behaviour, None, mask, RapidLoss(eta=2.0, baseline="weighted_mean"), rewards=torch.tensor([1.0, 0.0]),
-                        group_ids=torch.tensor([0, 0]))
+    cfg = RapidLoss(eta=2.0, baseline="weighted_mean")
+    loss, stats = rapid(theta, behaviour, None, mask, cfg, rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]))
     loss.sum().backward()
     # The gradient is -A per token: had it flowed through w, row 0 would not be exactly 0.
     torch.testing.assert_close(theta.grad, torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
@@ -71,7 +71,8 @@ def test_baselines_by_hand(baseline, expected):
     torch.testing.assert_close(adv, torch.tensor(expected))
 
 
-@pytest.mark.parametrize("baseline, off_policy, scale", [("leave_one_out", True, 1.0), ("weighted_mean", False, 0.75)])
+@pytest.mark.parametrize("baseline, off_policy, scale",
+                         [("leave_one_out", True, 1.0), ("weighted_mean", False, 0.75)])
 def test_unbiased_on_a_bandit(baseline, off_policy, scale):
     """Categorical policy over 5 responses; groups of G = 4 drawn from pi_b with unclipped weights. The mean
     estimate matches scale x grad E_pi[R] within 5 Monte-Carlo standard errors: leave-one-out exactly, off
