@@ -53,7 +53,8 @@ def test_weights_are_clipped_at_eta_and_carry_no_gradient():
     theta = logp.clone().requires_grad_()
     mask = torch.ones_like(logp)
     cfg = RapidLoss(eta=2.0, baseline="weighted_mean")
-    loss, stats = rapid(theta, behaviour, None, mask, cfg, rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]))
+    loss, stats = rapid(theta, behaviour, None, mask, cfg, rewards=torch.tensor([1.0, 0.0]),
+                        group_ids=torch.tensor([0, 0]))
     loss.sum().backward()
     # The gradient is -A per token: had it flowed through w, row 0 would not be exactly 0.
     torch.testing.assert_close(theta.grad, torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
