@@ -9,7 +9,7 @@ from rl.registry import Registry
 
 ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine", "rollout.vllm_engine"))
 ADVANTAGES: Registry = Registry("advantage", ("trainers.advantages",))
-LOSSES: Registry = Registry("loss", ("trainers.losses",))
+LOSSES: Registry = Registry("loss", ("trainers.losses", "trainers.lp_reg", "trainers.rapid"))
 AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
 ADAPTERS: Registry = Registry("adapter", ("trainers.adapters",))
 ENVS: Registry = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"))

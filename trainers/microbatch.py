@@ -56,3 +56,33 @@ def no_grad_logprobs(compute: Callable[[RolloutBatch], torch.Tensor], batch: Rol
         for rows, micro in micro_batches(batch, token_budget, keep_groups):
             out[torch.tensor(rows), : micro.seq_len] = compute(micro).float().cpu()
     return out
+
+
+def pack_groups(group_ids: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Row indices of each micro-batch made of whole groups (contiguous rows of equal id): groups are
+    added in order while rows x longest length stays within `token_budget`; a group over the budget
+    gets a micro-batch of its own. For objectives whose per-row terms depend on the whole group.
+
+    >>> pack_groups([0, 0, 1, 1, 2], [3, 5, 2, 2, 9], token_budget=12)
+    [[0, 1], [2, 3], [4]]
+    """
+    groups: list[list[int]] = []
+    for row, gid in enumerate(group_ids):
+        if groups and group_ids[groups[-1][0]] == gid:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    packs: list[list[int]] = []
+    for rows in groups:
+        merged = packs[-1] + rows if packs else rows
+        if packs and len(merged) * max(lengths[r] for r in merged) <= token_budget:
+            packs[-1] = merged
+        else:
+            packs.append(list(rows))
+    return packs
+
+
+def group_micro_batches(batch: RolloutBatch, token_budget: int) -> list[tuple[list[int], RolloutBatch]]:
+    """Like `micro_batches`, but a group is never split across micro-batches."""
+    packs = pack_groups(batch.group_ids.tolist(), batch.sequence_lengths.tolist(), token_budget)
+    return [(rows, batch.select(rows)) for rows in packs]

@@ -29,7 +29,7 @@ from rl.registries import AGGREGATIONS, LOSSES
 from trainers.aggregation import Normalisers
 from trainers.logprobs import token_logprobs
 from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights, resolve_correction_level
-from trainers.microbatch import micro_batches, no_grad_logprobs
+from trainers.microbatch import group_micro_batches, micro_batches, no_grad_logprobs
 from trainers.prefix_grouper import check_supported, shared_prefix_logprobs
 from trainers.reference import ReferencePolicy, default_reference
 from trainers.schedule import build_optimizer
@@ -87,9 +87,11 @@ class PolicyTrainer:
         if self.reference is not None:
             batch = batch.with_ref_logprobs(self.reference.logprobs(batch))
         minis = batch.split_by_groups(self.cfg.mini_batches)
-        single = self.cfg.ppo_epochs * len(minis) == 1
+        single = self.cfg.ppo_epochs * len(minis) == 1 or not self._loss_needs_old()
         olds = [None if single else self._batch_logprobs(self.model, m) for m in minis]
-        updates = [self._update(mini, old) for _ in range(self.cfg.ppo_epochs) for mini, old in zip(minis, olds)]
+        extras = [self._loss_inputs(m) for m in minis]  # like `olds`: before any update
+        updates = [self._update(mini, old, extra) for _ in range(self.cfg.ppo_epochs)
+                   for mini, old, extra in zip(minis, olds, extras)]
         metrics = summarise(updates)
         metrics.update({"train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
@@ -107,19 +109,37 @@ class PolicyTrainer:
             return token_logprobs(model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
                                   self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
 
+    def _loss_needs_old(self) -> bool:
+        """False for an objective that brings its own behaviour log-probs (RAPID with the sampler's)."""
+        return getattr(self.loss_fn, "needs_old_logprobs", lambda cfg: True)(self.algo.loss)
+
+    def _loss_inputs(self, mini: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Row-aligned extra inputs ([n] or [n, T]) an objective asks for through its `prepare(trainer, mini)`
+        hook (Lp-Reg's proxy log-probs, RAPID's rewards); none for the others."""
+        prepare = getattr(self.loss_fn, "prepare", None)
+        return {} if prepare is None else prepare(self, mini)
+
     def _batch_logprobs(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
         """[N, T] CPU logprobs under `model`, no grad, micro-batch by micro-batch."""
         return no_grad_logprobs(lambda micro: self._forward(model, micro, False)[0], batch,
                                 self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
 
     # ----- one optimizer update ----------------------------------------------------------------
-    def _update(self, mini: RolloutBatch, old: torch.Tensor | None) -> dict[str, float]:
+    def _micro_batches(self, mini: RolloutBatch) -> list[tuple[list[int], RolloutBatch]]:
+        # Shared-prefix packing already keeps whole groups, which also serves group-level losses (RAPID).
+        if self.cfg.shared_prefix or not getattr(self.loss_fn, "needs_whole_groups", False):
+            return micro_batches(mini, self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
+        return group_micro_batches(mini, self.cfg.micro_batch_tokens)
+
+    def _update(self, mini: RolloutBatch, old: torch.Tensor | None,
+                extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         norm = Normalisers.of(mini.loss_mask, self.constant_length)  # global over the mini-batch
         self.optimizer.zero_grad(set_to_none=True)
         tally: dict[str, float] = {}
-        for rows, micro in micro_batches(mini, self.cfg.micro_batch_tokens, self.cfg.shared_prefix):
+        for rows, micro in self._micro_batches(mini):
             micro_old = None if old is None else old[torch.tensor(rows), : micro.seq_len]
-            loss, stats = self._micro_loss(micro, norm, micro_old)
+            micro_extra = {k: slice_rows(v, rows, micro.seq_len) for k, v in (extra or {}).items()}
+            loss, stats = self._micro_loss(micro, norm, micro_old, micro_extra)
             if not bool(torch.isfinite(loss)):
                 return self._skip()
             loss.backward()
@@ -148,8 +168,8 @@ class PolicyTrainer:
                 "model.dtype=float32. The last checkpoint is intact: resume after changing the job.")
         return {"grad_norm": math.nan, "lr": float(self.optimizer.param_groups[0]["lr"])}
 
-    def _micro_loss(self, micro: RolloutBatch, norm: Normalisers,
-                    old: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, micro: RolloutBatch, norm: Normalisers, old: torch.Tensor | None,
+                    extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(this micro-batch's share of the mini-batch loss, its metric contributions)."""
         logp, entropy = self._forward(self.model, micro, with_entropy=True)  # [b, t] each
         dev = lambda t: t.to(self.device)  # noqa: E731
@@ -157,7 +177,8 @@ class PolicyTrainer:
         old = logp.detach() if old is None else dev(old)  # [b, t]
         adv = dev(micro.advantages)
         adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv  # [b, t]
-        per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss)  # [b, t]
+        extra = {k: dev(v) for k, v in (extra or {}).items()}
+        per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss, **extra)  # [b, t]
         sampling = dev(micro.sampling_logprobs)  # [b, t]
         per_token = per_token * mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)
         kl = torch.zeros_like(logp)
@@ -188,6 +209,12 @@ class PolicyTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates, self.nonfinite_total = int(state["updates"]), int(state["nonfinite_total"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+def slice_rows(values: torch.Tensor, rows: list[int], seq_len: int) -> torch.Tensor:
+    """A micro-batch's part of a row-aligned tensor: [n] -> [b], [n, T] -> [b, seq_len]."""
+    picked = values[torch.tensor(rows)]
+    return picked[:, :seq_len] if picked.dim() == 2 else picked
 
 
 MAX_METRICS = ("ratio_max",)

@@ -69,7 +69,52 @@ class ReinforceLoss(Section):
     name: Literal["reinforce"] = "reinforce"
 
 
-LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss], Field(discriminator="name")]
+class LpRegLoss(Section):
+    """Lp-Reg (arXiv 2510.03222): the clipped surrogate, plus a k3 pull toward a min-p-filtered proxy of the old
+    policy on the lowest-probability negative-advantage tokens. Defaults: the released scripts (Qwen3-14B)."""
+
+    name: Literal["lp_reg"] = "lp_reg"
+    clip_low: float = Field(1.0, ge=0, le=1)
+    """Lower clip of the surrogate (released scripts: 1.0, i.e. ratios clipped to [0, 10] with clip_high 9)."""
+    clip_high: float = Field(9.0, ge=0)
+    proxy: Literal["min_p", "fixed"] = "min_p"
+    """Which tokens the proxy drops as noise: p < min_p * max p (`min_p`) or p < fixed_threshold (`fixed`)."""
+    min_p: float = Field(0.02, gt=0, lt=1)
+    """kappa, relative to the most probable token (released scripts: 0.02)."""
+    fixed_threshold: float = Field(0.01, gt=0, lt=1)
+    """tau, an absolute probability; used with proxy: fixed."""
+    soft_filter: bool = False
+    """Filtered logits set to the row's smallest logit instead of -1e4 (the reference's `minp_soft`)."""
+    neg_fraction: float = Field(0.01, ge=0, le=1)
+    """rho: the fraction of negative-advantage tokens (lowest current probability) eligible per micro-batch;
+    none are when int(count * rho) <= 1 (released: 0.01 for Qwen3-14B, 0.005 for Qwen2.5-32B)."""
+    pos_fraction: float = Field(0.0, ge=0, le=1)
+    """The same for positive-advantage tokens (0 in the released scripts)."""
+    coef: float = Field(1.0, ge=0)
+    """beta, the weight of the k3 term (released: 1.0)."""
+
+
+class RapidLoss(Section):
+    """RAPID (arXiv 2510.03515): policy gradient with an importance-weighted group baseline and clipped
+    sequence weights pi/pi_b, for several mini-batch updates per large inference batch (set
+    trainer.mini_batches). It computes its own advantage from rewards: algorithm.advantage is not used."""
+
+    name: Literal["rapid"] = "rapid"
+    eta: float = Field(2.0, gt=0)
+    """Importance weights are clipped at this value (the paper's 2.0)."""
+    baseline: Literal["leave_one_out", "weighted_mean", "self_normalised"] = "leave_one_out"
+    """Group value estimate from the other members, (1/(G-1)) sum_{j != i} w_j R_j (unbiased before clipping,
+    the paper's claim); or (1/G) sum w R; or sum w R / sum w (both hold the sample's own term)."""
+    scale_by_std: bool = False
+    """Divide advantages by the group's reward std (GRPO-style); the paper's GRPG does not."""
+    eps: float = Field(1e-6, gt=0)
+    behaviour_logprobs: Literal["learner", "sampler"] = "learner"
+    """pi_b: recomputed by the learner once per step before any update, or the sampler's own log-probs
+    (saves a forward pass; exact with the hf backend, which samples with the learner's model)."""
+
+
+LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss, LpRegLoss, RapidLoss],
+                       Field(discriminator="name")]
 
 
 class TokenMean(Section):
