@@ -31,6 +31,21 @@ class HFOptions(Section):
     """Most sequences decoded together; larger groups are decoded in several rounds."""
 
 
+class InfiniteSamplingOptions(Section):
+    """backend hf: Infinite Sampling (arXiv 2506.22950) -- bounded-memory, slot-refilling group decoding.
+    backend vllm: max_concurrent becomes vLLM's max_num_seqs (its scheduler already refills slots)."""
+
+    enabled: bool = False
+    """Decode groups in slots of at most max_concurrent sequences, refilling a slot as soon as it frees."""
+    max_concurrent: int = Field(8, ge=1)
+    """Most sequences decoded at once (g), whatever the group size; memory grows with g, not with G."""
+    memory_budget_mb: float | None = Field(None, gt=0)
+    """hf only: also cap g so the slots' KV cache + logits fit this many MiB (null = max_concurrent only)."""
+    order: Literal["sjf", "fifo"] = "sjf"
+    """Refill order: `sjf` = length-aware plan (predicted lengths, balanced lanes, shortest job first);
+    `fifo` = prompt order."""
+
+
 class RolloutConfig(Section):
     """Sampling: backend, group size and sampling parameters."""
 
@@ -51,3 +66,4 @@ class RolloutConfig(Section):
     """Prompts longer than this are an error, not silently truncated."""
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     hf: HFOptions = Field(default_factory=HFOptions)
+    infinite_sampling: InfiniteSamplingOptions = Field(default_factory=InfiniteSamplingOptions)
