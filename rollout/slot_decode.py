@@ -150,6 +150,7 @@ class DecodeStats:
     prefills: int = 0           # prompt prefills (one per group)
     peak_open_prompts: int = 0  # most prompt states held at once
     concurrency: list[int] = field(default_factory=list)  # live sequences at each step
+    drain_step: int | None = None  # first step that began with no sample left to start
 
 
 @dataclass
@@ -201,6 +202,8 @@ class SlotDecoder:
         while any(s >= 0 for s in self.row_sample):
             live = [r for r, s in enumerate(self.row_sample) if s >= 0]
             ids = [self.row_sample[r] for r in live]
+            if self.stats.drain_step is None and not pending():
+                self.stats.drain_step = len(self.stats.concurrency)
             self.stats.concurrency.append(len(live))
             self.stats.max_rows = max(self.stats.max_rows, self.batch.rows)
             logits = self.batch.step()[torch.tensor(live, device=self.batch.device)]        # [A, V]

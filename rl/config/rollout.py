@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rl.config.base import Section
 
@@ -67,3 +67,10 @@ class RolloutConfig(Section):
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     hf: HFOptions = Field(default_factory=HFOptions)
     infinite_sampling: InfiniteSamplingOptions = Field(default_factory=InfiniteSamplingOptions)
+
+    @model_validator(mode="after")
+    def _vllm_has_no_budget(self) -> "RolloutConfig":
+        if self.backend == "vllm" and self.infinite_sampling.memory_budget_mb is not None:
+            raise ValueError("rollout.infinite_sampling.memory_budget_mb is for backend: hf; vLLM's KV memory is "
+                             "set by rollout.vllm.kv_cache_gib (CPU) or gpu_memory_utilization (GPU)")
+        return self
