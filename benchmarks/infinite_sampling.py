@@ -12,7 +12,8 @@ Arms (each in its own subprocess, so memory figures do not leak between arms):
 Every arm samples the same rows with the same per-sample seeds.
 
 Peak memory = the process's peak resident set during the measured `generate` call minus its resident set
-just before it (Linux: the peak is reset through /proc/self/clear_refs). Before the measured call each arm
+just before it (Linux: the peak is reset through /proc/self/clear_refs; glibc's malloc_trim first returns
+freed heap memory, which the measured call could otherwise reuse unseen). Before the measured call each arm
 runs one warm-up call on other prompts (G=8), which also gives the length predictor its first data.
 Throughput is reported per wall second and per CPU second of the arm's process (one torch thread by
 default, so CPU time is compute time even when other jobs share the machine).
@@ -22,6 +23,7 @@ Prints a table and one JSON line; --out also writes the JSON to a file.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import hashlib
 import json
@@ -69,6 +71,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     params = SamplingParams(group_size=args.group, max_new_tokens=args.tokens, temperature=args.temperature, seed=1)
     engine.generate(prompts[args.prompts:], SamplingParams(group_size=8, max_new_tokens=args.tokens, seed=2))
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the warm-up's freed memory back, or it hides this call's peak
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
     start, cpu_start = time.perf_counter(), time.process_time()
