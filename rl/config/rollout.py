@@ -42,8 +42,8 @@ class InfiniteSamplingOptions(Section):
     memory_budget_mb: float | None = Field(None, gt=0)
     """hf only: also cap g so the slots' KV cache + logits fit this many MiB (null = max_concurrent only)."""
     order: Literal["sjf", "fifo"] = "sjf"
-    """Refill order: `sjf` = length-aware plan (predicted lengths, balanced lanes, shortest job first);
-    `fifo` = prompt order."""
+    """hf only. Refill order: `sjf` = length-aware plan (predicted lengths, balanced lanes, shortest job
+    first); `fifo` = prompt order. Either way each sample is the same; only the decode order changes."""
 
 
 class RolloutConfig(Section):
