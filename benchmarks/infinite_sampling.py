@@ -80,7 +80,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     peak = rss_kib("VmHWM")
     lengths = batch.completion_lengths.tolist()
     row = {"arm": arm, "peak_mem_mb": (peak - before) / 1024, "seconds": seconds, "cpu_seconds": cpu_seconds,
-           "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds, "tokens_per_cpu_s": sum(lengths) / cpu_seconds,
+           "tokens": sum(lengths), "tokens_per_s": sum(lengths) / seconds,
+           "tokens_per_cpu_s": sum(lengths) / cpu_seconds,
            "mean_length": sum(lengths) / len(lengths),
            "stop_fraction": batch.finish_reasons.count("stop") / len(lengths),
            "row_hashes": [hashlib.sha1(str(r).encode()).hexdigest()[:12] for r in batch.input_ids.tolist()]}
@@ -97,6 +98,36 @@ def decode_steps(engine, lengths: list[int], arm: str, args: argparse.Namespace)
     size = args.group if arm == "full" else args.slots
     rounds = [lengths[i:i + size] for i in range(0, len(lengths), size)]
     return {"decode_steps": sum(max(r) - 1 for r in rounds), "max_concurrent": size, "prefills": len(lengths)}
+
+
+def run_paired(args: argparse.Namespace) -> dict:
+    """naive, infinite, infinite, naive on one shared model in one process (ABBA), so load drift on a shared
+    machine hits both arms alike; CPU and wall seconds summed per arm."""
+    import torch
+
+    from rl.config import load_job
+    from rl.models import load_tokenizer, resolve_model
+    from rl.runtime import build_env
+    from rl.types import SamplingParams
+    from rollout.engine import build_engine
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model)
+    naive = build_engine(load_job("quickstart", overrides("naive", args)).rollout, model_dir, "float32", "cpu", 0)
+    infinite = build_engine(load_job("quickstart", overrides("infinite", args)).rollout, model_dir, "float32", "cpu", 0,
+                            model=naive.model)
+    prompts = list(build_env(load_job("quickstart", ["adapter=null"]), load_tokenizer(model_dir)).train_prompts())
+    params = SamplingParams(group_size=args.group, max_new_tokens=args.tokens, temperature=args.temperature, seed=1)
+    infinite.generate(prompts[args.prompts:2 * args.prompts], params)  # warm-up; the predictor's first data
+    totals = {"naive": [0.0, 0.0, 0], "infinite": [0.0, 0.0, 0]}
+    for name, engine in (("naive", naive), ("infinite", infinite), ("infinite", infinite), ("naive", naive)):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        batch = engine.generate(prompts[: args.prompts], params)
+        t = totals[name]
+        t[0], t[1], t[2] = t[0] + time.perf_counter() - start, t[1] + time.process_time() - cpu_start, \
+            t[2] + int(batch.completion_lengths.sum())
+    return {name: {"seconds": s, "cpu_seconds": c, "tokens": n, "tokens_per_s": n / s, "tokens_per_cpu_s": n / c}
+            for name, (s, c, n) in totals.items()}
 
 
 def child(arm: str, args: argparse.Namespace) -> dict:
@@ -141,14 +172,22 @@ def main() -> None:
     parser.add_argument("--arms", default="full,naive,infinite", help=f"any of {','.join(ARMS)}")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--paired", action="store_true",
+                        help="throughput only: naive/infinite alternated in one process")
     args = parser.parse_args()
+    if args.paired:
+        paired = run_paired(args)
+        ratios = {k: paired["infinite"][k] / paired["naive"][k] for k in ("tokens_per_s", "tokens_per_cpu_s")}
+        print(json.dumps({"benchmark": "infinite_sampling_paired", "workload": vars(args), "results": paired,
+                          "throughput_ratio_vs_naive": ratios}))
+        return
     if args.arm:
         print(json.dumps(run_arm(args.arm, args)))
         return
     rows = {arm: child(arm, args) for arm in args.arms.split(",")}
     report = summarise(rows, args)
-    print(f"{'arm':9s} {'peak MB':>8s} {'tokens/s':>9s} {'tok/cpu-s':>9s} {'seconds':>8s} {'steps':>6s} {'mean len':>9s} "
-          f"{'same rows':>9s}")
+    print(f"{'arm':9s} {'peak MB':>8s} {'tokens/s':>9s} {'tok/cpu-s':>9s} {'seconds':>8s} {'steps':>6s} "
+          f"{'mean len':>9s} {'same rows':>9s}")
     for r in report["results"]:
         print(f"{r['arm']:9s} {r['peak_mem_mb']:8.1f} {r['tokens_per_s']:9.1f} {r['tokens_per_cpu_s']:9.1f} "
               f"{r['seconds']:8.1f} {r['decode_steps']:6d} {r['mean_length']:9.1f} {r['same_rows_as_full']:9.2f}")

@@ -261,4 +261,5 @@ class SlotDecoder:
     def _finish_stats(self) -> None:
         s = self.stats
         s.max_concurrent = max(s.concurrency, default=0)
-        s.max_width, s.prefills, s.peak_open_prompts = self.batch.max_width, self.prompts.prefills, self.prompts.peak_open
+        s.max_width, s.prefills = self.batch.max_width, self.prompts.prefills
+        s.peak_open_prompts = self.prompts.peak_open
