@@ -21,14 +21,16 @@ from rl.models import load_causal_lm, load_tokenizer
 from rl.registries import ROLLOUT_BACKENDS
 from rl.types import Prompt, SamplingParams
 from rollout.engine import Sample, build_batch, check_prompts, merge_lora, request_seeds
+from rollout.infinite_sampling import InfiniteSampler
 
 
 class HFEngine:
     """Samples with a transformers causal LM. Given the learner's own model (local sync mode) it needs
     no weight sync; otherwise it holds its own copy, updated in place by `push_weights`."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64, max_prompt_tokens: int = 512) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64, max_prompt_tokens: int = 512,
+                 infinite: InfiniteSampler | None = None) -> None:
+        self.model, self.tokenizer, self.infinite = model, tokenizer, infinite
         self.max_batch_size, self.max_prompt_tokens = max_batch_size, max_prompt_tokens
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -43,7 +45,9 @@ class HFEngine:
         if model is None:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             model = load_causal_lm(model_dir, dtype, device).eval().requires_grad_(False)
-        return cls(model, load_tokenizer(model_dir), rollout_cfg.hf.max_batch_size, rollout_cfg.max_prompt_tokens)
+        infinite = InfiniteSampler(rollout_cfg.infinite_sampling) if rollout_cfg.infinite_sampling.enabled else None
+        return cls(model, load_tokenizer(model_dir), rollout_cfg.hf.max_batch_size, rollout_cfg.max_prompt_tokens,
+                   infinite)
 
     # ----- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
@@ -55,8 +59,12 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(rows), self.max_batch_size):
-                samples.extend(self._round(rows[start:start + self.max_batch_size], params))
+            if self.infinite is not None:  # slot refilling, bounded concurrency: rollout/infinite_sampling.py
+                samples = self.infinite.generate(self.model, rows, params, _Sampler(params, [s for *_, s in rows]),
+                                                 _Stopper(self.tokenizer, self.eos_ids, params.stop))
+            else:
+                for start in range(0, len(rows), self.max_batch_size):
+                    samples.extend(self._round(rows[start:start + self.max_batch_size], params))
         finally:
             self.model.train(was_training)
         return build_batch(samples, self.tokenizer, self.pad_id, self.policy_version)

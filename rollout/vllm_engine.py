@@ -52,6 +52,8 @@ class VLLMEngine:
         kwargs = dict(model=model_dir, dtype=dtype, enforce_eager=cfg.vllm.enforce_eager, seed=seed,
                       gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, max_model_len=self.context,
                       logprobs_mode="processed_logprobs", enable_sleep_mode=cfg.vllm.sleep_between_steps)
+        if cfg.infinite_sampling.enabled:  # vLLM's scheduler already refills slots (continuous batching)
+            kwargs["max_num_seqs"] = cfg.infinite_sampling.max_concurrent
         if max_lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rl.config.base import Section
 
@@ -31,6 +31,21 @@ class HFOptions(Section):
     """Most sequences decoded together; larger groups are decoded in several rounds."""
 
 
+class InfiniteSamplingOptions(Section):
+    """backend hf: Infinite Sampling (arXiv 2506.22950) -- bounded-memory, slot-refilling group decoding.
+    backend vllm: max_concurrent becomes vLLM's max_num_seqs (its scheduler already refills slots)."""
+
+    enabled: bool = False
+    """Decode groups in slots of at most max_concurrent sequences, refilling a slot as soon as it frees."""
+    max_concurrent: int = Field(8, ge=1)
+    """Most sequences decoded at once (g), whatever the group size; memory grows with g, not with G."""
+    memory_budget_mb: float | None = Field(None, gt=0)
+    """hf only: also cap g so the slots' KV cache + logits fit this many MiB (null = max_concurrent only)."""
+    order: Literal["sjf", "fifo"] = "sjf"
+    """hf only. Refill order: `sjf` = length-aware plan (predicted lengths, balanced lanes, shortest job
+    first); `fifo` = prompt order. Either way each sample is the same; only the decode order changes."""
+
+
 class RolloutConfig(Section):
     """Sampling: backend, group size and sampling parameters."""
 
@@ -51,3 +66,11 @@ class RolloutConfig(Section):
     """Prompts longer than this are an error, not silently truncated."""
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     hf: HFOptions = Field(default_factory=HFOptions)
+    infinite_sampling: InfiniteSamplingOptions = Field(default_factory=InfiniteSamplingOptions)
+
+    @model_validator(mode="after")
+    def _vllm_has_no_budget(self) -> "RolloutConfig":
+        if self.backend == "vllm" and self.infinite_sampling.memory_budget_mb is not None:
+            raise ValueError("rollout.infinite_sampling.memory_budget_mb is for backend: hf; vLLM's KV memory is "
+                             "set by rollout.vllm.kv_cache_gib (CPU) or gpu_memory_utilization (GPU)")
+        return self
