@@ -10,8 +10,10 @@ rl/cluster.py is the placement's).
 
 from __future__ import annotations
 
+
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 from rl.errors import UserError
@@ -118,11 +120,22 @@ class RayTransport:
         pass
 
 
-def kill_exchange(name: str) -> None:
+def kill_exchange(name: str, wait_s: float = 30.0) -> None:
     """Remove a swarm's exchange actor (the launcher does this when its swarm ends)."""
     import ray
 
     try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        actor = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
-        pass
+        return
+    ray.kill(actor)
+    # ray.kill only requests the kill: wait until calls fail, so nobody reads the old exchange after this.
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.since.remote(0), timeout=1.0)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.05)
