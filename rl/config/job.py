@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from rl.config.adapters import AdapterConfig
-from rl.config.algorithm import AlgorithmConfig
+from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig
 from rl.config.base import Section
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
 from rl.config.rollout import RolloutConfig
@@ -117,7 +117,8 @@ class JobConfig(Section):
     rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[list-item]
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AnyAlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """`name: grpo` (the GRPO family) or `name: grpo_ma` (multi-answer, its own keys)."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     cluster: ClusterConfig = Field(default_factory=LocalCluster)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
