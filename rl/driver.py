@@ -78,12 +78,12 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
             batch, rollout_metrics = pipeline.next_batch(step)
             batch, score_metrics = steps.score(parts, batch)
             batch, swarm_metrics = swarm.exchange(parts, batch, step)
-            batch = steps.with_advantages(job, batch)
+            batch, adv_metrics = steps.advantages(job, batch)
             train_metrics = steps.train(parts, batch)
             curriculum_metrics = steps.update_curriculum(parts, batch)     # PCL value model: on-policy targets
             sync_metrics = pipeline.sync_weights(version=step)
-            metrics = steps.step_metrics(started, rollout_metrics, score_metrics, swarm_metrics, train_metrics,
-                                         curriculum_metrics, sync_metrics)
+            metrics = steps.step_metrics(started, rollout_metrics, score_metrics, swarm_metrics, adv_metrics,
+                                         train_metrics, curriculum_metrics, sync_metrics)
             if steps.due(step, job.trainer.eval_every_steps, job.trainer.max_steps):
                 metrics.update(steps.evaluate_at(parts, run_dir, step))
             logger.log(step, metrics)

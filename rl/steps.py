@@ -14,15 +14,16 @@ import torch
 from rl.batch import RolloutBatch
 from rl.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from rl.evaluation import evaluate, write_report
-from rl.registries import ADVANTAGES
+from rl.registries import ALGORITHMS
 from rl.types import SamplingParams
 
 
 def sampling_params(job: Any, step: int) -> SamplingParams:
     """Per-step sampling with a seed derived from (job seed, step): a resumed run draws the same samples."""
     r = job.rollout
-    return SamplingParams(group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                          top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop), seed=job.seed * 1_000_003 + step)
+    params = SamplingParams(group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                            top_p=r.top_p, top_k=r.top_k, stop=tuple(r.stop), seed=job.seed * 1_000_003 + step)
+    return ALGORITHMS.get(job.algorithm.name).sampling_params(job, params)
 
 
 def sync_rollout(parts: Any, version: int) -> float:
@@ -131,9 +132,9 @@ def update_curriculum(parts: Any, batch: RolloutBatch) -> dict[str, float]:
     return curriculum.update(batch) if curriculum is not None and batch.num_samples else {}
 
 
-def with_advantages(job: Any, batch: RolloutBatch) -> RolloutBatch:
-    cfg = job.algorithm.advantage
-    return batch.with_advantages(ADVANTAGES.get(cfg.name)(batch.rewards, batch.group_ids, cfg))
+def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+    """The batch with [N] or [N, T] advantages, by `algorithm.name` (rl/algorithms.py), and its metrics."""
+    return ALGORITHMS.get(job.algorithm.name).advantages(job, batch)
 
 
 def train(parts: Any, batch: RolloutBatch) -> dict[str, float]:

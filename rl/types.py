@@ -36,6 +36,16 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class MultiAnswerSpec:
+    """Two-stage sampling for GRPO-MA (rollout/multi_answer.py): `group_size` thoughts per prompt, each
+    ending with `delimiter`, then `answers_per_thought` answers of at most `answer_max_new_tokens` each."""
+
+    answers_per_thought: int
+    delimiter: str
+    answer_max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to sample one group per prompt. `seed` makes a call reproducible: each prompt's requests are
     seeded from (seed, prompt_id, occurrence), sample j of a group with that seed + j, so a prompt's samples
@@ -49,6 +59,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int = 0
     greedy: bool = False
+    multi_answer: MultiAnswerSpec | None = None
+    """Set: sample thoughts then answers (GRPO-MA); None: one completion per sample."""
 
 
 class RolloutEngine(Protocol):

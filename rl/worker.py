@@ -29,6 +29,10 @@ class RolloutWorker:
         return self.job.rollout.backend == "vllm" and _lora_rank(self.job) is not None
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+        if params.multi_answer is not None:  # GRPO-MA: thoughts, then answers per thought, on any engine
+            from rollout.multi_answer import generate_multi_answer
+
+            return generate_multi_answer(self.engine, prompts, params)
         return self.engine.generate(prompts, params)
 
     def load(self, payload: Mapping[str, Any] | None, version: int) -> float:

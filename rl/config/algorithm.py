@@ -5,9 +5,9 @@ Each variant is selected by its `name`; its fields belong to it alone (ALGORITHM
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from rl.config.base import Section
 
@@ -175,3 +175,51 @@ class AlgorithmConfig(Section):
     aggregation: AggregationConfig = Field(default_factory=TokenMean)
     kl: KLConfig = Field(default_factory=KLConfig)
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
+
+
+class GRPOMAAlgorithm(Section):
+    """GRPO-MA (Wang et al., arXiv 2509.24494): K thoughts per prompt, M answers per thought.
+
+    Thought advantages come from the mean reward of each thought's M answers, normalised over the prompt's
+    K thoughts; answers get their own advantages (trainers/grpo_ma.py has the formulas). The segment means
+    of the paper's objective are folded into per-token advantages, so the aggregation must be
+    `seq_mean_token_sum` and the loss one that is linear in the advantage per token (ppo_clip, reinforce).
+    """
+
+    name: Literal["grpo_ma"] = "grpo_ma"
+    thoughts: int = Field(4, ge=1)
+    """K: thoughts sampled per prompt (rollout.group_size is not used; a prompt yields K x M rows)."""
+    answers_per_thought: int = Field(4, ge=1)
+    """M: answers sampled per thought, each continuing the prompt + thought tokens."""
+    thought_delimiter: str = Field("Answer:", min_length=1)
+    """The thought ends at (and includes) this text; a thought that never writes it gets reward 0 answers."""
+    answer_max_new_tokens: int = Field(16, ge=1)
+    """Token budget of each answer (rollout.max_new_tokens is the thought's budget)."""
+    answer_adv_scope: Literal["global", "per_thought"] = "global"
+    """Normalise answer rewards over all K x M answers of the prompt (`global`), or within each
+    thought's M answers (`per_thought`: which answer is better given this thought)."""
+    eps: float = Field(1e-6, gt=0)
+    """Added to standard deviations before dividing."""
+    loss: LossConfig = Field(default_factory=PPOClipLoss)
+    aggregation: AggregationConfig = Field(default_factory=SeqMeanTokenSum)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
+
+    @model_validator(mode="after")
+    def _segment_weights_need(self) -> "GRPOMAAlgorithm":
+        if self.aggregation.name != "seq_mean_token_sum":
+            raise ValueError("grpo_ma folds the paper's per-segment token means into its per-token advantages; "
+                             "set algorithm.aggregation: {name: seq_mean_token_sum} (the default)")
+        if self.loss.name not in ("ppo_clip", "reinforce"):
+            raise ValueError(f"grpo_ma needs a per-token loss (ppo_clip or reinforce), not {self.loss.name!r}: "
+                             "sequence-level losses would mix the thought and answer advantages")
+        return self
+
+
+def _algorithm_name(value: Any) -> str:
+    """`name` selects the variant; a job that leaves it out means the GRPO family (the default)."""
+    return value.get("name", "grpo") if isinstance(value, dict) else getattr(value, "name", "grpo")
+
+
+AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")], Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
+                               Discriminator(_algorithm_name)]

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from rl.config.adapters import AdapterConfig
-from rl.config.algorithm import AlgorithmConfig
+from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig
 from rl.config.base import Section
 from rl.config.curriculum import CurriculumConfig
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
@@ -125,7 +125,8 @@ class JobConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig | None = None
     """Prompt selection, e.g. {name: pcl, pool_factor: 4, target: 0.5}; null = uniform (seeded permutations)."""
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    algorithm: AnyAlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """`name: grpo` (the GRPO family) or `name: grpo_ma` (multi-answer, its own keys)."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     cluster: ClusterConfig = Field(default_factory=LocalCluster)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -49,10 +49,12 @@ class LockstepNode:
     def train(self, step: int) -> None:
         started = time.perf_counter()
         batch, swarm_metrics = self.swarm.mix(self.parts, self._batch, step)
-        batch = steps.with_advantages(self.job, batch)
+        batch, adv_metrics = steps.advantages(self.job, batch)
         train_metrics = steps.train(self.parts, batch)
+        curriculum_metrics = steps.update_curriculum(self.parts, batch)
         sync_metrics = self.pipeline.sync_weights(version=step)
-        metrics = steps.step_metrics(started, self._metrics, swarm_metrics, train_metrics, sync_metrics)
+        metrics = steps.step_metrics(started, self._metrics, swarm_metrics, adv_metrics, train_metrics,
+                                     curriculum_metrics, sync_metrics)
         metrics["time/step_s"] += self._metrics["time/generate_phase_s"]
         if steps.due(step, self.job.trainer.eval_every_steps, self.job.trainer.max_steps):
             metrics.update(steps.evaluate_at(self.parts, self.run_dir, step))

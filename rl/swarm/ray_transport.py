@@ -10,7 +10,6 @@ rl/cluster.py is the placement's).
 
 from __future__ import annotations
 
-
 import logging
 import os
 import time

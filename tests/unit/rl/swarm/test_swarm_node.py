@@ -84,7 +84,7 @@ def test_external_rows_carry_the_learners_logprobs_so_the_ratio_is_one(parts):
     learner = parts.learner.logprobs(ext)
     assert torch.allclose(ext.sampling_logprobs[ext.loss_mask], learner[ext.loss_mask], atol=1e-5)
     assert bool((ext.sampling_logprobs[ext.loss_mask] < 0).all())
-    metrics = steps.train(parts, steps.with_advantages(parts.job, mixed))
+    metrics = steps.train(parts, steps.advantages(parts.job, mixed)[0])
     assert metrics["policy/mismatch_kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["ratio_max"] == pytest.approx(1.0, abs=1e-4)
 

@@ -1,0 +1,71 @@
+"""What `algorithm.name` changes in the loop: how a step samples and how advantages are computed.
+
+    recipe = ALGORITHMS.get(job.algorithm.name)
+    params = recipe.sampling_params(job, params)     # e.g. GRPO-MA's two-stage sampling spec
+    batch, metrics = recipe.advantages(job, batch)   # [N] or [N, T] advantages (+ metrics)
+
+The maths lives in trainers/ (advantages.py, grpo_ma.py); this module only wires it to the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from rl.batch import RolloutBatch
+from rl.registries import ADVANTAGES, ALGORITHMS
+from rl.types import MultiAnswerSpec, SamplingParams
+
+
+class GRPOFamily:
+    """`name: grpo`: one completion per sample, advantages from `algorithm.advantage` (one per row)."""
+
+    @staticmethod
+    def sampling_params(job: Any, params: SamplingParams) -> SamplingParams:
+        return params
+
+    @staticmethod
+    def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        cfg = job.algorithm.advantage
+        return batch.with_advantages(ADVANTAGES.get(cfg.name)(batch.rewards, batch.group_ids, cfg)), {}
+
+
+class GRPOMA:
+    """`name: grpo_ma` (arXiv 2509.24494): K thoughts x M answers per prompt (rollout/multi_answer.py),
+    per-token advantages for thought and answer tokens (trainers/grpo_ma.py)."""
+
+    @staticmethod
+    def sampling_params(job: Any, params: SamplingParams) -> SamplingParams:
+        a = job.algorithm
+        spec = MultiAnswerSpec(answers_per_thought=a.answers_per_thought, delimiter=a.thought_delimiter,
+                               answer_max_new_tokens=a.answer_max_new_tokens)
+        return dataclasses.replace(params, group_size=a.thoughts, multi_answer=spec)
+
+    @staticmethod
+    def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        from trainers import grpo_ma
+
+        a = job.algorithm
+        layout = layout_of(batch)
+        adv = grpo_ma.per_token_advantages(batch.rewards, batch.loss_mask, layout, a.thoughts,
+                                           a.answers_per_thought, a.answer_adv_scope, a.eps)  # [N, T]
+        metrics = grpo_ma.diagnostics(batch.rewards, layout, a.thoughts, a.answers_per_thought, a.eps)
+        return batch.with_advantages(adv), metrics
+
+
+def layout_of(batch: RolloutBatch) -> Any:
+    """The GRPO-MA segment layout recorded by the two-stage sampler in each row's `sample_meta`."""
+    from rollout.multi_answer import META_KEY
+    from trainers.grpo_ma import Layout
+
+    meta = [m[META_KEY] for m in batch.sample_meta]
+    return Layout(prompt_lengths=batch.prompt_lengths,
+                  thought_tokens=torch.tensor([m["thought_tokens"] for m in meta], dtype=torch.long),
+                  thought_rows=torch.tensor([m["answer"] == 0 for m in meta], dtype=torch.bool),
+                  complete=torch.tensor([bool(m["complete"]) for m in meta], dtype=torch.bool))
+
+
+ALGORITHMS.register("grpo")(GRPOFamily)
+ALGORITHMS.register("grpo_ma")(GRPOMA)
