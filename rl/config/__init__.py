@@ -87,12 +87,13 @@ def _deep_copy(value: Any) -> Any:
 def _key_path(loc: tuple[Any, ...], data: Any) -> str:
     """Dotted path of a pydantic error location, without the union-tag steps pydantic inserts."""
     parts, node = [], data
-    for step in loc:
+    for i, step in enumerate(loc):
         if isinstance(node, Mapping) and isinstance(step, str) and step not in node and parts:
             # A discriminated-union tag (e.g. 'ppo_clip') or a validator label, not a key of the input.
             if step in ("function-after", "function-before", "function-wrap") or "[" in step:
                 continue
-            if node.get("name") == step:
+            # (a tag is never the last step; with no `name` given the default variant's tag appears)
+            if node.get("name", step if i < len(loc) - 1 else None) == step:
                 continue
         parts.append(str(step) if not isinstance(step, int) else f"[{step}]")
         node = node.get(step) if isinstance(node, Mapping) else (
