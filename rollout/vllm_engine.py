@@ -27,6 +27,9 @@ def _prepare_environment(cfg: Any) -> None:
     # Set (not setdefault): the job's config is the contract, and spawned engine processes inherit these.
     # Callables sent through collective_rpc (the in-place reload) need the serialisation flag.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    # vLLM reports usage statistics over the network by default; a training run reaches nothing it
+    # was not asked to (the user can still opt in by setting the variable to 0).
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     if not torch.cuda.is_available():
         gib = cfg.vllm.kv_cache_gib
         if gib != int(gib):
