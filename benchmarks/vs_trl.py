@@ -7,6 +7,10 @@ TRL is installed by this script into its own virtual environment (`benchmarks/.t
 
     .venv/bin/python benchmarks/vs_trl.py --steps 10
 prints a table and one JSON line.
+
+rlpost runs twice: as the quickstart job is (`rlpost`) and with Prefix Grouper switched on
+(`rlpost+prefix`, `trainer.shared_prefix=true`: each group's prompt is encoded once in the learner, a
+training-equivalent forward; TRL has no such option). Both are the same work as TRL's run.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / "benchmarks" / ".trl-venv"
+# rlpost arms: name -> extra job overrides (the work is the same; only how rlpost does it differs)
+RLPOST_ARMS = {"rlpost": [], "rlpost+prefix": ["trainer.shared_prefix=true"]}
 TRL_PACKAGES = ["torch==2.13.0", "trl==1.16.0", "peft>=0.18,<0.22", "transformers>=5.16.1,<5.20", "datasets"]
 
 
@@ -68,10 +74,11 @@ def run_trl(python: Path, spec: Path, work: Path) -> dict:
     return result
 
 
-def run_rlpost(args: argparse.Namespace, work: Path) -> dict:
-    run_dir = work / "rlpost"
+def run_rlpost(args: argparse.Namespace, work: Path, name: str) -> dict:
+    run_dir = work / name
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rl.cli", "train", "quickstart", *job_overrides(args, run_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "rl.cli", "train", "quickstart", *job_overrides(args, run_dir),
+                    *RLPOST_ARMS[name]], check=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     breakdown = {k: statistics.mean(r[k] for r in rows) for k in
                  ("time/rollout_s", "time/score_s", "time/train_s", "time/weight_sync_s") if all(k in r for r in rows)}
@@ -96,22 +103,28 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", choices=["trl", "rlpost"], default=None)
+    parser.add_argument("--arms", default=",".join([*RLPOST_ARMS, "trl"]),
+                        help=f"comma-separated subset of {', '.join([*RLPOST_ARMS, 'trl'])}")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         spec = write_spec(args, work)
-        rows = []
-        if args.skip != "rlpost":
-            rows.append(summarise("rlpost", run_rlpost(args, work)))
-        if args.skip != "trl":
+        arms = [a for a in args.arms.split(",") if a]
+        unknown = sorted(set(arms) - {*RLPOST_ARMS, "trl"})
+        if unknown:
+            parser.error(f"unknown arms {unknown}; choose from {', '.join([*RLPOST_ARMS, 'trl'])}")
+        rows = [summarise(a, run_rlpost(args, work, a)) for a in arms if a in RLPOST_ARMS]
+        if "trl" in arms:
             rows.append(summarise("trl", run_trl(ensure_trl_venv(), spec, work)))
-    print(f"{'':8s} {'s/step':>8s} {'reward@1':>9s} {'reward(last 1/3)':>17s} {'wall s':>8s}")
+    print(f"{'':14s} {'s/step':>8s} {'reward@1':>9s} {'reward(last 1/3)':>17s} {'wall s':>8s}")
     for r in rows:
-        print(f"{r['name']:8s} {r['s_per_step']:8.2f} {r['reward_first']:9.3f} {r['reward_last_third']:17.3f} "
+        print(f"{r['name']:14s} {r['s_per_step']:8.2f} {r['reward_first']:9.3f} {r['reward_last_third']:17.3f} "
               f"{r['wall_s']:8.1f}")
-    if len(rows) == 2:
-        print(f"speed-up (TRL s/step / rlpost s/step): {rows[1]['s_per_step'] / rows[0]['s_per_step']:.2f}x")
+    trl = next((r for r in rows if r["name"] == "trl"), None)
+    for r in rows:
+        if trl is not None and r is not trl:
+            r["speedup_vs_trl"] = trl["s_per_step"] / r["s_per_step"]
+            print(f"speed-up of {r['name']} (TRL s/step / its s/step): {r['speedup_vs_trl']:.2f}x")
     print(json.dumps({"benchmark": "vs_trl", "settings": vars(args), "results": rows}))
 
 
