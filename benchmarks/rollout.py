@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,8 @@ def sync_seconds(engine, model_dir: str, repeats: int) -> dict:
         engine.push_weights(weights.items(), 1)
         syncs.append(time.perf_counter() - t)
     distinct = {v.untyped_storage().data_ptr(): v for v in weights.values()}.values()  # tied weights once
-    return {"weight_sync_s": min(syncs), "weight_sync_s_all": syncs,
+    return {"weight_sync_s": min(syncs), "weight_sync_s_median": statistics.median(syncs), "weight_sync_s_all": syncs,
+            "sync_path": getattr(engine, "sync_path", "copy"),
             "weights_mb": sum(v.numel() * v.element_size() for v in distinct) / 2**20}
 
 
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--sync-repeats", type=int, default=4)
+    parser.add_argument("--sync-repeats", type=int, default=6)
     parser.add_argument("--sync-models", default="", help="comma-separated extra models: vLLM sync time vs size")
     args = parser.parse_args()
     from rl.models import resolve_model
@@ -103,9 +105,11 @@ def main() -> None:
     prompts = workload(model_dir, args.prompts)
     rows = [bench_backend(b, model_dir, prompts, args) for b in args.backends.split(",")]
     sizes = [bench_sync_only(m, args.sync_repeats) for m in filter(None, args.sync_models.split(","))]
-    print(f"{'backend':8s} {'tokens/s':>9s} {'tokens/call':>12s} {'sync s':>7s} {'MB':>7s} {'start s':>8s}")
+    print(f"{'backend':8s} {'tokens/s':>9s} {'tokens/call':>12s} {'sync s (min/median)':>20s} {'MB':>7s} "
+          f"{'start s':>8s}")
     for r in rows:
-        print(f"{r['backend']:8s} {r['tokens_per_s']:9.1f} {r['tokens_per_call']:12.0f} {r['weight_sync_s']:7.2f} "
+        sync = f"{r['weight_sync_s']:.2f}/{r['weight_sync_s_median']:.2f}"
+        print(f"{r['backend']:8s} {r['tokens_per_s']:9.1f} {r['tokens_per_call']:12.0f} {sync:>20s} "
               f"{r['weights_mb']:7.0f} {r['startup_s']:8.1f}")
     for r in sizes:
         print(f"vllm sync {r['model']}: {r['weight_sync_s']:.2f} s for {r['weights_mb']:.0f} MB")

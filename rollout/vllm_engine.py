@@ -69,6 +69,7 @@ class VLLMEngine:
         self.lora_request: Any = None
         self._lora_ids = 0  # vLLM caches adapters by int id: a new id per push, never a reused one
         self.policy_version = 0
+        self.sync_path = ""  # how the last full-weight push was loaded (rollout/_vllm_internals.py)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         from vllm import SamplingParams as VSamplingParams
@@ -95,7 +96,7 @@ class VLLMEngine:
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
         start = time.perf_counter()
-        internals.reload_weights(self.llm, self.shared, named_tensors)
+        self.sync_path = internals.reload_weights(self.llm, self.shared, named_tensors)  # "direct" | "vllm"
         self.lora_request = None  # full weights now carry the policy
         self.policy_version = version
         return time.perf_counter() - start

@@ -12,6 +12,7 @@ from rl.config import load_job
 from rl.errors import UserError
 from rl.models import load_causal_lm
 from rl.types import SamplingParams
+from rollout import _vllm_internals as internals
 from rollout.engine import build_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -60,6 +61,23 @@ def test_tiny_weight_push_changes_then_restores(tiny_engines, tiny_model_dir):
     vllm.push_weights(original.items(), 4)
     assert torch.equal(vllm.generate(prompts, params).input_ids, before.input_ids)
     assert seconds < 5
+
+
+def test_tiny_direct_cpu_reload_matches_vllms_own_reload(tiny_engines, tiny_model_dir):
+    """The CPU fast path (repack each layer from the pushed tensors) and vLLM's generic in-place reload leave
+    the engine in the same state: same tokens, bit-identical logprobs."""
+    vllm, _ = tiny_engines
+    prompts = prompts_for(tiny_model_dir, count=4)
+    torch.manual_seed(5)
+    weights = {k: v + 0.5 * torch.randn_like(v) for k, v in load_causal_lm(tiny_model_dir).state_dict().items()}
+    params = SamplingParams(group_size=2, max_new_tokens=8, seed=6)
+    vllm.push_weights(weights.items(), 8)
+    assert vllm.sync_path == "direct"
+    direct = vllm.generate(prompts, params)
+    assert internals.reload_weights(vllm.llm, vllm.shared, weights.items(), direct=False) == "vllm"
+    generic = vllm.generate(prompts, params)
+    assert torch.equal(direct.input_ids, generic.input_ids)
+    assert torch.equal(direct.sampling_logprobs, generic.sampling_logprobs)
 
 
 def _lora_dir(model_dir: str, out: str, rank: int = 8) -> None:
