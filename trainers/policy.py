@@ -90,10 +90,12 @@ class PolicyTrainer:
         single = self.cfg.ppo_epochs * len(minis) == 1 or not self._loss_needs_old()
         olds = [None if single else self._batch_logprobs(self.model, m) for m in minis]
         extras = [self._loss_inputs(m) for m in minis]  # like `olds`: before any update
+        logprobs_s = time.perf_counter() - start  # no-grad passes: reference, behaviour, objective inputs
         updates = [self._update(mini, old, extra) for _ in range(self.cfg.ppo_epochs)
                    for mini, old, extra in zip(minis, olds, extras)]
         metrics = summarise(updates)
-        metrics.update({"train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
+        metrics.update({"time/logprobs_s": logprobs_s, "time/update_s": time.perf_counter() - start - logprobs_s,
+                        "train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
