@@ -52,9 +52,22 @@ def math_answer(prompt: str, completion: str, answer: Any = None, **fields: Any)
         gold_text = f"${gold_text}$"  # bare gold answers ("1/2", "\\frac12") parse reliably as inline math
     gold = parse(gold_text, parsing_timeout=timeout)
     pred = parse(completion, parsing_timeout=timeout)
-    if not gold or not pred:
+    if not gold or not pred or _restates_the_question(gold, pred):
         return 0.0
     return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
+
+
+def _restates_the_question(gold: list, pred: list) -> bool:
+    """A number is asked for and the final answer is a sum or a product still to be computed ("123 * 456" for
+    56088, "9 - 4"). math-verify evaluates it and would call it equal, so a policy that cannot multiply learns to
+    echo the question (seen: the `pcl` job hit reward 1.0 on 3-digit products in 12 steps, every completion
+    truncated). Fractions ("1/2") and roots stay answers."""
+    first = lambda parsed: next((x for x in parsed if hasattr(x, "is_Number")), None)  # the sympy form
+    asked, given = first(gold), first(pred)
+    if asked is None or given is None or not asked.is_Number:
+        return False
+    factors = [a for a in given.args if a.is_Integer and abs(int(a)) > 1] if given.is_Mul else []
+    return bool(given.is_Add) or len(factors) > 1
 
 
 @REWARDS.register("last_number")

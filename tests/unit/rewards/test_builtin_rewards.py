@@ -26,6 +26,12 @@ MATH_CASES = [
     ("The result is 0.25", "1/4", True),
     ("So x = 1/2", "\\frac{1}{2}", True),
     ("\\boxed{\\frac{1}{3}}", "0.5", False),
+    # the question restated is no answer, though math-verify evaluates it to the right number
+    ("123 * 456", "56088", False),
+    ("The answer is 123*456", "56088", False),
+    ("$123\\times 456$", "56088", False),
+    ("\\boxed{2+3}", "5", False),
+    ("123 * 456 = 56088", "56088", True),
 ]
 
 
