@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-METHODS = ["full", "lora", "bone", "rosa", "paca"]
+METHODS = ["full", "lora", "bone", "rosa", "paca", "paca_fused"]  # paca_fused: PaCA's one-GEMM forward (mode: fused)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -39,7 +39,8 @@ def adapter_config(method: str, r: int, model: torch.nn.Module) -> Any:
             "lora": LoRAAdapter(r=r, alpha=2 * r, target_modules=PROJECTIONS),
             "bone": BoneAdapter(r=2 * r, target_modules=PROJECTIONS),
             "rosa": RoSAAdapter(r=r // 2, alpha=r, density=density, target_modules=PROJECTIONS),
-            "paca": PaCAAdapter(r=2 * r, alpha=4 * r, target_modules=PROJECTIONS)}[method]
+            "paca": PaCAAdapter(r=2 * r, alpha=4 * r, target_modules=PROJECTIONS),
+            "paca_fused": PaCAAdapter(r=2 * r, alpha=4 * r, target_modules=PROJECTIONS, mode="fused")}[method]
 
 
 def peak_bytes(device: str) -> int:

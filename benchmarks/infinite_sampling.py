@@ -22,6 +22,9 @@ Prints a table and one JSON line; --out also writes the JSON to a file.
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
 import ctypes
 import gc
@@ -157,10 +160,6 @@ def summarise(rows: dict, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    # Run as a script, this file's folder comes first on sys.path and its name would shadow nothing here,
-    # but the repository root must be importable: put it first.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=4)

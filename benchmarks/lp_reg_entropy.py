@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ def read_curve(run_dir: Path) -> list[dict]:
     return [{"step": r["step"], **{k: r[k] for k in KEYS if k in r}} for r in rows if r["step"] > 0]
 
 
+def thirds(values: list[float]) -> list[float]:
+    """Means of the first, middle and last third of a curve (where entropy collapse shows)."""
+    n = len(values)
+    cuts = [0, n // 3, 2 * n // 3, n]
+    return [sum(values[a:b]) / max(b - a, 1) for a, b in zip(cuts, cuts[1:])]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
@@ -38,16 +46,20 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--work-dir", required=True)
     p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--threads-per-arm", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[1]
     if not args.collect_only:
+        # Concurrently, so both share the CPU equally, each with its own threads: two processes that both spin up
+        # an OpenMP pool over every core slow each other down several times over.
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_arm), "MKL_NUM_THREADS": str(args.threads_per_arm)}
         procs = [subprocess.Popen([sys.executable, "-m", "rl.cli", "train", job, *overrides(args),
                                    f"run_dir={work / arm}"], cwd=repo, stdout=subprocess.DEVNULL,
-                                  stderr=open(work / f"{arm}.log", "w"))
-                 for arm, job in ARMS.items()]  # concurrently: both share the CPU equally
+                                  stderr=open(work / f"{arm}.log", "w"), env=env)
+                 for arm, job in ARMS.items()]
         if any(proc.wait() for proc in procs):
             raise SystemExit(f"a run failed; logs in {work}")
     curves = {arm: read_curve(work / arm) for arm in ARMS}
@@ -56,7 +68,9 @@ def main() -> None:
               "entropy_mean_over_steps": {a: sum(r["policy/entropy"] for r in c[:common]) / max(common, 1)
                                           for a, c in curves.items()},
               "entropy_last_common_step": {a: c[common - 1]["policy/entropy"] if common else None
-                                           for a, c in curves.items()}}
+                                           for a, c in curves.items()},
+              "entropy_mean_by_third": {a: thirds([r["policy/entropy"] for r in c[:common]]) for a, c in curves.items()},
+              "reward_mean_by_third": {a: thirds([r["reward/mean"] for r in c[:common]]) for a, c in curves.items()}}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -9,12 +9,13 @@ Prints a table and one JSON line. Tokens/s counts generated (completion) tokens 
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -84,10 +85,6 @@ def bench_sync_only(model: str, repeats: int) -> dict:
 
 
 def main() -> None:
-    # Run as a script, this file's folder comes first on sys.path and its name would shadow the
-    # `rollout` package: put the repository root there instead.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [str(here.parent)] + [p for p in sys.path if Path(p or ".").resolve() != here]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--backends", default="hf,vllm")
