@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=8, help="prompts_per_step (m)")
     parser.add_argument("--group", type=int, default=8, help="group_size (n)")
-    parser.add_argument("--tokens", type=int, default=12, help="max_new_tokens")
+    parser.add_argument("--tokens", type=int, default=20, help="max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="timed rollout-filter generations")
     parser.add_argument("--work", default="/tmp/pcl_vs_uniform")
@@ -174,7 +174,7 @@ def main() -> None:
     uniform, pcl = uniform[:steps], pcl[:steps]
     pcl_values = value_summary(pcl)
     report = {
-        "machine": f"{os.cpu_count()}-CPU host (shared, contended); torch CPU",
+        "machine": f"{os.cpu_count()}-CPU host, torch CPU; the two arms run at once, each on its share of the cores",
         "job": "pcl", "model": args.model, "steps": steps, "prompts_per_step": args.prompts,
         "group_size": args.group, "max_new_tokens": args.tokens, "seed": args.seed,
         "pool_factor": 4, "command": " ".join(sys.argv),
