@@ -35,8 +35,9 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
         return common + [f"rollout.prompts_per_step={args.prompts}", f"trainer.max_steps={args.updates}",
                          f"trainer.eval_every_steps={h}", "algorithm.loss.name=ppo_clip"]
     return common + [f"rollout.prompts_per_step={args.prompts * h}", f"trainer.max_steps={args.updates // h}",
-                     f"trainer.mini_batches={h}", "trainer.eval_every_steps=1", "algorithm.loss.name=rapid",
-                     f"algorithm.loss.behaviour_logprobs={args.behaviour}"]
+                     f"trainer.mini_batches={h}", "trainer.eval_every_steps=1",
+                     # the whole section: a job's ppo_clip keys (clip_low, ...) are not keys of the rapid loss
+                     f"algorithm.loss={{name: rapid, behaviour_logprobs: {args.behaviour}}}"]
 
 
 def curve(run_dir: Path, updates_per_step: int) -> list[dict]:
@@ -72,12 +73,13 @@ def main() -> None:
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--arms", default="grpo,rapid", help="arms to (re)run; the others are read from --work-dir")
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="rapid_vs_grpo_"))
     work.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[1]  # run this checkout's packages
     procs = {}
-    for arm in ("grpo", "rapid"):
+    for arm in [a for a in ("grpo", "rapid") if a in args.arms.split(",")]:
         cmd = [sys.executable, "-m", "rl.cli", "train", args.job, *arm_overrides(arm, args), f"run_dir={work / arm}"]
         log = open(work / f"{arm}.log", "w")
         procs[arm] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
