@@ -62,12 +62,16 @@ def _restates_the_question(gold: list, pred: list) -> bool:
     56088, "9 - 4"). math-verify evaluates it and would call it equal, so a policy that cannot multiply learns to
     echo the question (seen: the `pcl` job hit reward 1.0 on 3-digit products in 12 steps, every completion
     truncated). Fractions ("1/2") and roots stay answers."""
-    first = lambda parsed: next((x for x in parsed if hasattr(x, "is_Number")), None)  # the sympy form
-    asked, given = first(gold), first(pred)
+    asked, given = _sympy_form(gold), _sympy_form(pred)
     if asked is None or given is None or not asked.is_Number:
         return False
     factors = [a for a in given.args if a.is_Integer and abs(int(a)) > 1] if given.is_Mul else []
     return bool(given.is_Add) or len(factors) > 1
+
+
+def _sympy_form(parsed: list) -> Any:
+    """math-verify's parse gives [sympy expression, extracted string]; the expression, or None."""
+    return next((x for x in parsed if hasattr(x, "is_Number")), None)
 
 
 @REWARDS.register("last_number")

@@ -173,6 +173,8 @@ def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts of a stacked layer (q/k/v, gate/up) as one tensor along dim 0: a view when they lie back to back
     in one buffer (the sender writes them in checkpoint order, which is stacking order), else a concatenation."""
     first = parts[0]
+    if len(parts) == 1:
+        return first
     end = first.data_ptr()
     for p in parts:
         if not (p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and p.data_ptr() == end):
