@@ -3,6 +3,7 @@ against on-policy GRPO (one inference batch per update), on the same job, machin
 
     python benchmarks/rapid_vs_grpo.py                       # tiny job, 96 updates per arm, both arms at once
     python benchmarks/rapid_vs_grpo.py --updates 48 --target 0.3 --out benchmarks/results/rapid_vs_grpo.json
+    python benchmarks/rapid_vs_grpo.py --arms "" --work-dir DIR --targets 0.65 0.75   # re-read runs already in DIR
 
 Both arms run the real CLI (`rl train`) on the tiny job with the same seed, learning rate, group size and
 samples per update (`--prompts` prompts x group); they differ only in how data is generated and used:
@@ -57,6 +58,25 @@ def time_to(points: list[dict], target: float) -> float | None:
     return next((p["clock_s"] for p in points if p["eval_reward"] >= target and p["updates"] > 0), None)
 
 
+def interpolated_time_to(points: list[dict], target: float) -> float | None:
+    """The clock at which the curve, read as straight lines between evaluations, first reaches `target`: less
+    at the mercy of where the evaluations happen to fall than the first evaluation at or above it."""
+    for a, b in zip(points, points[1:]):
+        if b["eval_reward"] >= target > a["eval_reward"]:
+            return round(a["clock_s"] + (target - a["eval_reward"]) / (b["eval_reward"] - a["eval_reward"])
+                         * (b["clock_s"] - a["clock_s"]), 2)
+    return None
+
+
+def savings(result: dict, targets: list[float]) -> dict[str, dict]:
+    """Per target: each arm's interpolated time to it and RAPID's saving (1 - rapid / grpo)."""
+    out = {}
+    for t in targets:
+        g, r = (interpolated_time_to(result["arms"][a]["curve"], t) for a in ("grpo", "rapid"))
+        out[str(t)] = {"grpo_s": g, "rapid_s": r, "rapid_saving": None if g is None or r is None else round(1 - r / g, 4)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", default="tiny")
@@ -68,6 +88,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-prompts", type=int, default=16)
     p.add_argument("--target", type=float, default=0.3, help="held-out eval/reward_mean to reach")
+    p.add_argument("--targets", type=float, nargs="*", default=[],
+                   help="more targets, each reported with interpolated times to it")
     p.add_argument("--behaviour", choices=["learner", "sampler"], default="learner")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sequential", action="store_true")
@@ -97,6 +119,7 @@ def main() -> None:
     result["rapid_time_saving"] = None if g is None or r is None else round(1 - r / g, 4)
     total_g, total_r = result["arms"]["grpo"]["total_clock_s"], result["arms"]["rapid"]["total_clock_s"]
     result["rapid_total_time_saving"] = round(1 - total_r / total_g, 4)
+    result["interpolated"] = savings(result, [args.target, *args.targets])
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
