@@ -12,12 +12,17 @@ completion tokens (at the sampling temperature), logged by the trainer before it
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks._report import emit
 
 ARMS = {"grpo": "quickstart", "lp_reg": "lp_reg"}
 KEYS = ("policy/entropy", "reward/mean", "lp_reg/protected_frac", "lp_reg/selected_frac", "lp_reg/proxy_kl",
@@ -95,10 +100,7 @@ def main() -> None:
               "protected_frac_mean": sum(r.get("lp_reg/protected_frac", 0.0) for r in curves["lp_reg"][:common])
               / max(common, 1),
               "reward_mean_by_third": {a: thirds([r["reward/mean"] for r in c[:common]]) for a, c in curves.items()}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,39 +16,32 @@ subset with the same probability profile unless rewards correlate with token rar
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
-if not __package__:  # run as a script: the repository's packages come before benchmarks/ on the path
-    import _repo_path  # noqa: F401
+from benchmarks._report import emit
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
-def sample_and_score(job, prompts: int, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_and_score(engine, job, prompts: list, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(y) at `temperature`, log pi_proxy(y)) for every sampled completion token, both [K]."""
-    from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
     from rl.types import SamplingParams
-    from rollout.engine import build_engine
     from trainers.logprobs import token_logprobs
     from trainers.lp_reg import proxy_token_logprobs
 
-    model_dir = resolve_model(job.model.path)
-    engine = build_engine(job.rollout, model_dir, job.model.dtype, "cpu", job.seed)
-    batch_prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())[:prompts]
     params = SamplingParams(group_size=job.rollout.group_size, max_new_tokens=job.rollout.max_new_tokens,
                             temperature=temperature, seed=seed)
-    batch = engine.generate(batch_prompts, params)
+    batch = engine.generate(prompts, params)
     model = engine.model  # the hf engine's own model: the policy that sampled
     with torch.no_grad():
         logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask, temperature, 1024, False)
         proxy = proxy_token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask,
                                      job.algorithm.loss, temperature)
-    engine.close()
     return logp[batch.loss_mask], proxy[batch.loss_mask]  # both aligned with the tokens they score
 
 
@@ -76,20 +69,24 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from rl.config import load_job
+    from rl.models import load_tokenizer, resolve_model
+    from rl.runtime import build_env
+    from rollout.engine import build_engine
 
     job = load_job(args.job)
     result = {"benchmark": "lp_reg_reach", "job": args.job, "prompts": args.prompts,
               "group": job.rollout.group_size, "max_new_tokens": job.rollout.max_new_tokens,
               "min_p": job.algorithm.loss.min_p, "by_temperature": {}}
+    model_dir = resolve_model(job.model.path)
+    engine = build_engine(job.rollout, model_dir, job.model.dtype, "cpu", job.seed)  # one model for every temperature
+    prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())[:args.prompts]
     for t in args.temperatures:
-        logp, proxy = sample_and_score(job, args.prompts, t, args.seed)
+        logp, proxy = sample_and_score(engine, job, prompts, t, args.seed)
         result["by_temperature"][str(t)] = {"tokens": int(len(logp)),
                                             "filtered_share": round(float((proxy <= -1e3).float().mean()), 4),
                                             "bottom": reach(logp, proxy)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    engine.close()
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

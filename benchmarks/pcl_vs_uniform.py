@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks._report import emit
+
 
 def start_arm(name: str, curriculum: str, args: argparse.Namespace) -> subprocess.Popen | None:
     """Start one arm's `rl train` (None if --reuse finds it finished). Both arms run at once: on a contended
@@ -190,11 +192,7 @@ def main() -> None:
         report["selection_speedup_batched_vs_rollout_filtering"] = (
             filtering["generate_extra_s_mean"] / statistics.fmean(micro["select_s_batched"]))
     report["selection_speedup_vs_rollout_filtering"] = filtering["generate_extra_s_mean"] / pcl_values["select_s_mean"]
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,17 @@ Prints one JSON object (also written to --out).
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks._report import emit
 
 
 def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
@@ -120,11 +125,7 @@ def main() -> None:
     total_g, total_r = result["arms"]["grpo"]["total_clock_s"], result["arms"]["rapid"]["total_clock_s"]
     result["rapid_total_time_saving"] = round(1 - total_r / total_g, 4)
     result["interpolated"] = savings(result, [args.target, *args.targets])
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

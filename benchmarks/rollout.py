@@ -31,7 +31,6 @@ def workload(model_dir: str, prompts: int) -> list:
 
 def bench_backend(backend: str, model_dir: str, prompts: list, args: argparse.Namespace) -> dict:
     from rl.config import load_job
-    from rl.models import load_causal_lm
     from rl.types import SamplingParams
     from rollout.engine import build_engine
 

@@ -18,13 +18,17 @@ but one node-step took 330 s there under contention, so it needs a quieter machi
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks._report import emit
 
 CONFIGS = {"shared_4_4": (4, 4), "alone_8_0": (8, 0)}
 
@@ -100,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(report["configs"]) == 2:
         shared, alone = (report["configs"][k]["cumulative_reward"] for k in CONFIGS)
         report["cumulative_reward_gain"] = (shared - alone) / alone if alone else None
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

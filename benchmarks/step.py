@@ -13,6 +13,9 @@ Prints a table and one JSON line.
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: see benchmarks/_repo_path.py
+    import _repo_path  # noqa: F401
+
 import argparse
 import json
 import os
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks._report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("time/rollout_s", "time/score_s", "time/logprobs_s", "time/update_s", "time/weight_sync_s", "time/step_s")
@@ -58,10 +63,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['job']:11s} {r['backend']:7s} " + " ".join(f"{r[k]:9.3f}" for k in PHASES)
               + f" {r['rollout/tokens_per_s']:9.1f} {r['train/tokens_per_s']:11.1f} {r['peak_rss_mib']:9.0f}")
-    text = json.dumps({"benchmark": "step", "steps": args.steps, "results": rows})
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit({"benchmark": "step", "steps": args.steps, "results": rows}, args.out, indent=None)
 
 
 if __name__ == "__main__":
