@@ -55,8 +55,9 @@ def run_arms(args: argparse.Namespace, work: Path, repo: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def start(arm: str, job: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "rl.cli", "train", job, *overrides(args, arm), f"run_dir={work / arm}"],
-                                cwd=repo, stdout=subprocess.DEVNULL, stderr=open(work / f"{arm}.log", "w"), env=env)
+        cmd = [sys.executable, "-m", "rl.cli", "train", job, *overrides(args, arm), f"run_dir={work / arm}"]
+        return subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=open(work / f"{arm}.log", "w"),
+                                env=env)
 
     if args.sequential:
         failed = [arm for arm, job in ARMS.items() if start(arm, job).wait()]
@@ -90,6 +91,7 @@ def main() -> None:
         run_arms(args, work, repo)
     curves = {arm: read_curve(work / arm) for arm in ARMS}
     common = min(len(c) for c in curves.values())
+    protected = [r.get("lp_reg/protected_frac", 0.0) for r in curves["lp_reg"][:common]]
     result = {"args": vars(args), "overrides": {arm: overrides(args, arm) for arm in ARMS}, "curves": curves,
               "steps_compared": common,
               "entropy_mean_over_steps": {a: sum(r["policy/entropy"] for r in c[:common]) / max(common, 1)
@@ -97,8 +99,7 @@ def main() -> None:
               "entropy_last_common_step": {a: c[common - 1]["policy/entropy"] if common else None
                                            for a, c in curves.items()},
               "entropy_mean_by_third": {a: thirds([r["policy/entropy"] for r in c[:common]]) for a, c in curves.items()},
-              "protected_frac_mean": sum(r.get("lp_reg/protected_frac", 0.0) for r in curves["lp_reg"][:common])
-              / max(common, 1),
+              "protected_frac_mean": sum(protected) / max(common, 1),
               "reward_mean_by_third": {a: thirds([r["reward/mean"] for r in c[:common]]) for a, c in curves.items()}}
     emit(result, args.out)
 

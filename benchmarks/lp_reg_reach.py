@@ -39,7 +39,7 @@ def sample_and_score(engine, job, prompts: list, temperature: float, seed: int) 
     batch = engine.generate(prompts, params)
     model = engine.model  # the hf engine's own model: the policy that sampled
     with torch.no_grad():
-        logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask, temperature, 1024, False)
+        logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask, temperature)
         proxy = proxy_token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask,
                                      job.algorithm.loss, temperature)
     return logp[batch.loss_mask], proxy[batch.loss_mask]  # both aligned with the tokens they score

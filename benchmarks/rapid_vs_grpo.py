@@ -78,7 +78,8 @@ def savings(result: dict, targets: list[float]) -> dict[str, dict]:
     out = {}
     for t in targets:
         g, r = (interpolated_time_to(result["arms"][a]["curve"], t) for a in ("grpo", "rapid"))
-        out[str(t)] = {"grpo_s": g, "rapid_s": r, "rapid_saving": None if g is None or r is None else round(1 - r / g, 4)}
+        saving = None if g is None or r is None else round(1 - r / g, 4)
+        out[str(t)] = {"grpo_s": g, "rapid_s": r, "rapid_saving": saving}
     return out
 
 
