@@ -13,12 +13,12 @@ in both, so fwd+bwd has the same ratio): projections + MLP on G(P+C) vs P+GC tok
 G(P+C)^2/2 vs P^2/2 + G(PC + C^2/2) query-key pairs (the paper's two-call attention; the masked call
 used here also spends the off-diagonal completion blocks), the LM head on GC tokens in both.
 
-    python benchmarks/prefix_grouper.py                          # SmolLM2-135M shape, the full grid
+    python -m benchmarks.perf.prefix_grouper                          # SmolLM2-135M shape, the full grid
     # the saved CPU figure (2-CPU host shared with other jobs: 1 thread, CPU-time clock); *_6layers.json
     # and *_12layers.json add --layers 6 / --layers 12
-    python benchmarks/prefix_grouper.py --prompts 1024 --groups 8 --threads 1 --clock cpu \
-        --warmup 0 --steps 1 --out benchmarks/results/prefix_grouper_cpu.json
-    python benchmarks/prefix_grouper.py --quick                  # tiny-llama shape, small grid: a smoke run
+    python -m benchmarks.perf.prefix_grouper --prompts 1024 --groups 8 --threads 1 --clock cpu \
+        --warmup 0 --steps 1 --out benchmarks/results/prefix_grouper/cpu.json
+    python -m benchmarks.perf.prefix_grouper --quick                  # tiny-llama shape, small grid: a smoke run
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks._report import REPO, child_env, emit, self_command
 
 # Shapes built in code with random weights (timing does not depend on the values; nothing to download).
 SHAPES = {
@@ -136,10 +136,9 @@ def run_one(layout: str, prompt: int, group: int, args: argparse.Namespace) -> d
 
 
 def subprocess_run(layout: str, prompt: int, group: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--one", f"{layout},{prompt},{group}"] + sys.argv[1:]
+    cmd = self_command(__spec__.name, "--one", f"{layout},{prompt},{group}", *sys.argv[1:])
     # This checkout's packages first, whatever is installed (a worktree beside an editable install).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_env(), cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(f"{layout} P={prompt} G={group} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -220,10 +219,8 @@ def main() -> None:
             rows.append(compare(*pair))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "one"}, "results": rows, "raw": raw},
-                      f, indent=2)
+    emit({"benchmark": "prefix_grouper", "args": {k: v for k, v in vars(args).items() if k != "one"},
+          "results": rows, "raw": raw}, args.out)
 
 
 if __name__ == "__main__":

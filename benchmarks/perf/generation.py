@@ -1,16 +1,13 @@
 """Rollout throughput and weight-sync time, per backend, on the same workload.
 
-    .venv/bin/python benchmarks/rollout.py                       # SmolLM2-135M, 16 prompts x 8 x 64 tokens
-    .venv/bin/python benchmarks/rollout.py --model tiny-llama --prompts 4 --group 4 --tokens 16
-    .venv/bin/python benchmarks/rollout.py --backends vllm --sync-models tiny-llama   # + sync time vs model size
+    python -m benchmarks.perf.generation                       # SmolLM2-135M, 16 prompts x 8 x 64 tokens
+    python -m benchmarks.perf.generation --model tiny-llama --prompts 4 --group 4 --tokens 16
+    python -m benchmarks.perf.generation --backends vllm --sync-models tiny-llama   # + sync time vs model size
 
 Prints a table and one JSON line. Tokens/s counts generated (completion) tokens over wall time.
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import json

@@ -1,7 +1,7 @@
 """Infinite Sampling (arXiv 2506.22950) vs full-group and naive micro-group decoding, transformers backend.
 
-    .venv/bin/python benchmarks/infinite_sampling.py --prompts 2      # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
-    .venv/bin/python benchmarks/infinite_sampling.py --model tiny-llama --prompts 2 --group 8 --tokens 16 --slots 2
+    python -m benchmarks.perf.infinite_sampling --prompts 2      # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
+    python -m benchmarks.perf.infinite_sampling --model tiny-llama --prompts 2 --group 8 --tokens 16 --slots 2
 
 Arms (each in its own subprocess, so memory figures do not leak between arms):
 - full:     a whole group decoded at once (rollout.hf.max_batch_size = G);
@@ -21,9 +21,6 @@ Prints a table and one JSON line; --out also writes the JSON to a file.
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import ctypes

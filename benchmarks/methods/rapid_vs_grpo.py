@@ -1,9 +1,9 @@
 """Wall-clock time to a held-out reward target: RAPID (large inference batch, H off-policy mini-batch updates)
 against on-policy GRPO (one inference batch per update), on the same job, machine and number of updates.
 
-    python benchmarks/rapid_vs_grpo.py                       # tiny job, 96 updates per arm, both arms at once
-    python benchmarks/rapid_vs_grpo.py --updates 48 --target 0.3 --out benchmarks/results/rapid_vs_grpo.json
-    python benchmarks/rapid_vs_grpo.py --arms "" --work-dir DIR --targets 0.65 0.75   # re-read runs already in DIR
+    python -m benchmarks.methods.rapid_vs_grpo                       # tiny job, 96 updates per arm, both arms at once
+    python -m benchmarks.methods.rapid_vs_grpo --updates 48 --target 0.3 --out benchmarks/results/rapid_vs_grpo/result.json
+    python -m benchmarks.methods.rapid_vs_grpo --arms "" --work-dir DIR --targets 0.65 0.75   # re-read runs already in DIR
 
 Both arms run the real CLI (`rl train`) on the tiny job with the same seed, learning rate, group size and
 samples per update (`--prompts` prompts x group); they differ only in how data is generated and used:
@@ -17,9 +17,6 @@ Prints one JSON object (also written to --out).
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import json
@@ -105,7 +102,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="rapid_vs_grpo_"))
     work.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]  # run this checkout's packages
+    repo = Path(__file__).resolve().parents[2]  # run this checkout's packages
     procs = {}
     for arm in [a for a in ("grpo", "rapid") if a in args.arms.split(",")]:
         cmd = [sys.executable, "-m", "rl.cli", "train", args.job, *arm_overrides(arm, args), f"run_dir={work / arm}"]

@@ -1,13 +1,17 @@
 """Learner-step time and peak memory: full fine-tuning vs LoRA, Bone, RoSA, PaCA (ADAPTERS.md §8.6, issue 7).
 
-Step time is the fastest timed step (robust to other processes sharing the CPU); the median is also kept.
+Step time is the fastest timed step of a run (robust to other processes sharing the CPU; the median is also kept).
+`--repeats N` runs every method N times, in alternating order (A B C, C B A, ...), and reports the median and
+range over the repeats of each method's s/step and memory ratio to LoRA measured in the same repeat.
 One step = forward + backward of a causal-LM loss on a fixed batch + AdamW step, on the same model and batch.
 Adapters target all 7 projections at comparable trainable-parameter counts: LoRA r, Bone 2r, PaCA 2r
 (r·m vs r(n+m): equal on square weights), RoSA r/2 plus the density that fills the rest of LoRA's budget.
 Each method runs in its own subprocess so peak memory is its own: CUDA `max_memory_allocated`, or on CPU
 the growth of the process's peak RSS over the loaded model (an upper-bound-ish figure, allocator included).
 
-    python benchmarks/adapters.py --model tiny-llama --batch 8 --seq 128 --steps 5 --out bench.json
+    python -m benchmarks.perf.adapters --model smollm2-135m-instruct --repeats 3 \\
+        --out benchmarks/results/adapters/smollm2_cpu_repeats3.json
+    python -m benchmarks.perf.adapters --model tiny-llama --methods lora,paca --steps 1 --warmup 0 --repeats 1   # smoke
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import time
 from typing import Any
 
 import torch
+
+from benchmarks._report import REPO, abba, child_env, emit, self_command, spread
 
 METHODS = ["full", "lora", "bone", "rosa", "paca", "paca_fused"]  # paca_fused: PaCA's one-GEMM forward (mode: fused)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,15 +101,33 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
             "config": None if cfg is None else cfg.model_dump()}
 
 
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per method: the first repeat's row plus, over the repeats, the median and range of its s/step and peak
+    memory and of their ratios to LoRA in the same repeat (a ratio quoted in README is that median and range)."""
+    lora = runs.get("lora")
+    rows = []
+    for method, reps in runs.items():
+        row = {**reps[0], "repeats": reps, "step_s": spread([r["step_s"] for r in reps])["median"],
+               "step_s_spread": spread([r["step_s"] for r in reps]),
+               "peak_over_model_mib": spread([r["peak_over_model_mib"] for r in reps])["median"]}
+        if lora:
+            row["step_s_vs_lora"] = spread([r["step_s"] / l["step_s"] for r, l in zip(reps, lora)])
+            row["peak_vs_lora"] = spread([r["peak_over_model_mib"] / l["peak_over_model_mib"]
+                                          for r, l in zip(reps, lora) if l["peak_over_model_mib"]] or [float("nan")])
+        rows.append(row)
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lora = next((r for r in rows if r["method"] == "lora"), None)
-    lines = [f"{'method':8} {'trainable':>12} {'step_s':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7}"]
+    """Medians over the repeats; `x LoRA` is the median of the per-repeat ratios, with its range."""
+    def ratio(r: dict[str, Any], key: str) -> str:
+        s = r.get(key)
+        return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}]" if s else "-"
+    lines = [f"{'method':10} {'trainable':>12} {'step_s':>9} {'x LoRA [range]':>18} {'peak MiB':>9} "
+             f"{'x LoRA [range]':>18}"]
     for r in rows:
-        t = r["step_s"] / lora["step_s"] if lora else float("nan")
-        lora_mem = lora["peak_over_model_mib"] if lora else 0.0
-        m = r["peak_over_model_mib"] / lora_mem if lora_mem else float("nan")
-        lines.append(f"{r['method']:8} {r['trainable_params']:>12,} {r['step_s']:>9.4f} {t:>7.2f} "
-                     f"{r['peak_over_model_mib']:>9.1f} {m:>7.2f}")
+        lines.append(f"{r['method']:10} {r['trainable_params']:>12,} {r['step_s']:>9.4f} {ratio(r, 'step_s_vs_lora'):>18} "
+                     f"{r['peak_over_model_mib']:>9.1f} {ratio(r, 'peak_vs_lora'):>18}")
     return "\n".join(lines)
 
 
@@ -117,10 +141,21 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds over the methods, in alternating order (A B .., .. B A); ratios: median and range")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one method, print JSON
     return p.parse_args()
+
+
+def run_child(method: str) -> dict[str, Any]:
+    """`method` in its own process, so that its peak memory is its own."""
+    done = subprocess.run(self_command(__spec__.name, *sys.argv[1:], "--one", method), capture_output=True,
+                          text=True, check=False, cwd=REPO, env=child_env())
+    if done.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -128,17 +163,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
-    rows = []
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:]]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    order = abba(methods, args.repeats)
+    for method in order:
+        runs[method].append(run_child(method))
+    rows = summarise(runs)
     print(table(rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "one"}, "results": rows}, f, indent=2)
+    emit({"benchmark": "adapters", "args": {k: v for k, v in vars(args).items() if k != "one"}, "order": order,
+          "results": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ every node generates and publishes, then every node trains), memory transport. B
 use the same seeds per node (node i: seed + i). The paper's measure is the cumulative reward: the
 sum over rounds and nodes of each node's mean reward on its own (local) rollouts.
 
-    nice -n 15 python -m benchmarks.sapo_swarm --steps 12 --out benchmarks/results/sapo_swarm.json
-    nice -n 15 python -m benchmarks.sapo_swarm --job sapo --reward math_answer --max-new-tokens 16   # SmolLM2
+    nice -n 15 python -m benchmarks.methods.sapo_swarm --steps 12 --out benchmarks/results/sapo_swarm/seed0.json
+    nice -n 15 python -m benchmarks.methods.sapo_swarm --job sapo --reward math_answer --max-new-tokens 16   # SmolLM2
 
 On the shared 2-CPU host the default is the tiny random Llama (full fine-tune, reward = fraction of
 digits in the completion: a random model has something to learn); SmolLM2 + LoRA is the real setting
@@ -17,9 +17,6 @@ but one node-step took 330 s there under contention, so it needs a quieter machi
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import statistics

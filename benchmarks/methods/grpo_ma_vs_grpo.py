@@ -11,7 +11,7 @@ Part B, training: `rl train grpo_ma` and the same job with `algorithm: grpo` (gr
 response one sequence, seq_mean_token_mean); per-step reward, pre-clip gradient norm and sampled tokens
 from each run's metrics.jsonl.
 
-    nice -n 15 python -m benchmarks.grpo_ma_vs_grpo --steps 6 --out benchmarks/results/grpo_ma_vs_grpo.json
+    nice -n 15 python -m benchmarks.methods.grpo_ma_vs_grpo --steps 6 --out benchmarks/results/grpo_ma_vs_grpo/result.json
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8, help="part A answers per thought")
     ap.add_argument("--grpo-group", type=int, default=6, help="G of the GRPO arm")
     ap.add_argument("--root", default="/tmp/grpo_ma_bench")
-    ap.add_argument("--out", default="benchmarks/results/grpo_ma_vs_grpo.json")
+    ap.add_argument("--out", default="benchmarks/results/grpo_ma_vs_grpo/result.json")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--part-a-from", default=None, help="reuse part A from an earlier result file (JSON)")
     args = ap.parse_args()

@@ -8,16 +8,13 @@ if Z is near 1 Lp-Reg changes nothing. This script samples the job's own prompts
 tokens with the trainer's functions, and prints, per temperature and selection fraction, the share of selected
 tokens that survive the filter and pi_proxy / pi on them (JSON, also to --out).
 
-    python benchmarks/lp_reg_reach.py --temperatures 0.7 1.0 --out benchmarks/results/lp_reg_reach.json
+    python -m benchmarks.methods.lp_reg_reach --temperatures 0.7 1.0 --out benchmarks/results/lp_reg_reach/result.json
 
 Every sampled token is counted (advantage signs need rewards; the selection among negative tokens is a
 subset with the same probability profile unless rewards correlate with token rarity).
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 

@@ -1,6 +1,6 @@
 """PCL (arXiv 2510.01135) vs uniform prompt sampling on arithmetic of mixed difficulty (built-in job `pcl`).
 
-    nice -n 15 .venv/bin/python benchmarks/pcl_vs_uniform.py --steps 12 --out benchmarks/results/pcl_vs_uniform.json
+    nice -n 15 python -m benchmarks.methods.pcl_vs_uniform --steps 12 --out benchmarks/results/pcl_vs_uniform/result.json
 
 Runs the real CLI twice on the same job and seed: `curriculum: null` (uniform) and `curriculum: pcl`, then
 compares what PCL is for:
@@ -16,9 +16,6 @@ Prints one JSON object (and writes it to --out).
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import json

@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark: where a step's time goes, per job and rollout backend.
 
-    .venv/bin/python benchmarks/step.py                                   # tiny and quickstart, hf and vllm
-    .venv/bin/python benchmarks/step.py --jobs quickstart --backends hf --steps 6
+    python -m benchmarks.perf.step                                   # tiny and quickstart, hf and vllm
+    python -m benchmarks.perf.step --jobs quickstart --backends hf --steps 6
 
 Each (job, backend) runs the real `rl train` for `--steps` steps (no evaluation, checkpoints or logging
 services) and reads its metrics.jsonl. Per step, excluding the first (warm-up): generation, scoring,
@@ -12,9 +12,6 @@ Prints a table and one JSON line.
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import json
@@ -27,7 +24,7 @@ from pathlib import Path
 
 from benchmarks._report import emit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("time/rollout_s", "time/score_s", "time/logprobs_s", "time/update_s", "time/weight_sync_s", "time/step_s")
 RATES = ("rollout/tokens_per_s", "train/tokens_per_s")
 

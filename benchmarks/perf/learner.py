@@ -1,7 +1,7 @@
 """Learner step time and memory: `PolicyTrainer.step` on a synthetic scored batch.
 
-    .venv/bin/python benchmarks/learner.py                                  # tiny-llama and SmolLM2-135M
-    .venv/bin/python benchmarks/learner.py --models tiny-llama --rows 16 --completion 128 --steps 5
+    python -m benchmarks.perf.learner                                  # tiny-llama and SmolLM2-135M
+    python -m benchmarks.perf.learner --models tiny-llama --rows 16 --completion 128 --steps 5
 
 One JSON line per model: seconds per learner step (mean and min over the timed steps; the first step is a
 warm-up), loss tokens per second, and the process's peak RSS after the model (full fine-tuning, fp32,

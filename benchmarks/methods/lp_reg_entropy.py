@@ -1,9 +1,9 @@
 """Policy entropy with and without Lp-Reg: the built-in `quickstart` (ppo_clip) and `lp_reg` jobs, which differ
 only in the loss, run with the same reduced overrides; prints both `policy/entropy` curves as JSON.
 
-    python benchmarks/lp_reg_entropy.py --steps 10 --prompts 2 --max-new-tokens 16 --work-dir /tmp/lr_ent
-    python benchmarks/lp_reg_entropy.py --work-dir /tmp/lr_ent --collect-only     # runs already there
-    python benchmarks/lp_reg_entropy.py --steps 36 --set rollout.temperature=1.0 --sequential --work-dir /tmp/t1 \
+    python -m benchmarks.methods.lp_reg_entropy --steps 10 --prompts 2 --max-new-tokens 16 --work-dir /tmp/lr_ent
+    python -m benchmarks.methods.lp_reg_entropy --work-dir /tmp/lr_ent --collect-only     # runs already there
+    python -m benchmarks.methods.lp_reg_entropy --steps 36 --set rollout.temperature=1.0 --sequential --work-dir /tmp/t1 \
         --lp-set algorithm.loss.neg_fraction=0.25                                 # an override for the lp_reg arm only
 
 Entropy is the learner's mean per-token entropy of the full next-token distribution over the step's
@@ -11,9 +11,6 @@ completion tokens (at the sampling temperature), logged by the trainer before it
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: see benchmarks/_repo_path.py
-    import _repo_path  # noqa: F401
 
 import argparse
 import json
@@ -86,7 +83,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     if not args.collect_only:
         run_arms(args, work, repo)
     curves = {arm: read_curve(work / arm) for arm in ARMS}

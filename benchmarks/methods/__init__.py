@@ -1,0 +1,1 @@
+"""Method experiments: a method from a paper against its baseline (GRPO-MA, Lp-Reg, PCL, RAPID, SAPO)."""

@@ -1,0 +1,92 @@
+"""benchmarks/: every script runs as `python -m benchmarks.perf.NAME` / `benchmarks.methods.NAME` from the repository
+root, and the pieces its figures rest on (vs-TRL settings, provenance, alternating order, spreads) do what they say."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = sorted(f"benchmarks.{p.parent.name}.{p.stem}" for folder in ("perf", "methods")
+                 for p in (ROOT / "benchmarks" / folder).glob("*.py") if not p.stem.startswith("_"))
+
+HELP_ALL = """
+import runpy, sys
+for name in sys.argv[1:]:
+    sys.argv = [name, "--help"]
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)  # what `python -m NAME --help` runs
+    except SystemExit as e:
+        assert e.code in (0, None), (name, e.code)
+        print("ok", name)
+    else:
+        raise AssertionError(name + ": --help did not exit")
+"""
+
+
+def test_every_benchmark_runs_with_python_m_from_the_repository_root():
+    # One interpreter for all of them (torch is imported once): the test stays cheap.
+    done = subprocess.run([sys.executable, "-c", HELP_ALL, *MODULES], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in done.stdout.splitlines() if line.startswith("ok ")] == [f"ok {m}" for m in MODULES]
+    assert len(MODULES) >= 13
+
+
+def test_no_benchmark_module_shadows_a_package():
+    packages = {"rl", "rollout", "rewards", "trainers", "envs", "benchmarks"}
+    stems = {p.stem for p in (ROOT / "benchmarks").rglob("*.py") if ".trl-venv" not in p.parts}
+    assert not stems & packages
+    assert not (ROOT / "benchmarks" / "_repo_path.py").exists()
+
+
+def test_abba_alternates_and_spread_reports_median_and_range():
+    from benchmarks._report import abba, spread
+
+    assert abba(["a", "b"], 2) == ["a", "b", "b", "a"]
+    assert abba(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert spread([1.2, 0.9, 1.0]) == {"median": 1.0, "min": 0.9, "max": 1.2, "n": 3, "values": [1.2, 0.9, 1.0]}
+
+
+def test_emit_records_command_commit_machine_and_date(tmp_path):
+    code = ("import sys; sys.argv = ['x', '--flag']; from benchmarks._report import emit; "
+            f"emit({{'figure': 1}}, {str(tmp_path / 'r' / 'out.json')!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    result = json.loads((tmp_path / "r" / "out.json").read_text())
+    prov = result["provenance"]
+    assert result["figure"] == 1
+    assert prov["command"].endswith("--flag")
+    assert len(prov["commit"].split("+")[0]) == 40
+    assert prov["machine"]["cores"] >= 1 and prov["machine"]["cpu"]
+    assert prov["date"][:2] == "20"
+
+
+@pytest.mark.parametrize("changes", [{}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "max_new_tokens": 48,
+                                          "lr": 1e-4, "lora_r": 8, "lora_alpha": 16.0, "clip_high": 0.2,
+                                          "kl_coef": 0.01, "seed": 3, "steps": 5}])
+def test_vs_trl_rlpost_job_resolves_to_the_one_settings_object(tmp_path, changes):
+    import dataclasses
+
+    from benchmarks.perf.vs_trl import Settings, job_overrides, rlpost_view
+    from rl.config import load_job
+
+    s = dataclasses.replace(Settings(), **changes)
+    job = load_job("quickstart", job_overrides(s, tmp_path / "run")).model_dump(mode="json")
+    view = rlpost_view(job, "MODEL")
+    expected = {k: v for k, v in {**s.compared(), "model_dir": "MODEL"}.items() if k != "threads"}
+    assert {k: view[k] for k in expected} == expected
+    assert job["model"]["path"] == s.model
+
+
+def test_vs_trl_a_setting_that_differs_stops_the_run_before_timing():
+    from benchmarks.perf.vs_trl import Settings, check_same
+
+    expected = Settings().compared()
+    # What the old script did: rlpost sampled at the quickstart's 0.7, TRL at a hard-coded 1.0.
+    with pytest.raises(SystemExit, match=r"temperature: settings 0\.7, TRL 1\.0"):
+        check_same(expected, {**expected, "temperature": 1.0}, "TRL")
+    with pytest.raises(SystemExit, match="top_k"):
+        check_same(expected, {k: v for k, v in expected.items() if k != "top_k"}, "TRL")
+    check_same(expected, dict(expected), "TRL")  # equal: no error
