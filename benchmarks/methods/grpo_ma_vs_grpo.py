@@ -8,10 +8,13 @@ the pools (bootstrap), the variance of each thought's advantage given the though
     GRPO-MA:  M answers per thought, K thoughts                (A^th = normalised mean answer reward)
 with (G, K, M) chosen so G*(|th|+|ans|) ~ K*|th| + K*M*|ans| with the measured mean lengths.
 Part B, training: `rl train grpo_ma` and the same job with `algorithm: grpo` (group size G, the whole
-response one sequence, seq_mean_token_mean); per-step reward, pre-clip gradient norm and sampled tokens
-from each run's metrics.jsonl.
+response one sequence, seq_mean_token_mean), once per `--seeds` seed; per-step reward, pre-clip gradient norm and
+sampled tokens from each run's metrics.jsonl. Gradient-norm spread (max/median, coefficient of variation) is
+reported over all steps and over the steps with reward variance only: a step where no group has reward variance
+has a zero gradient, and GRPO has more of them, which alone makes its spikes look larger.
 
-    nice -n 15 python -m benchmarks.methods.grpo_ma_vs_grpo --steps 6 --out benchmarks/results/grpo_ma_vs_grpo/result.json
+    nice -n 15 python -m benchmarks.methods.grpo_ma_vs_grpo --steps 8 --seeds 0 1 2 \\
+        --part-a-from benchmarks/results/grpo_ma_vs_grpo/part_a.json --out benchmarks/results/grpo_ma_vs_grpo/seeds3.json
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._report import emit, spread
 
 
 def sample_pools(job, prompts: int, thoughts: int, pool: int, seed: int):
@@ -89,20 +94,61 @@ def run_arm(name: str, overrides: list[str], root: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def has_signal(row: dict) -> bool:
+    """A step with reward variance in some group: the others have zero advantage everywhere, so a zero gradient,
+    which makes a run with many of them look steadier than it is."""
+    if "reward/varied_group_frac" in row:
+        return row["reward/varied_group_frac"] > 0
+    return row.get("reward/std", 1.0) > 0 and row.get("grad_norm", 1.0) > 0
+
+
+def grad_stats(grads: list[float]) -> dict:
+    if not grads:
+        return {"steps": 0}
+    med = statistics.median(grads)
+    return {"steps": len(grads), "grad_norm_mean": statistics.mean(grads), "grad_norm_max": max(grads),
+            "grad_norm_max_over_median": max(grads) / med if med else math.nan,
+            "grad_norm_cv": statistics.pstdev(grads) / statistics.mean(grads) if statistics.mean(grads) else math.nan}
+
+
 def summarise_arm(rows: list[dict]) -> dict:
-    rows = [r for r in rows if r.get("step", 0) > 0]
-    grads = [r["grad_norm"] for r in rows if math.isfinite(r.get("grad_norm", math.nan))]
+    """Per-step reward, gradient norm and tokens; gradient-norm spread over all steps and, the figure to compare,
+    over the steps with reward variance only (`with_signal`)."""
+    rows = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
+    finite = [r for r in rows if math.isfinite(r.get("grad_norm", math.nan))]
     rewards = [r["reward/mean"] for r in rows]
     half = len(rewards) // 2
-    med = statistics.median(grads)
-    return {"steps": len(rows), "reward_per_step": rewards, "grad_norm_per_step": grads,
-            "reward_first_half": statistics.mean(rewards[:half]), "reward_second_half": statistics.mean(rewards[half:]),
-            "grad_norm_mean": statistics.mean(grads), "grad_norm_max": max(grads),
-            "grad_norm_max_over_median": max(grads) / med,
-            "grad_norm_cv": statistics.pstdev(grads) / statistics.mean(grads),
+    return {"steps": len(rows), "reward_per_step": rewards, "grad_norm_per_step": [r["grad_norm"] for r in finite],
+            "signal_per_step": [has_signal(r) for r in finite],
+            "reward_first_half": statistics.mean(rewards[:half] or rewards),
+            "reward_second_half": statistics.mean(rewards[half:]),
+            **grad_stats([r["grad_norm"] for r in finite]),
+            "with_signal": grad_stats([r["grad_norm"] for r in finite if has_signal(r)]),
             "sampled_tokens_per_step": statistics.mean(r["rollout/tokens"] for r in rows),
             "step_s_mean": statistics.mean(r["time/step_s"] for r in rows),
             "extra": {k: [r[k] for r in rows] for k in rows[0] if k.startswith("grpo_ma/")}}
+
+
+def part_b(job, args: argparse.Namespace) -> dict:
+    """Both arms trained once per seed; the spike figures (steps with reward variance only) per seed and, across
+    seeds, the median and range of GRPO-MA / GRPO."""
+    root, steps = Path(args.root), f"trainer.max_steps={args.steps}"
+    grpo_overrides = [steps, f"rollout.group_size={args.grpo_group}",
+                      f"rollout.max_new_tokens={job.rollout.max_new_tokens + job.algorithm.answer_max_new_tokens}",
+                      "algorithm={name: grpo, advantage: {name: grpo}, loss: {name: ppo_clip, clip_low: 0.2, "
+                      "clip_high: 0.28}, aggregation: {name: seq_mean_token_mean}}"]
+    seeds = {}
+    for seed in args.seeds:
+        seeds[seed] = {"grpo_ma": summarise_arm(run_arm("grpo_ma", [steps, f"seed={seed}"], root / f"seed{seed}")),
+                       "grpo": summarise_arm(run_arm("grpo", [*grpo_overrides, f"seed={seed}"], root / f"seed{seed}"))}
+    across = {}
+    for key in ("grad_norm_max_over_median", "grad_norm_cv"):
+        pairs = [(s["grpo_ma"]["with_signal"].get(key), s["grpo"]["with_signal"].get(key)) for s in seeds.values()]
+        pairs = [(a, b) for a, b in pairs if a is not None and b and math.isfinite(a) and math.isfinite(b)]
+        if pairs:
+            across[f"{key}_grpo_ma_over_grpo"] = spread([a / b for a, b in pairs])
+    return {"seeds": seeds, "across_seeds_with_signal": across,
+            "note": "a claim about spikes needs >= 3 seeds and the steps with reward variance only"}
 
 
 def part_a(job, args: argparse.Namespace, k: int, m: int) -> dict:
@@ -119,13 +165,14 @@ def part_a(job, args: argparse.Namespace, k: int, m: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=6, help="part A prompts")
     ap.add_argument("--pool", type=int, default=8, help="part A answers per thought")
     ap.add_argument("--grpo-group", type=int, default=6, help="G of the GRPO arm")
     ap.add_argument("--root", default="/tmp/grpo_ma_bench")
     ap.add_argument("--out", default="benchmarks/results/grpo_ma_vs_grpo/result.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="part B: train both arms once per seed")
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--part-a-from", default=None, help="reuse part A from an earlier result file (JSON)")
     args = ap.parse_args()
@@ -139,21 +186,11 @@ def main() -> None:
         result = {"part_a": earlier.get("part_a", earlier)}
     else:
         result = {"part_a": part_a(job, args, k, m)}
-    result.update(machine="2-CPU host", job="rl/jobs/grpo_ma.yaml")
+    result.update(job="rl/jobs/grpo_ma.yaml")
     print(json.dumps(result["part_a"]), flush=True)
     if not args.skip_training:
-        root = Path(args.root)
-        steps = f"trainer.max_steps={args.steps}"
-        ma = run_arm("grpo_ma", [steps], root)
-        grpo = run_arm("grpo", [steps, f"rollout.group_size={args.grpo_group}",
-                                f"rollout.max_new_tokens={job.rollout.max_new_tokens + job.algorithm.answer_max_new_tokens}",
-                                "algorithm={name: grpo, advantage: {name: grpo}, loss: {name: ppo_clip, clip_low: 0.2, "
-                                "clip_high: 0.28}, aggregation: {name: seq_mean_token_mean}}"], root)
-        result["part_b"] = {"grpo_ma": summarise_arm(ma), "grpo": summarise_arm(grpo)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-
+        result["part_b"] = part_b(job, args)
+    emit(result, args.out)
 
 if __name__ == "__main__":
     main()

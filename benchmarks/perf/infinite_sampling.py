@@ -1,6 +1,7 @@
 """Infinite Sampling (arXiv 2506.22950) vs full-group and naive micro-group decoding, transformers backend.
 
-    python -m benchmarks.perf.infinite_sampling --prompts 2      # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
+    python -m benchmarks.perf.infinite_sampling --prompts 2 --repeats 3 \\
+        --out benchmarks/results/infinite_sampling/cpu_repeats3.json   # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
     python -m benchmarks.perf.infinite_sampling --model tiny-llama --prompts 2 --group 8 --tokens 16 --slots 2
 
 Arms (each in its own subprocess, so memory figures do not leak between arms):
@@ -17,7 +18,9 @@ freed heap memory, which the measured call could otherwise reuse unseen). Before
 runs one warm-up call on other prompts (G=8), which also gives the length predictor its first data.
 Throughput is reported per wall second and per CPU second of the arm's process (one torch thread by
 default, so CPU time is compute time even when other jobs share the machine).
-Prints a table and one JSON line; --out also writes the JSON to a file.
+`--repeats N` (default 3) runs N rounds of the arms in alternating order; every ratio (peak memory vs full,
+throughput vs naive per wall and per CPU second, decode steps) is taken within a round and reported as the
+median and range over the rounds, all in one results file. Prints a table and the JSON (--out: also to a file).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import gc
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from benchmarks._report import REPO, abba, child_env, emit, self_command, spread
 
 ARMS = ("full", "naive", "infinite", "fifo")
 
@@ -131,9 +135,10 @@ def run_paired(args: argparse.Namespace) -> dict:
 
 
 def child(arm: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--arm", arm] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                      if k not in ("arm", "out", "arms")]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    """One arm in its own process, so that its memory figures are its own."""
+    cmd = self_command(__spec__.name, "--arm", arm, *[f"--{k}={v}" for k, v in vars(args).items()
+                                                      if k not in ("arm", "out", "arms", "paired", "repeats")])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO, env=child_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -151,9 +156,21 @@ def summarise(rows: dict, args: argparse.Namespace) -> dict:
         goals["decode_step_ratio_vs_naive"] = rows["infinite"]["decode_steps"] / rows["naive"]["decode_steps"]
     if {"naive", "fifo"} <= rows.keys():
         goals["fifo_throughput_ratio_vs_naive"] = rows["fifo"]["tokens_per_s"] / rows["naive"]["tokens_per_s"]
-    return {"benchmark": "infinite_sampling", "model": args.model, "workload": {k: v for k, v in vars(args).items()
-            if k not in ("arm", "out")}, "results": list(rows.values()), "goals": goals,
-            "machine": "2-CPU contended host (shared with other jobs), fp32, torch CPU"}
+    return {"results": list(rows.values()), "goals": goals}
+
+
+def run_repeats(args: argparse.Namespace) -> dict:
+    """`args.repeats` rounds of the arms in alternating order (A B C, C B A, ...); each ratio (memory vs full,
+    throughput vs naive, ...) is computed within a round, then reported as the median and range over rounds."""
+    arms = args.arms.split(",")
+    order = abba(arms, args.repeats)
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    for arm in order:
+        runs[arm].append(child(arm, args))
+    rounds = [summarise({a: runs[a][i] for a in arms}, args) for i in range(args.repeats)]
+    return {"benchmark": "infinite_sampling", "model": args.model,
+            "workload": {k: v for k, v in vars(args).items() if k not in ("arm", "out")}, "order": order,
+            "rounds": rounds, "goals": {k: spread([r["goals"][k] for r in rounds]) for k in rounds[0]["goals"]}}
 
 
 def main() -> None:
@@ -167,6 +184,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per arm (1: CPU time is compute time)")
     parser.add_argument("--arms", default="full,naive,infinite", help=f"any of {','.join(ARMS)}")
     parser.add_argument("--arm", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of the arms in alternating order; ratios reported as median and range")
     parser.add_argument("--out", default=None)
     parser.add_argument("--paired", action="store_true",
                         help="throughput only: naive/infinite alternated in one process")
@@ -174,25 +193,21 @@ def main() -> None:
     if args.paired:
         paired = run_paired(args)
         ratios = {k: paired["infinite"][k] / paired["naive"][k] for k in ("tokens_per_s", "tokens_per_cpu_s")}
-        print(json.dumps({"benchmark": "infinite_sampling_paired", "workload": vars(args), "results": paired,
-                          "throughput_ratio_vs_naive": ratios}))
+        emit({"benchmark": "infinite_sampling_paired", "workload": vars(args), "results": paired,
+              "throughput_ratio_vs_naive": ratios}, args.out)
         return
     if args.arm:
         print(json.dumps(run_arm(args.arm, args)))
         return
-    rows = {arm: child(arm, args) for arm in args.arms.split(",")}
-    report = summarise(rows, args)
+    report = run_repeats(args)
     print(f"{'arm':9s} {'peak MB':>8s} {'tokens/s':>9s} {'tok/cpu-s':>9s} {'seconds':>8s} {'steps':>6s} "
-          f"{'mean len':>9s} {'same rows':>9s}")
-    for r in report["results"]:
+          f"{'mean len':>9s} {'same rows':>9s}   (round 1)")
+    for r in report["rounds"][0]["results"]:
         print(f"{r['arm']:9s} {r['peak_mem_mb']:8.1f} {r['tokens_per_s']:9.1f} {r['tokens_per_cpu_s']:9.1f} "
               f"{r['seconds']:8.1f} {r['decode_steps']:6d} {r['mean_length']:9.1f} {r['same_rows_as_full']:9.2f}")
     for k, v in report["goals"].items():
-        print(f"{k}: {v:.3f}")
-    print(json.dumps(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-
+        print(f"{k}: median {v['median']:.3f} [{v['min']:.3f}-{v['max']:.3f}] over {v['n']} rounds")
+    emit(report, args.out)
 
 if __name__ == "__main__":
     main()

@@ -90,3 +90,21 @@ def test_vs_trl_a_setting_that_differs_stops_the_run_before_timing():
     with pytest.raises(SystemExit, match="top_k"):
         check_same(expected, {k: v for k, v in expected.items() if k != "top_k"}, "TRL")
     check_same(expected, dict(expected), "TRL")  # equal: no error
+
+
+def test_grpo_ma_spike_figures_leave_out_steps_without_reward_variance():
+    """GRPO's zero-gradient steps (no group with reward variance) made its gradient norms look spikier than
+    GRPO-MA's (README's old claim); over the steps with a signal the stored seed-0 run shows the two equal."""
+    from benchmarks.methods.grpo_ma_vs_grpo import summarise_arm
+
+    stored = json.loads((ROOT / "benchmarks/results/grpo_ma_vs_grpo/result.json").read_text())["part_b"]
+    def rows(arm):
+        s = stored[arm]
+        return [{"step": i + 1, "reward/mean": r, "reward/std": 0.0 if r in (0.0, 1.0) else 0.5, "grad_norm": g,
+                 "rollout/tokens": 1.0, "time/step_s": 1.0}
+                for i, (r, g) in enumerate(zip(s["reward_per_step"], s["grad_norm_per_step"]))]
+    grpo, ma = summarise_arm(rows("grpo")), summarise_arm(rows("grpo_ma"))
+    assert grpo["grad_norm_cv"] == pytest.approx(0.84, abs=0.01)  # all steps: what README used to compare
+    assert grpo["with_signal"]["steps"] == 6 and ma["with_signal"]["steps"] == 8
+    assert grpo["with_signal"]["grad_norm_cv"] == pytest.approx(ma["with_signal"]["grad_norm_cv"], abs=0.01)
+    assert grpo["with_signal"]["grad_norm_max_over_median"] == pytest.approx(2.31, abs=0.01)
