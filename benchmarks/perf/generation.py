@@ -10,11 +10,12 @@ Prints a table and one JSON line. Tokens/s counts generated (completion) tokens 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+
+from benchmarks._report import emit
 
 
 def workload(model_dir: str, prompts: int) -> list:
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sync-repeats", type=int, default=6)
     parser.add_argument("--sync-models", default="", help="comma-separated extra models: vLLM sync time vs size")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     from rl.models import resolve_model
 
@@ -106,8 +108,8 @@ def main() -> None:
               f"{r['weights_mb']:7.0f} {r['startup_s']:8.1f}")
     for r in sizes:
         print(f"vllm sync {r['model']}: {r['weight_sync_s']:.2f} s for {r['weights_mb']:.0f} MB")
-    print(json.dumps({"benchmark": "rollout", "model": args.model, "workload": vars(args), "results": rows,
-                      "sync_vs_size": sizes}))
+    emit({"benchmark": "generation", "model": args.model, "workload": vars(args), "results": rows,
+          "sync_vs_size": sizes}, args.out, indent=None)
 
 
 if __name__ == "__main__":

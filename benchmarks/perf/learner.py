@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from benchmarks._report import emit
+
 
 def synthetic_batch(rows: int, prompt: int, completion: int, group: int, vocab: int, seed: int = 0):
     """Random tokens, uneven completion lengths (completion/2 .. completion), rewards 0/1, GRPO advantages."""
@@ -80,9 +82,13 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
+    rows = []
     for name in args.models:
-        print(json.dumps(bench(name, args)), flush=True)
+        rows.append(bench(name, args))
+        print(json.dumps(rows[-1]), flush=True)
+    emit({"benchmark": "learner", "args": vars(args), "results": rows}, args.out)
 
 
 if __name__ == "__main__":
