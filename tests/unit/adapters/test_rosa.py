@@ -218,7 +218,8 @@ def _learner_batch(vocab: int, rows: int = 4, prompt: int = 3, completion: int =
     loss = torch.zeros(rows, width, dtype=torch.bool)
     loss[:, prompt:] = True
     batch = RolloutBatch(
-        input_ids=torch.randint(1, vocab, (rows, width), generator=g), attention_mask=torch.ones(rows, width, dtype=torch.bool),
+        input_ids=torch.randint(1, vocab, (rows, width), generator=g),
+        attention_mask=torch.ones(rows, width, dtype=torch.bool),
         loss_mask=loss, sampling_logprobs=torch.where(loss, -1.0, 0.0), prompt_lengths=torch.full((rows,), prompt),
         group_ids=torch.zeros(rows, dtype=torch.long), policy_version=0, finish_reasons=["stop"] * rows,
         prompt_texts=[""] * rows, completion_texts=[""] * rows, sample_meta=[{}] * rows)
