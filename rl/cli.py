@@ -16,7 +16,7 @@ EPILOG = """examples:
   rl train quickstart                      run the built-in quickstart job
   rl train my_job.yaml trainer.max_steps=5 run a job file with an override
   rl train --resume runs/quickstart        continue from the newest intact checkpoint
-  rl eval runs/quickstart/checkpoints/step_50 --job quickstart --samples 4
+  rl eval runs/quickstart/checkpoints/step_50 --job quickstart --samples 8 --k 1 4 8
   rl validate my_job.yaml                  check a job without running it
   rl export runs/quickstart/checkpoints/step_50 --out merged_model
   rl swarm sapo --nodes 4                  SAPO: 4 nodes sharing rollouts (lock-step, one process)
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from rl.evaluation import eval_command
 
-    return eval_command(args.target, args.job, args.overrides, samples=args.samples, out=args.out,
+    return eval_command(args.target, args.job, args.overrides, samples=args.samples, ks=args.k, out=args.out,
                         num_prompts=args.num_prompts)
 
 
@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     subs["eval"].add_argument("target", help="checkpoint directory, model directory or alias")
     subs["eval"].add_argument("--job", required=True, help="the job whose env, rewards and sampling to use")
     subs["eval"].add_argument("overrides", nargs="*")
-    subs["eval"].add_argument("--samples", type=int, default=None, help="sampled completions per prompt (pass@K)")
+    subs["eval"].add_argument("--samples", type=int, default=None, metavar="N",
+                              help="sampled completions per prompt besides the greedy one (eval.samples; pass@k is "
+                                   "estimated from all N)")
+    subs["eval"].add_argument("--k", type=int, nargs="+", default=None, metavar="K",
+                              help="pass@k values to report, each <= N (eval.k; default 1, 2, 4, ... below N, and N; "
+                                   "pass@1 always); put key=value overrides before --k")
     subs["eval"].add_argument("--num-prompts", type=int, default=None, help="held-out prompts to score")
     subs["eval"].add_argument("--out", help="report path (default: <target>/eval.json or ./eval.json)")
     subs["export"].add_argument("checkpoint")

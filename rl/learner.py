@@ -38,8 +38,9 @@ class Learner:
         self.model = adapters.apply_adapter(model, job.adapter)
         self.trainer = PolicyTrainer(self.model, job.algorithm, job.trainer, temperature=job.rollout.temperature,
                                      backend=job.rollout.backend, device=self.device,
-                                     max_new_tokens=job.rollout.max_new_tokens,
-                                     adapter_schedule=adapters.schedule_for(self.model, job.adapter))
+                                     max_new_tokens=job.rollout.max_new_tokens)
+        # Built on the trainer's optimizer, which exists only now: a RoSA restart clears the adapters' moments.
+        self.trainer.adapter_schedule = adapters.schedule_for(self.model, job.adapter, self.trainer.optimizer)
 
     # ----- training --------------------------------------------------------------------------
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:

@@ -168,7 +168,7 @@ def due(step: int, every: int, max_steps: int) -> bool:
 def evaluate_at(parts: Any, run_dir: Path, step: int) -> dict[str, float]:
     job = parts.job
     prompts = list(parts.env.test_prompts())[: job.eval.num_prompts]
-    report, records = evaluate(parts.rollout, parts.scorer, prompts, job, samples=job.eval.samples, seed=job.seed)
+    report, records = evaluate(parts.rollout, parts.scorer, prompts, job, seed=job.seed)
     report["step"] = step
     write_report(report, records, Path(run_dir) / "eval" / f"step_{step}.json")
     return {f"eval/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and k != "step"}

@@ -12,7 +12,8 @@ thought k), one group per prompt. Every row is [prompt][thought][answer]:
     sampling_logprobs  the thought's from stage 1, the answer's from stage 2;
     sample_meta        the prompt's fields plus `grpo_ma = {thought, answer, thought_tokens, complete}`.
 A thought that ends without the delimiter (EOS or the token budget) gets no answers: its M rows carry the
-thought alone with `complete = False`, and the advantage step scores them 0 (ALGORITHMS.md §3.5).
+thought alone with `complete = False`; the advantage step (trainers/grpo_ma.py) gives the thought value 0
+and leaves its rows out of the answer normalisation (ALGORITHMS.md §3.5).
 """
 
 from __future__ import annotations

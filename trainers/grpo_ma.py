@@ -13,6 +13,14 @@ The paper's text confirms K thoughts, M answers each, the thought advantage from
 normalised over thoughts, and separate answer advantages; the answer scope is ALGORITHMS.md §3.2's
 reconstruction (`global` default, `per_thought` switch).
 
+A thought that never reaches its delimiter (EOS or the token budget) has no answers (ALGORITHMS.md §3.5;
+the paper does not treat the case). Its value is V_k = 0 -- it earned no reward -- and it stays in the thought
+normalisation, so its tokens are pushed down relative to thoughts that do answer. Its M rows carry no answer
+tokens and are left out of the answer normalisation (A^ans = 0 for them): counting them as M zero-reward
+answers would lower the baseline that real answers are compared against. Worked example, K = 3, M = 2,
+thought 2 incomplete, real answer rewards [[1, 0], [1, 1]]: V = [.5, 1, 0] -> A^th = [0, 1, -1];
+A^ans = [[.5, -1.5], [.5, .5], [0, 0]] (mean .75 and std .5 over the 4 real answers only).
+
 The objective is realised with the trainer's per-token loss and the `seq_mean_token_sum` aggregation
 (sum over a row's loss tokens, mean over the B = P*K*M rows) by folding the segment means into per-token
 advantages: each thought appears once in the loss (its first row; rollout/multi_answer.py masks the
@@ -28,11 +36,15 @@ from dataclasses import dataclass
 import torch
 
 
-def normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(x - mean) / (unbiased std + eps) over the last dim; 0 where that dim has one entry. x: [..., S]."""
-    if x.shape[-1] < 2:
-        return torch.zeros_like(x)
-    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + eps)
+def normalise(x: torch.Tensor, eps: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(x - mean) / (unbiased std + eps) over the last dim, taken over the `keep` entries only (all when None);
+    0 on the others and wherever fewer than two entries are kept. x, keep: [..., S]."""
+    keep = torch.ones_like(x, dtype=torch.bool) if keep is None else keep
+    count = keep.sum(-1, keepdim=True)  # [..., 1]
+    mean = torch.where(keep, x, 0).sum(-1, keepdim=True) / count.clamp(min=1)
+    dev = torch.where(keep, x - mean, 0)  # [..., S]
+    std = (dev.square().sum(-1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    return torch.where(keep & (count >= 2), dev / (std + eps), 0)
 
 
 def thought_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,14 +52,16 @@ def thought_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     return normalise(rewards.double().mean(-1), eps).float()
 
 
-def answer_advantages(rewards: torch.Tensor, scope: str, eps: float) -> torch.Tensor:
-    """rewards [P, K, M] -> A^ans [P, K, M], normalised over the prompt's K*M answers or each thought's M."""
+def answer_advantages(rewards: torch.Tensor, scope: str, eps: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """rewards [P, K, M] -> A^ans [P, K, M], normalised over the prompt's K*M answers or each thought's M;
+    keep [P, K, M] bool (None: all) marks the real answers -- the others get 0 and do not enter the mean/std."""
     r = rewards.double()
     if scope == "global":
         p, k, m = r.shape
-        return normalise(r.reshape(p, k * m), eps).reshape(p, k, m).float()
+        flat_keep = None if keep is None else keep.reshape(p, k * m)
+        return normalise(r.reshape(p, k * m), eps, flat_keep).reshape(p, k, m).float()
     if scope == "per_thought":
-        return normalise(r, eps).float()
+        return normalise(r, eps, keep).float()
     raise ValueError(f"answer_adv_scope must be 'global' or 'per_thought', not {scope!r}")
 
 
@@ -78,8 +92,8 @@ def per_token_advantages(rewards: torch.Tensor, loss_mask: torch.Tensor, layout:
                          answers: int, scope: str, eps: float) -> torch.Tensor:
     """rewards [N] (N = P*K*M, thought-major), loss_mask [N, T] -> advantages [N, T].
 
-    Thought tokens: A^th_k * M / |th_k|; answer tokens: A^ans_{k,m} / |ans_{k,m}|; 0 elsewhere. Rows of
-    incomplete thoughts count as reward 0 (no answer could be generated; ALGORITHMS.md §3.5).
+    Thought tokens: A^th_k * M / |th_k|; answer tokens: A^ans_{k,m} / |ans_{k,m}|; 0 elsewhere. An incomplete
+    thought has value 0 and its rows are left out of the answer normalisation (module docstring).
 
     Example, K = M = 2, rewards [1, 1, 0, 1] (thought 0: both right): V = [1, .5], A^th = [.707, -.707];
     global A^ans = [.5, .5, -1.5, .5]. A 4-token thought 0 gets .707 * 2/4 on each token of row 0.
@@ -91,7 +105,7 @@ def per_token_advantages(rewards: torch.Tensor, loss_mask: torch.Tensor, layout:
     r = torch.where(layout.complete, rewards.float(), torch.zeros_like(rewards.float()))
     r = r.reshape(p, thoughts, answers)
     a_th = thought_advantages(r, eps).repeat_interleave(answers, dim=1).reshape(n)  # [N]
-    a_ans = answer_advantages(r, scope, eps).reshape(n)  # [N]
+    a_ans = answer_advantages(r, scope, eps, layout.complete.reshape(p, thoughts, answers)).reshape(n)  # [N]
     th_mask, ans_mask = segment_masks(loss_mask, layout)  # [N, T] each
     th_w = answers / layout.thought_tokens.clamp(min=1).float()  # [N]
     ans_w = 1.0 / ans_mask.sum(1).clamp(min=1).float()  # [N]

@@ -69,7 +69,8 @@ class RoSAAdapter(_AdapterCommon):
     accumulator_dtype: Literal["float32", "bfloat16"] = "float32"
     """CPU accumulator precision (one m×n tensor per targeted layer during collection)."""
     restart_after_mask: bool = False
-    """Reset both adapters after the mask is built (the paper's restart recipe) instead of continuing."""
+    """Reset both adapters, and their optimizer moments, after the mask is built (the paper's restart recipe)
+    instead of continuing; that step's update is dropped."""
     impl: Literal["auto", "reference", "gather", "sampled"] = "auto"
     """Sparse path: `reference` (dense scatter + autograd), `gather` (custom Function, dense dOᵀX gathered),
     `sampled` (custom Function, torch.sparse.sampled_addmm); `auto` = gather."""

@@ -105,10 +105,22 @@ class EvalConfig(Section):
     num_prompts: int = Field(200, ge=1)
     """Test prompts scored (at most the env's test split)."""
     samples: int = Field(1, ge=1)
-    """Sampled completions per prompt for pass@k (besides the greedy one)."""
+    """Sampled completions per prompt, N (besides the greedy one; 1 = greedy only). pass@k is estimated from
+    all N (the unbiased estimator of Chen et al. 2021), so pass@k for k < N has less variance than k samples."""
+    k: list[Annotated[int, Field(ge=1)]] | None = None
+    """The k's of the pass@k reported (pass@1 always); each k <= samples. null = 1, 2, 4, ... below samples,
+    and samples itself."""
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int | None = Field(None, ge=1)
     """null = rollout.max_new_tokens."""
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> "EvalConfig":
+        if self.k and (self.samples < 2 or max(self.k) > self.samples):
+            raise ValueError(f"eval.k={self.k} needs at least {max(2, max(self.k))} sampled completions per "
+                             f"prompt, but eval.samples={self.samples}; raise eval.samples (rl eval --samples N) "
+                             "or ask only for k <= samples")
+        return self
 
 
 class JobConfig(Section):

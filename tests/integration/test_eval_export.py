@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import pytest
 import torch
@@ -21,13 +23,20 @@ def lora_run(tmp_path_factory):
 def test_eval_reports_on_checkpoint_and_alias(lora_run, tmp_path):
     ckpt = lora_run / "checkpoints" / "step_2"
     out = tmp_path / "report.json"
-    done = rl("eval", str(ckpt), "--job", "tiny", "--samples", "3", "--num-prompts", "6", "--out", str(out))
+    done = rl("eval", str(ckpt), "--job", "tiny", "--samples", "4", "--k", "2", "--num-prompts", "6", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["n"] == 6 and 0.0 <= report["accuracy"] <= 1.0 and "pass@3" in report
+    assert report["n"] == 6 and 0.0 <= report["accuracy"] <= 1.0 and report["samples"] == 4
     assert report["length_mean"] > 0 and "reward_mean" in report
+    assert sorted(k for k in report if k.startswith("pass@")) == ["pass@1", "pass@2"]
     records = [json.loads(x) for x in (tmp_path / "report.samples.jsonl").read_text().splitlines()]
-    assert len(records) == 6 + 18 and {r["mode"] for r in records} == {"greedy", "sampled"}
+    assert len(records) == 6 + 24 and {r["mode"] for r in records} == {"greedy", "sampled"}
+    # pass@k from all n = 4 samples of each prompt (the unbiased estimator), recomputed from the records
+    right = Counter(r["prompt_id"] for r in records if r["mode"] == "sampled" and r["correct"])
+    prompts = {r["prompt_id"] for r in records if r["mode"] == "sampled"}
+    for k in (1, 2):
+        expected = sum(1 - math.comb(4 - right[p], k) / math.comb(4, k) for p in prompts) / len(prompts)
+        assert report[f"pass@{k}"] == pytest.approx(expected, abs=1e-9)
     done = rl("eval", "tiny-llama", "--job", "tiny", "--num-prompts", "4", "--out", str(tmp_path / "base.json"))
     assert done.returncode == 0 and json.loads((tmp_path / "base.json").read_text())["n"] == 4
 

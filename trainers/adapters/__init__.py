@@ -2,7 +2,7 @@
 
 The API the rest of the project uses:
     apply_adapter(model, cfg)              -> PEFT-wrapped model (cfg None: model unchanged)
-    schedule_for(model, cfg)               -> AdapterSchedule or None; the PolicyTrainer calls
+    schedule_for(model, cfg, optimizer)    -> AdapterSchedule or None; the PolicyTrainer calls
                                               `schedule.before_optimizer_step(model, step)` after each backward,
                                               before `optimizer.step()` (RoSA's warm-up/collect/mask schedule)
     disable_adapter(model)                 -> context manager: exactly the base model (the reference policy)

@@ -59,14 +59,15 @@ def paca_config(cfg: Any) -> PacaConfig:
                       task_type="CAUSAL_LM")
 
 
-def _rosa_schedule(model: Any, cfg: Any) -> RosaSchedule:
+def _rosa_schedule(model: Any, cfg: Any, optimizer: Optional[torch.optim.Optimizer]) -> RosaSchedule:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.accumulator_dtype]
     return RosaSchedule(model, cfg.warmup_steps, cfg.grad_collection_steps, cfg.density, cfg.grad_accumulation,
-                        cfg.restart_after_mask, dtype, ADAPTER_NAME)
+                        cfg.restart_after_mask, dtype, ADAPTER_NAME, optimizer)
 
 
 # Adapters whose training needs a per-step schedule; the others have none.
-_SCHEDULES: dict[str, Callable[[Any, Any], AdapterSchedule]] = {"rosa": _rosa_schedule}
+_SCHEDULES: dict[str, Callable[[Any, Any, Optional[torch.optim.Optimizer]], AdapterSchedule]] = {
+    "rosa": _rosa_schedule}
 
 
 def peft_config(cfg: Any) -> PeftConfig:
@@ -84,11 +85,16 @@ def apply_adapter(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER_NAME)
 
 
-def schedule_for(model: torch.nn.Module, cfg: Any) -> Optional[AdapterSchedule]:
-    """The adapter's per-optimizer-step hook object, or None (full fine-tuning, LoRA, Bone, PaCA)."""
+def schedule_for(model: torch.nn.Module, cfg: Any, optimizer: Optional[torch.optim.Optimizer]
+                 ) -> Optional[AdapterSchedule]:
+    """The adapter's per-optimizer-step hook object, or None (full fine-tuning, LoRA, Bone, PaCA).
+
+    `optimizer` is the one that trains `model`: a schedule may change its state (RoSA's restart clears the
+    restarted adapters' moments), so build the schedule after the optimizer.
+    """
     if cfg is None or cfg.name not in _SCHEDULES:
         return None
-    return _SCHEDULES[cfg.name](model, cfg)
+    return _SCHEDULES[cfg.name](model, cfg, optimizer)
 
 
 def is_adapted(model: Any) -> bool:

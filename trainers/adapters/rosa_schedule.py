@@ -7,8 +7,11 @@ Timeline for `warmup_steps=N, collection_steps=K` (step = the optimizer update's
                     G = dL/dW (through a zero "probe" delta) into a CPU running mean of G² (or G);
   end of step N+K-1 per layer, Ω = top-int(d·m·n) entries of the accumulator; the sparse part is live from
                     step N+K on. With `restart=True` both adapters are then reset to their inits (the
-                    paper's restart recipe, done in place) and this step's update is dropped.
-The PolicyTrainer calls `before_optimizer_step(model, step)` after backward and before `optimizer.step()`.
+                    paper's restart recipe, done in place), this step's update is dropped and their
+                    optimizer state (AdamW's exp_avg, exp_avg_sq, step) is cleared, so the restarted
+                    adapters start with fresh moments instead of the warm-up's.
+The PolicyTrainer calls `before_optimizer_step(model, step)` after backward and before `optimizer.step()`; the
+schedule is built on that trainer's optimizer (rl/learner.py), which a restart needs.
 Resuming: the masks are checkpointed with the adapter (buffers), so a resumed run past step N+K does nothing
 here; a run resumed inside the collection window collects K fresh steps.
 Known limit: an update the trainer skips (non-finite loss) still leaves its probe gradient, which then
@@ -17,7 +20,7 @@ counts towards the next collection step.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 
@@ -54,7 +57,13 @@ class RosaSchedule:
 
     def __init__(self, model: torch.nn.Module, warmup_steps: int, collection_steps: int, density: float,
                  mode: GradAccumulation = "mean_squared", restart: bool = False,
-                 accumulator_dtype: torch.dtype = torch.float32, adapter: str = "default") -> None:
+                 accumulator_dtype: torch.dtype = torch.float32, adapter: str = "default",
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """`optimizer`: the one that steps `model`'s adapter; required with `restart` (its state is cleared)."""
+        if restart and optimizer is None:
+            raise ValueError("RoSA restart_after_mask must clear the restarted adapters' optimizer state: build the "
+                             "schedule with the optimizer that trains the model (schedule_for(model, cfg, optimizer))")
+        self.optimizer = optimizer
         self.warmup_steps, self.collection_steps, self.density = warmup_steps, collection_steps, density
         self.mode, self.restart, self.accumulator_dtype, self.adapter = mode, restart, accumulator_dtype, adapter
         self.collected = 0
@@ -65,14 +74,14 @@ class RosaSchedule:
     def done(self, model: torch.nn.Module) -> bool:
         return all(layer.spa_ready(self.adapter) for layer in rosa_layers(model))
 
-    def before_optimizer_step(self, model: torch.nn.Module, step: int, optimizer: Any = None) -> None:
-        """Advance the schedule after `step`'s backward; `optimizer` (optional) lets a restart clear its state."""
+    def before_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """Advance the schedule after `step`'s backward, before `optimizer.step()`."""
         if self.done(model):
             return
         if self.accumulators or self._armed(model):
             self._collect(model)
             if self.collected >= self.collection_steps:
-                self._build_masks(model, optimizer)
+                self._build_masks(model)
                 return
         if step + 1 >= self.warmup_steps and not self._armed(model):
             self._arm(model)
@@ -91,7 +100,7 @@ class RosaSchedule:
                                                      self.collected, self.mode, self.accumulator_dtype)
         self.collected += 1
 
-    def _build_masks(self, model: torch.nn.Module, optimizer: Any) -> None:
+    def _build_masks(self, model: torch.nn.Module) -> None:
         for name, layer in model.named_modules():
             if isinstance(layer, RosaLayer):
                 layer.disarm_probe()
@@ -99,14 +108,15 @@ class RosaSchedule:
                 layer.set_mask(self.adapter, idx.to(layer.rosa_spa_idx[self.adapter].device))
                 if self.restart:
                     layer.reset_adapter(self.adapter)
-                    _drop_update(layer, optimizer)
+                    _drop_update(layer, self.optimizer)
         self.collected = 0
 
 
-def _drop_update(layer: RosaLayer, optimizer: Any) -> None:
-    """After a restart: no update from the pre-restart gradient, and no stale Adam moments if we can reach them."""
+def _drop_update(layer: RosaLayer, optimizer: torch.optim.Optimizer) -> None:
+    """After a restart: no update from the pre-restart gradient (AdamW skips a parameter without one) and no
+    stale moments. The state is removed, not zeroed: the optimizer re-creates it as at its first step, which is
+    right for any optimizer (zero is not every optimizer's initial state)."""
     for param in layer.parameters():
         if param.requires_grad:
             param.grad = None
-            if optimizer is not None:
-                optimizer.state.pop(param, None)
+            optimizer.state.pop(param, None)

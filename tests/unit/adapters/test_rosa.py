@@ -103,8 +103,8 @@ def test_lora_part_matches_plain_peft_lora():
 def run_schedule(cfg: RoSAAdapter, steps: int) -> tuple[torch.nn.Module, list[dict]]:
     """`steps` AdamW updates driven like the PolicyTrainer drives them; a record per step."""
     model = apply_adapter(build_lm(), cfg)
-    schedule = schedule_for(model, cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    schedule = schedule_for(model, cfg, optimizer)
     layer = next(rosa_layers(model))
     records = []
     for step in range(steps):
@@ -147,7 +147,7 @@ def test_schedule_with_restart_resets_both_adapters_at_mask_time():
 def test_mask_follows_the_collected_gradient():
     cfg = RoSAAdapter(r=8, alpha=16, density=0.05, warmup_steps=0, target_modules=TARGETS)
     model = apply_adapter(build_lm(), cfg)
-    schedule = schedule_for(model, cfg)
+    schedule = schedule_for(model, cfg, None)
     ids = tokens(seed=9)
     model(input_ids=ids, labels=ids).loss.backward()
     expected = {n: make_mask(l.probe.grad.square(), 0.05) for n, l in model.named_modules() if isinstance(l, RosaLayer)}
@@ -155,3 +155,96 @@ def test_mask_follows_the_collected_gradient():
     for name, layer in model.named_modules():
         if isinstance(layer, RosaLayer):
             assert torch.equal(layer.rosa_spa_idx[A], expected[name]), name
+
+
+def restarted_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable tensors a restart resets: every RoSA layer's LoRA A, B and sparse values."""
+    return [p for layer in rosa_layers(model) for p in layer.parameters() if p.requires_grad]
+
+
+def assert_fresh_moments(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """No Adam history: the state is absent (AdamW re-creates it at zero) or exp_avg, exp_avg_sq and step are 0."""
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                assert float(torch.as_tensor(state[key]).abs().max()) == 0.0, key
+
+
+def assert_first_adam_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """The moments after one step from fresh: step 1, exp_avg = (1-b1) g, exp_avg_sq = (1-b2) g² (g the used grad)."""
+    b1, b2 = optimizer.param_groups[0]["betas"]
+    for p in params:
+        state = optimizer.state[p]
+        assert float(state["step"]) == 1.0
+        assert torch.allclose(state["exp_avg"], (1 - b1) * p.grad, atol=1e-9, rtol=1e-6)
+        assert torch.allclose(state["exp_avg_sq"], (1 - b2) * p.grad.square(), atol=1e-12, rtol=1e-6)
+
+
+def test_restart_clears_the_adam_moments_of_the_restarted_parameters():
+    """restart_after_mask resets the adapters and their AdamW state (exp_avg, exp_avg_sq, step) at mask time."""
+    cfg = RoSAAdapter(r=8, alpha=16, density=0.05, warmup_steps=2, grad_collection_steps=1, restart_after_mask=True,
+                      target_modules=TARGETS)
+    model = apply_adapter(build_lm(), cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    schedule = schedule_for(model, cfg, optimizer)
+    params = restarted_parameters(model)
+    for step in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        ids = tokens(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        schedule.before_optimizer_step(model, step)
+        optimizer.step()
+        if step == 1:  # two warm-up steps: LoRA has real Adam history to clear
+            assert all(float(optimizer.state[p]["step"]) == 2.0 for p in params if p.grad is not None)
+        if step == 2:  # mask built at this step's hook: restart
+            assert next(rosa_layers(model)).spa_ready(A)
+            assert_fresh_moments(optimizer, params)
+        if step == 3:
+            assert_first_adam_step(optimizer, params)
+
+
+def test_restart_needs_the_optimizer():
+    cfg = RoSAAdapter(r=8, alpha=16, density=0.05, restart_after_mask=True, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="optimizer"):
+        schedule_for(apply_adapter(build_lm(), cfg), cfg, None)
+
+
+def _learner_batch(vocab: int, rows: int = 4, prompt: int = 3, completion: int = 5) -> "RolloutBatch":
+    from rl.batch import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    width = prompt + completion
+    loss = torch.zeros(rows, width, dtype=torch.bool)
+    loss[:, prompt:] = True
+    batch = RolloutBatch(
+        input_ids=torch.randint(1, vocab, (rows, width), generator=g),
+        attention_mask=torch.ones(rows, width, dtype=torch.bool),
+        loss_mask=loss, sampling_logprobs=torch.where(loss, -1.0, 0.0), prompt_lengths=torch.full((rows,), prompt),
+        group_ids=torch.zeros(rows, dtype=torch.long), policy_version=0, finish_reasons=["stop"] * rows,
+        prompt_texts=[""] * rows, completion_texts=[""] * rows, sample_meta=[{}] * rows)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    return batch.with_rewards(rewards).with_advantages(rewards - rewards.mean()).validate()
+
+
+def test_learner_restart_clears_the_adam_moments(tiny_model_dir):
+    """Through the real Learner and PolicyTrainer steps (the trainer's own AdamW): after the step whose hook
+    chooses the mask, the restarted parameters have no Adam history, and the next step starts it afresh."""
+    from rl.config.job import JobConfig
+    from rl.learner import Learner
+
+    job = JobConfig.model_validate({
+        "model": {"path": tiny_model_dir}, "trainer": {"device": "cpu", "lr": 1e-3, "max_steps": 4},
+        "adapter": {"name": "rosa", "r": 4, "alpha": 8, "density": 0.01, "warmup_steps": 1,
+                    "grad_collection_steps": 1, "restart_after_mask": True, "target_modules": ["q_proj", "v_proj"]}})
+    learner = Learner(job, tiny_model_dir)
+    optimizer = learner.trainer.optimizer
+    params = restarted_parameters(learner.model)
+    batch = _learner_batch(learner.model.config.vocab_size)
+    learner.train_step(batch)  # warm-up: LoRA gets Adam history
+    assert any(float(optimizer.state[p]["exp_avg"].abs().max()) > 0 for p in params if p in optimizer.state)
+    learner.train_step(batch)  # collection step: the mask is chosen, the adapters restart
+    assert next(rosa_layers(learner.model)).spa_ready(A)
+    assert_fresh_moments(optimizer, params)
+    learner.train_step(batch)
+    assert_first_adam_step(optimizer, params)

@@ -70,6 +70,43 @@ def test_incomplete_thought_scores_zero():
     assert diagnostics(torch.tensor([0.0, 1.0, 1.0, 1.0]), layout, 2, 2, 1e-6)["grpo_ma/complete_frac"] == 0.5
 
 
+def test_incomplete_thought_left_out_of_answer_normalisation_hand_values():
+    """K = 3, M = 2, thought 2 never reaches the delimiter (its rows scored 1, which must not count).
+    Thought values V = [.5, 1, 0] (the incomplete thought's value is 0): mean .5, unbiased std .5 ->
+    A^th = [0, 1, -1]. Answers: only the 4 real ones [1, 0, 1, 1] are normalised (mean .75, std .5) ->
+    A^ans = [.5, -1.5, .5, .5]; the incomplete thought's rows have no answer tokens and A^ans = 0.
+    Per token (thought lengths [2, 3, 4], answer lengths [1, 2, 1, 1, 0, 0]): thought k's tokens in row
+    k*M get A^th_k * M / |th_k|, answer tokens A^ans / |ans|."""
+    mask, layout = _layout(2, [2, 3, 4], [1, 2, 1, 1, 0, 0], m=2, complete=[True] * 4 + [False] * 2)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = per_token_advantages(rewards, mask, layout, 3, 2, "global", 1e-12)
+    expected = torch.zeros(mask.shape)
+    expected[0, 2:4] = 0.0 * 2 / 2                      # thought 0: A^th 0
+    expected[0, 4:5] = 0.5                              # answer (0, 0)
+    expected[1, 4:6] = -1.5 / 2                         # answer (0, 1), 2 tokens
+    expected[2, 2:5] = 1.0 * 2 / 3                      # thought 1: A^th 1, 3 tokens
+    expected[2, 5:6] = 0.5                              # answer (1, 0)
+    expected[3, 5:6] = 0.5                              # answer (1, 1)
+    expected[4, 2:6] = -1.0 * 2 / 4                     # thought 2 (incomplete): A^th -1, 4 tokens
+    assert mask[5].sum() == 0 and mask[4].sum() == 4    # its rows hold the thought once, no answer
+    assert torch.allclose(adv, expected, atol=1e-6), adv
+    # per_thought scope: thought 0 [1, 0] -> [.707, -.707]; thought 1 equal -> 0; incomplete -> 0
+    adv = per_token_advantages(rewards, mask, layout, 3, 2, "per_thought", 1e-12)
+    s = 1 / math.sqrt(2)
+    assert torch.allclose(adv[0, 4:5], torch.tensor([s])) and torch.allclose(adv[1, 4:6], torch.full((2,), -s / 2))
+    assert torch.equal(adv[3], torch.zeros(mask.shape[1])) and torch.allclose(adv[4, 2:6], torch.full((4,), -0.5))
+
+
+def test_answer_advantages_keep_mask():
+    """The `keep` mask leaves answers out of the mean and std and gives them advantage 0; fewer than two
+    kept answers in a set -> 0 (nothing to compare)."""
+    r = torch.tensor([[[1.0, 0.0], [5.0, 5.0]], [[1.0, 0.0], [0.0, 0.0]]])  # [P=2, K=2, M=2]
+    keep = torch.tensor([[[True, True], [False, False]], [[True, False], [False, False]]])
+    s = 1 / math.sqrt(2)
+    out = answer_advantages(r, "global", 1e-12, keep)
+    assert torch.allclose(out, torch.tensor([[[s, -s], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]), atol=1e-6)
+
+
 def _objective(logp, old, adv, mask, rows):
     loss, _ = ppo_clip(logp, old, adv, mask.float(), PPOClipLoss())
     return seq_mean_token_sum(loss, mask.float(), Normalisers.of(mask, 1), SeqMeanTokenSum())
