@@ -16,9 +16,9 @@ EPILOG = """examples:
   rl train quickstart                      run the built-in quickstart job
   rl train my_job.yaml trainer.max_steps=5 run a job file with an override
   rl train --resume runs/quickstart        continue from the newest intact checkpoint
-  rl eval runs/quickstart/checkpoints/step_50 --job quickstart --samples 8 --k 1 4 8
+  rl eval runs/quickstart/checkpoints/step_20 --job quickstart --samples 8 --k 1 4 8
   rl validate my_job.yaml                  check a job without running it
-  rl export runs/quickstart/checkpoints/step_50 --out merged_model
+  rl export runs/quickstart/checkpoints/step_20 --out merged_model
   rl swarm sapo --nodes 4                  SAPO: 4 nodes sharing rollouts (lock-step, one process)
 """
 
