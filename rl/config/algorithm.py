@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from rl.config.base import Section
 
@@ -186,7 +186,7 @@ def resolve_correction_level(level: str, sampler_is_learner: bool, loss: Any) ->
 def _check_single_correction(loss: Any, correction: MismatchCorrection) -> None:
     if getattr(loss, "corrects_sampler_mismatch", False) and correction.level in ("token", "sequence"):
         raise ValueError(
-            f"algorithm.correction.level: {correction.level!r} with loss rapid and behaviour_logprobs: sampler would "
+            f"level {correction.level!r} with loss rapid and behaviour_logprobs: sampler would "
             "apply the sampler importance weight twice (RAPID's sequence weight is already pi / pi_sampler); set "
             "algorithm.correction.level: auto (or none), or use behaviour_logprobs: learner to keep TIS")
 
@@ -220,12 +220,12 @@ class AlgorithmConfig(Section):
     """The training recipe; `grpo` covers the GRPO family (GSPO, Dr.GRPO, DAPO) through the keys below."""
     advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
     loss: LossConfig = Field(default_factory=PPOClipLoss)
-    aggregation: AggregationConfig = Field(default_factory=TokenMean)
-    """Left out, it follows the paper of the loss/advantage: `seq_mean_token_mean` for gspo and gspo_token,
-    `constant` (C = rollout.max_new_tokens) for dr_grpo, `token_mean` otherwise."""
     allow_nonstandard_aggregation: bool = False
     """Accept an explicit aggregation that differs from the paper's for this loss/advantage (e.g. gspo with
     token_mean, which weights each sequence by its length); otherwise such a pair is an error."""
+    aggregation: AggregationConfig = Field(default_factory=TokenMean)
+    """Left out, it follows the paper of the loss/advantage: `seq_mean_token_mean` for gspo and gspo_token,
+    `constant` (C = rollout.max_new_tokens) for dr_grpo, `token_mean` otherwise."""
     kl: KLConfig = Field(default_factory=KLConfig)
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
 
@@ -238,16 +238,26 @@ class AlgorithmConfig(Section):
         name = paper_aggregation(loss, advantage)
         return {**data, "aggregation": {"name": name or "token_mean"}}
 
-    @model_validator(mode="after")
-    def _paper_aggregation_or_opt_in(self) -> "AlgorithmConfig":
-        paper = paper_aggregation(self.loss.name, self.advantage.name)
-        if paper is not None and self.aggregation.name != paper and not self.allow_nonstandard_aggregation:
+    # Field validators (the fields above are validated first, in order) so errors carry the key's path.
+    @field_validator("aggregation")
+    @classmethod
+    def _paper_aggregation_or_opt_in(cls, aggregation: Any, info: ValidationInfo) -> Any:
+        loss, advantage = info.data.get("loss"), info.data.get("advantage")
+        if loss is None or advantage is None or info.data.get("allow_nonstandard_aggregation"):
+            return aggregation  # (a bad loss or advantage is reported on its own)
+        paper = paper_aggregation(loss.name, advantage.name)
+        if paper is not None and aggregation.name != paper:
             raise ValueError(
-                f"algorithm.aggregation: {self.aggregation.name!r} is not the aggregation of loss {self.loss.name!r} "
-                f"with advantage {self.advantage.name!r}, whose paper uses {paper!r}; remove algorithm.aggregation "
-                f"(it defaults to {paper!r}) or set algorithm.allow_nonstandard_aggregation: true to keep it")
-        _check_single_correction(self.loss, self.correction)
-        return self
+                f"{aggregation.name!r} is not the aggregation of loss {loss.name!r} with advantage {advantage.name!r}, "
+                f"whose paper uses {paper!r}; set algorithm.aggregation: {{name: {paper}}} (or leave it out: it "
+                "defaults to that), or set algorithm.allow_nonstandard_aggregation: true to keep it")
+        return aggregation
+
+    @field_validator("correction")
+    @classmethod
+    def _single_correction(cls, correction: MismatchCorrection, info: ValidationInfo) -> MismatchCorrection:
+        _check_single_correction(info.data.get("loss"), correction)
+        return correction
 
 
 class GRPOMAAlgorithm(Section):

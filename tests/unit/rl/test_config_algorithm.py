@@ -38,7 +38,7 @@ def test_an_explicit_non_paper_aggregation_is_an_error_naming_the_key(algorithm)
     with pytest.raises(UserError) as err:
         validate_job(job(algorithm), "job.yaml")
     message = str(err.value)
-    assert "algorithm.aggregation" in message and "allow_nonstandard_aggregation" in message
+    assert "\n  algorithm.aggregation: '" in message and "allow_nonstandard_aggregation: true" in message
     assert "Traceback" not in message
 
 
@@ -98,7 +98,7 @@ def test_rapid_with_sampler_logprobs_is_corrected_once():
     learner = validate_job({"algorithm": {"loss": {"name": "rapid"}}, "rollout": {"backend": "vllm"}}, "job")
     assert learner.algorithm.correction.level == "token"  # pi_b recomputed by the learner: TIS corrects the sampler
     for level in ("token", "sequence"):
-        with pytest.raises(UserError, match=r"algorithm.correction.level.*twice"):
+        with pytest.raises(UserError, match=r"algorithm\.correction: level '(token|sequence)'.*twice"):
             validate_job({"algorithm": {"loss": rapid, "correction": {"level": level}}}, "job")
 
 
