@@ -47,7 +47,7 @@ def build_scorer(job: Any) -> Scorer:
 
 def shares_learner_model(job: Any) -> bool:
     """The local HF engine samples with the learner's own model in sync mode: no copy, no sync."""
-    return job.cluster.name == "local" and job.rollout.backend == "hf" and job.trainer.mode == "sync"
+    return job.sampler_is_learner
 
 
 def build_placement(job: Any, model_dir: str) -> Placement:

@@ -128,16 +128,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
     return KL_ESTIMATORS[estimator](logp, ref_logp)
 
 
-# The sampler that produced `sampling_logprobs`: vLLM's kernels differ from the learner's, so its
-# probabilities need correcting; the transformers engine computes the learner's own numbers.
-AUTO_CORRECTION_BY_BACKEND = {"vllm": "token"}
-
-
-def resolve_correction_level(level: str, backend: str) -> str:
-    """The effective mismatch-correction level: `auto` is `token` with vLLM, `none` otherwise."""
-    return AUTO_CORRECTION_BY_BACKEND.get(backend, "none") if level == "auto" else level
-
-
 def mismatch_weights(old_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, level: str,
                      cap: float) -> torch.Tensor:
     """[B, T] truncated importance weights min(pi_learner_old / pi_sampler, cap) (TIS: Yao et al. 2025,

@@ -28,7 +28,7 @@ from rl.errors import UserError
 from rl.registries import AGGREGATIONS, LOSSES
 from trainers.aggregation import Normalisers
 from trainers.logprobs import token_logprobs
-from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights, resolve_correction_level
+from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights
 from trainers.microbatch import group_micro_batches, micro_batches, no_grad_logprobs
 from trainers.prefix_grouper import check_supported, shared_prefix_logprobs
 from trainers.reference import ReferencePolicy, default_reference
@@ -42,15 +42,15 @@ class NonFiniteError(UserError):
 class PolicyTrainer:
     """AdamW on a (possibly adapter-wrapped) causal LM with a GRPO-family objective.
 
-    model: an nn.Module causal LM (maybe PEFT-wrapped); algorithm: `AlgorithmConfig`; trainer:
-    `TrainerConfig`; temperature: the rollout's sampling temperature (logprobs are taken at it);
-    backend: the rollout backend name (`auto` mismatch correction depends on it); device: where the
-    model lives; max_new_tokens: the `constant` aggregation's C when it sets none; adapter_schedule:
+    model: an nn.Module causal LM (maybe PEFT-wrapped); algorithm: `AlgorithmConfig` with its correction
+    level resolved (a validated job's: `auto` depends on where the sampler runs, which only the job knows);
+    trainer: `TrainerConfig`; temperature: the rollout's sampling temperature (logprobs are taken at it);
+    device: where the model lives; max_new_tokens: the `constant` aggregation's C when it sets none; adapter_schedule:
     an object with `before_optimizer_step(model, update)` or None; reference: overrides the default
     reference policy (used only when algorithm.kl.coef > 0).
     """
 
-    def __init__(self, model: Any, algorithm: Any, trainer: Any, temperature: float, backend: str, device: str,
+    def __init__(self, model: Any, algorithm: Any, trainer: Any, temperature: float, device: str,
                  max_new_tokens: int = 64, adapter_schedule: Any = None,
                  reference: ReferencePolicy | None = None) -> None:
         self.model, self.algo, self.cfg, self.device = model, algorithm, trainer, device
@@ -58,7 +58,11 @@ class PolicyTrainer:
         self.loss_fn: Callable = LOSSES.get(algorithm.loss.name)
         self.aggregate: Callable = AGGREGATIONS.get(algorithm.aggregation.name)
         self.constant_length = float(getattr(algorithm.aggregation, "max_length", None) or max_new_tokens)
-        self.correction = resolve_correction_level(algorithm.correction.level, backend)
+        if algorithm.correction.level == "auto":
+            raise ValueError("algorithm.correction.level 'auto' reached the trainer unresolved; validate the job "
+                             "(JobConfig resolves it from trainer.mode, cluster and rollout.backend) or pass "
+                             "none, token or sequence")
+        self.correction = algorithm.correction.level
         self.reference: ReferencePolicy | None = None
         if algorithm.kl.coef > 0:  # built before any update: a frozen copy must hold the initial weights
             self.reference = reference or default_reference(model, self._batch_logprobs)
@@ -182,7 +186,8 @@ class PolicyTrainer:
         extra = {k: dev(v) for k, v in (extra or {}).items()}
         per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss, **extra)  # [b, t]
         sampling = dev(micro.sampling_logprobs)  # [b, t]
-        per_token = per_token * mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)
+        tis = mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)  # [b, t]
+        per_token = per_token * tis
         kl = torch.zeros_like(logp)
         if self.reference is not None:
             kl = kl_penalty(logp, dev(micro.ref_logprobs), self.algo.kl.estimator)  # [b, t]
@@ -191,7 +196,8 @@ class PolicyTrainer:
         share = float(mask.sum()) / max(norm.tokens, 1.0)  # token share: sums of metrics are mini-batch means
         out = {"loss": float(loss.detach()), "kl": float(masked_mean(kl.detach(), mask)) * share,
                "policy/entropy": float(masked_mean(entropy, mask)) * share,
-               "policy/mismatch_kl": float(mismatch_kl(old, sampling, mask)) * share}
+               "policy/mismatch_kl": float(mismatch_kl(old, sampling, mask)) * share,
+               "policy/tis_weight_mean": float(masked_mean(tis, mask)) * share}
         out.update({k: float(v) * share for k, v in stats.items() if k != "ratio_max"})
         out["ratio_max"] = float(stats["ratio_max"])
         return loss, out

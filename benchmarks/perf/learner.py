@@ -53,7 +53,7 @@ def bench(model_name: str, args: argparse.Namespace) -> dict:
     model = load_causal_lm(resolve_model(model_name))
     cfg = TrainerConfig(lr=1e-6, max_steps=args.steps + 1, micro_batch_tokens=args.micro_batch_tokens,
                         logprob_chunk_tokens=args.chunk_tokens, gradient_checkpointing=args.gradient_checkpointing)
-    trainer = PolicyTrainer(model, AlgorithmConfig(), cfg, temperature=1.0, backend="hf", device="cpu")
+    trainer = PolicyTrainer(model, AlgorithmConfig(correction={"level": "none"}), cfg, temperature=1.0, device="cpu")
     batch = synthetic_batch(args.rows, args.prompt, args.completion, args.group, model.config.vocab_size)
     times = []
     for _ in range(args.steps + 1):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from rl.config.base import Section
 
@@ -110,7 +110,13 @@ class RapidLoss(Section):
     eps: float = Field(1e-6, gt=0)
     behaviour_logprobs: Literal["learner", "sampler"] = "learner"
     """pi_b: recomputed by the learner once per step before any update, or the sampler's own log-probs
-    (saves a forward pass; exact with the hf backend, which samples with the learner's model)."""
+    (saves a forward pass; exact with the hf backend, which samples with the learner's model). With `sampler`
+    the weight pi / pi_sampler already corrects the sampler mismatch: `correction.level` must be none (auto)."""
+
+    @property
+    def corrects_sampler_mismatch(self) -> bool:
+        """True when the sequence weight is taken against the sampler's own log-probs."""
+        return self.behaviour_logprobs == "sampler"
 
 
 LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss, LpRegLoss, RapidLoss],
@@ -160,9 +166,51 @@ class MismatchCorrection(Section):
     """Truncated importance weights pi_learner_old / pi_sampler for sampler/learner mismatch."""
 
     level: Literal["none", "token", "sequence", "auto"] = "auto"
-    """`auto`: token-level with the vLLM backend, none with transformers (same numerics as the learner)."""
+    """`auto` is resolved when the job is validated (the resolved level is in RUN_DIR/config.yaml): `token`
+    whenever the sampler's weights or kernels can differ from the learner's (trainer.mode: async, cluster: ray,
+    rollout.backend: vllm), `none` when the local transformers engine samples with the learner's own model
+    (and for rapid with behaviour_logprobs: sampler, whose own weight is the correction)."""
     cap: float = Field(2.0, gt=0)
     """Weights are truncated at this value (TIS)."""
+
+
+def resolve_correction_level(level: str, sampler_is_learner: bool, loss: Any) -> str:
+    """The effective level of `correction.level` (see MismatchCorrection.level); explicit levels stay."""
+    if level != "auto":
+        return level
+    if sampler_is_learner or getattr(loss, "corrects_sampler_mismatch", False):
+        return "none"
+    return "token"
+
+
+def _check_single_correction(loss: Any, correction: MismatchCorrection) -> None:
+    if getattr(loss, "corrects_sampler_mismatch", False) and correction.level in ("token", "sequence"):
+        raise ValueError(
+            f"level {correction.level!r} with loss rapid and behaviour_logprobs: sampler would "
+            "apply the sampler importance weight twice (RAPID's sequence weight is already pi / pi_sampler); set "
+            "algorithm.correction.level: auto (or none), or use behaviour_logprobs: learner to keep TIS")
+
+
+# The aggregation each paper's objective is defined with; the loss decides before the advantage (GSPO's
+# objective is a mean over sequences of a per-sequence term whatever the advantage; Dr.GRPO's constant
+# normaliser replaces the per-token mean of the losses that have one).
+PAPER_AGGREGATION_BY_LOSS = {"gspo": "seq_mean_token_mean", "gspo_token": "seq_mean_token_mean"}
+PAPER_AGGREGATION_BY_ADVANTAGE = {"dr_grpo": "constant"}
+LOSSES_WITHOUT_ADVANTAGE = ("rapid",)  # computes its own advantage: algorithm.advantage prescribes nothing
+
+
+def paper_aggregation(loss: str, advantage: str) -> str | None:
+    """The aggregation the (loss, advantage) pair's paper uses, or None when it leaves the choice open."""
+    if loss in PAPER_AGGREGATION_BY_LOSS:
+        return PAPER_AGGREGATION_BY_LOSS[loss]
+    return None if loss in LOSSES_WITHOUT_ADVANTAGE else PAPER_AGGREGATION_BY_ADVANTAGE.get(advantage)
+
+
+def _variant_name(value: Any, default: str) -> str:
+    """The `name` of a section given as a dict, a model, or left out (its default variant)."""
+    if value is None:
+        return default
+    return value.get("name", default) if isinstance(value, dict) else getattr(value, "name", default)
 
 
 class AlgorithmConfig(Section):
@@ -172,9 +220,44 @@ class AlgorithmConfig(Section):
     """The training recipe; `grpo` covers the GRPO family (GSPO, Dr.GRPO, DAPO) through the keys below."""
     advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
     loss: LossConfig = Field(default_factory=PPOClipLoss)
+    allow_nonstandard_aggregation: bool = False
+    """Accept an explicit aggregation that differs from the paper's for this loss/advantage (e.g. gspo with
+    token_mean, which weights each sequence by its length); otherwise such a pair is an error."""
     aggregation: AggregationConfig = Field(default_factory=TokenMean)
+    """Left out, it follows the paper of the loss/advantage: `seq_mean_token_mean` for gspo and gspo_token,
+    `constant` (C = rollout.max_new_tokens) for dr_grpo, `token_mean` otherwise."""
     kl: KLConfig = Field(default_factory=KLConfig)
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_aggregation_by_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("aggregation") is not None:
+            return data
+        loss, advantage = _variant_name(data.get("loss"), "ppo_clip"), _variant_name(data.get("advantage"), "grpo")
+        name = paper_aggregation(loss, advantage)
+        return {**data, "aggregation": {"name": name or "token_mean"}}
+
+    # Field validators (the fields above are validated first, in order) so errors carry the key's path.
+    @field_validator("aggregation")
+    @classmethod
+    def _paper_aggregation_or_opt_in(cls, aggregation: Any, info: ValidationInfo) -> Any:
+        loss, advantage = info.data.get("loss"), info.data.get("advantage")
+        if loss is None or advantage is None or info.data.get("allow_nonstandard_aggregation"):
+            return aggregation  # (a bad loss or advantage is reported on its own)
+        paper = paper_aggregation(loss.name, advantage.name)
+        if paper is not None and aggregation.name != paper:
+            raise ValueError(
+                f"{aggregation.name!r} is not the aggregation of loss {loss.name!r} with advantage {advantage.name!r}, "
+                f"whose paper uses {paper!r}; set algorithm.aggregation: {{name: {paper}}} (or leave it out: it "
+                "defaults to that), or set algorithm.allow_nonstandard_aggregation: true to keep it")
+        return aggregation
+
+    @field_validator("correction")
+    @classmethod
+    def _single_correction(cls, correction: MismatchCorrection, info: ValidationInfo) -> MismatchCorrection:
+        _check_single_correction(info.data.get("loss"), correction)
+        return correction
 
 
 class GRPOMAAlgorithm(Section):

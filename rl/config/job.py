@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from rl.config.adapters import AdapterConfig
-from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig
+from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig, resolve_correction_level
 from rl.config.base import Section
 from rl.config.curriculum import CurriculumConfig
 from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
@@ -165,6 +165,25 @@ class JobConfig(Section):
             raise ValueError(f"swarm.local={self.swarm.local} exceeds rollout.prompts_per_step="
                              f"{self.rollout.prompts_per_step} (the local groups generated per step); lower it")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_algorithm(self) -> "JobConfig":
+        """Write out the algorithm keys that depend on other sections (`correction.level: auto`, Dr.GRPO's
+        C = null), so RUN_DIR/config.yaml shows what runs and a resume validates to the same job."""
+        algo = self.algorithm
+        level = resolve_correction_level(algo.correction.level, self.sampler_is_learner, algo.loss)
+        update: dict = {"correction": algo.correction.model_copy(update={"level": level})}
+        if algo.aggregation.name == "constant" and algo.aggregation.max_length is None:
+            update["aggregation"] = algo.aggregation.model_copy(update={"max_length": self.rollout.max_new_tokens})
+        # Sections are frozen and an after-validator must return self: set the derived section in place.
+        object.__setattr__(self, "algorithm", algo.model_copy(update=update))
+        return self
+
+    @property
+    def sampler_is_learner(self) -> bool:
+        """The local transformers engine samples with the learner's own model in sync mode (no copy, no
+        sync): the sampler's log-probs are the learner's. Async, Ray workers and vLLM sample from copies."""
+        return self.cluster.name == "local" and self.rollout.backend == "hf" and self.trainer.mode == "sync"
 
     @property
     def resolved_run_dir(self) -> str:

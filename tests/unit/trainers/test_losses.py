@@ -6,7 +6,7 @@ import torch
 from rl.config.algorithm import GSPOLoss, GSPOTokenLoss, PPOClipLoss, ReinforceLoss, SeqMeanTokenMean, TokenMean
 from trainers.aggregation import Normalisers, seq_mean_token_mean, token_mean
 from trainers.losses import (gspo, gspo_token, kl_penalty, mismatch_kl, mismatch_weights, ppo_clip, reinforce,
-                             resolve_correction_level, sequence_log_ratio)
+                             sequence_log_ratio)
 
 from trainer_testlib import build_batch, build_lm
 
@@ -190,9 +190,3 @@ def test_mismatch_kl_metric():
     assert mismatch_kl(old, old, torch.ones(1, 3)).item() == 0.0
     sampler = torch.log(torch.tensor([[0.5, 0.4, 0.7]]))  # r = 0.5 on the middle token
     assert mismatch_kl(old, sampler, torch.ones(1, 3)).item() == pytest.approx((0.5 - math.log(0.5) - 1) / 3)
-
-
-def test_auto_correction_depends_on_the_backend():
-    assert resolve_correction_level("auto", "vllm") == "token"
-    assert resolve_correction_level("auto", "hf") == "none"
-    assert resolve_correction_level("sequence", "hf") == "sequence"

@@ -16,11 +16,11 @@ from trainers.schedule import lr_factor
 AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant"]
 
 
-def make(model, backend="hf", algorithm=None, reference=None, **trainer):
-    algo = AlgorithmConfig.model_validate(algorithm or {})
+def make(model, algorithm=None, reference=None, **trainer):
+    # A job resolves `correction.level: auto` (rl/config/job.py); these trainers sample nothing: none unless set.
+    algo = AlgorithmConfig.model_validate({"correction": {"level": "none"}, **(algorithm or {})})
     cfg = TrainerConfig.model_validate({"lr": 1e-2, "max_steps": 10, **trainer})
-    return PolicyTrainer(model, algo, cfg, temperature=1.0, backend=backend, device="cpu", max_new_tokens=8,
-                         reference=reference)
+    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu", max_new_tokens=8, reference=reference)
 
 
 def grads_after_step(batch, micro_batch_tokens, algorithm, **trainer):
@@ -171,12 +171,61 @@ def test_a_caller_supplied_reference_is_used(uneven_batch):
     assert Fixed.calls == 1 and metrics["kl"] != 0
 
 
-def test_mismatch_correction_auto_follows_the_backend(uneven_batch):
-    assert make(build_lm(), backend="hf").correction == "none"
-    vllm = make(build_lm(), backend="vllm")
-    assert vllm.correction == "token"
-    metrics = vllm.step(uneven_batch)
+def test_token_correction_reports_the_sampler_mismatch_and_its_weights(uneven_batch):
+    metrics = make(build_lm(), algorithm={"correction": {"level": "token"}}).step(uneven_batch)
     assert metrics["policy/mismatch_kl"] > 0.1  # synthetic sampler logprobs disagree with the model
+    assert metrics["policy/tis_weight_mean"] != pytest.approx(1.0, abs=1e-3)
+    assert make(build_lm()).step(uneven_batch)["policy/tis_weight_mean"] == 1.0  # level none: no weights
+
+
+def test_an_unresolved_auto_correction_is_refused():
+    with pytest.raises(ValueError, match="auto"):
+        make(build_lm(), algorithm={"correction": {"level": "auto"}})
+
+
+def sampler_disagreeing(batch, model, seed=1):
+    """`batch` with sampling logprobs = the model's own + a per-token offset in [-1, 1] (a sampler off by up
+    to e^1 per token, as a stale copy or another engine can be)."""
+    with torch.no_grad():
+        learner, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    offset = (torch.rand(learner.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * batch.loss_mask
+    return batch.replace(sampling_logprobs=(learner + offset) * batch.loss_mask)
+
+
+def hand_weighted_gradient(batch, level, cap):
+    """The gradient of -(1/N_tok) sum_t w_t A_t log pi(y_t) (ppo_clip at ratio 1, token_mean) with
+    w = min(pi / pi_sampler, cap) per token, or min(prod_t pi / pi_sampler, cap) per sequence."""
+    model = build_lm()
+    logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    mask = batch.loss_mask.float()
+    log_w = (logp.detach() - batch.sampling_logprobs) * mask
+    if level == "sequence":
+        log_w = log_w.sum(1, keepdim=True)
+    w = {"none": torch.ones_like(log_w), "token": torch.minimum(log_w.exp(), torch.tensor(cap)),
+         "sequence": torch.minimum(log_w.exp(), torch.tensor(cap))}[level]
+    loss = -(w * batch.advantages.unsqueeze(1) * logp * mask).sum() / mask.sum()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_mismatch_weights_scale_the_gradient_as_the_weighted_estimator(uneven_batch, level):
+    """The trainer's update is the truncated-IS policy gradient: each token (sequence) weighted by
+    min(pi_learner / pi_sampler, cap). Deleting the TIS multiplication makes the trainer's gradient the
+    unweighted one, which this test tells apart."""
+    batch = sampler_disagreeing(uneven_batch, build_lm())
+
+    def trainer_gradient(correction):
+        model = build_lm()
+        make(model, algorithm={"correction": {"level": correction, "cap": 2.0}}, max_grad_norm=1e9).step(batch)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    weighted, plain = trainer_gradient(level), trainer_gradient("none")
+    expected = hand_weighted_gradient(batch, level, 2.0)
+    scale = float(expected.abs().max())
+    assert float((weighted - expected).abs().max()) < 1e-5 * scale
+    assert float((plain - hand_weighted_gradient(batch, "none", 2.0)).abs().max()) < 1e-5 * scale
+    assert float((weighted - plain).abs().max()) > 0.05 * scale  # the weights really change the update
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(uneven_batch):

@@ -176,8 +176,8 @@ def trained_weights(batch, shared_prefix, lora=False, **trainer):
     if lora:  # the KL reference is then the model with its adapter disabled
         model = apply_adapter(model, LoRAAdapter(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     cfg = TrainerConfig.model_validate({"lr": 1e-3, "max_steps": 4, "shared_prefix": shared_prefix, **trainer})
-    algo = AlgorithmConfig.model_validate({"kl": {"coef": 0.05}})
-    metrics = PolicyTrainer(model, algo, cfg, temperature=0.9, backend="hf", device="cpu").step(batch)
+    algo = AlgorithmConfig.model_validate({"kl": {"coef": 0.05}, "correction": {"level": "none"}})
+    metrics = PolicyTrainer(model, algo, cfg, temperature=0.9, device="cpu").step(batch)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
 
 
@@ -201,8 +201,8 @@ def test_config_defaults_off_and_unsupported_attention_fails_clearly():
     model = build_lm()
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="shared_prefix"):
-        PolicyTrainer(model, AlgorithmConfig(), TrainerConfig(shared_prefix=True), temperature=1.0, backend="hf",
-                      device="cpu")
+        PolicyTrainer(model, AlgorithmConfig(correction={"level": "none"}), TrainerConfig(shared_prefix=True),
+                      temperature=1.0, device="cpu")
 
 
 @pytest.mark.slow

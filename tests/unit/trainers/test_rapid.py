@@ -12,6 +12,7 @@ from trainer_testlib import build_batch, build_lm
 from rl.config.algorithm import AlgorithmConfig, RapidLoss
 from rl.config.job import TrainerConfig
 from trainers.advantages import dr_grpo, rloo
+from trainers.logprobs import token_logprobs
 from trainers.losses import reinforce
 from trainers.microbatch import group_micro_batches, pack_groups
 from trainers.policy import PolicyTrainer
@@ -116,9 +117,9 @@ def test_group_packing_never_splits_a_group():
 
 
 def _trainer(model, **loss):
-    algo = AlgorithmConfig.model_validate({"loss": {"name": "rapid", **loss}})
+    algo = AlgorithmConfig.model_validate({"loss": {"name": "rapid", **loss}, "correction": {"level": "none"}})
     cfg = TrainerConfig.model_validate({"lr": 1e-3, "max_steps": 4, "mini_batches": 2, "micro_batch_tokens": 10_000})
-    return PolicyTrainer(model, algo, cfg, temperature=1.0, backend="hf", device="cpu", max_new_tokens=8)
+    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu", max_new_tokens=8)
 
 
 def _batch():
@@ -149,3 +150,31 @@ def test_second_mini_batch_is_off_policy_and_sampler_logprobs_can_stand_for_the_
     # The sampler's log-probs (here random numbers in (-3, 0), far above the tiny model's ~log(1/64)) as pi_b.
     sampled = _trainer(build_lm(), behaviour_logprobs="sampler").step(batch)
     assert sampled["rapid/weight_mean"] < 0.1
+
+
+def test_with_sampler_logprobs_on_vllm_the_importance_weight_is_applied_once():
+    """The job for vLLM resolves the trainer's correction so that RAPID's sequence weight pi / pi_sampler is the
+    only importance weight: the update equals -(1/N_tok) sum_i A_i(w) sum_t log pi(y_t) with
+    w_i = min(prod_t pi / pi_sampler, eta), not that times a token TIS weight pi / pi_sampler again."""
+    from rl.config import validate_job
+
+    job = validate_job({"algorithm": {"loss": {"name": "rapid", "behaviour_logprobs": "sampler"}},
+                        "rollout": {"backend": "vllm"}, "trainer": {"lr": 1e-3, "max_grad_norm": 1e9}}, "job")
+    batch = _batch()
+    with torch.no_grad():  # a sampler close to the learner (as vLLM is), so the weights are not all clipped
+        own, _ = token_logprobs(build_lm(), batch.input_ids, batch.attention_mask, batch.loss_mask)
+    offset = (torch.rand(own.shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.6 * batch.loss_mask
+    batch = batch.replace(sampling_logprobs=(own + offset) * batch.loss_mask)
+    model = build_lm()
+    PolicyTrainer(model, job.algorithm, job.trainer, temperature=1.0, device="cpu").step(batch)
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = build_lm()
+    logp, _ = token_logprobs(reference, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    mask = batch.loss_mask.float()
+    w = torch.minimum(((logp.detach() - batch.sampling_logprobs) * mask).sum(1).exp(), torch.tensor(2.0))
+    assert 0.2 < float(w.min()) and float(w.max()) < 2.0  # weights away from 1 and unclipped: a sharp check
+    adv = weighted_group_advantage(batch.rewards, w, batch.group_ids, job.algorithm.loss)
+    (-(adv.unsqueeze(1) * logp * mask).sum() / mask.sum()).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())
