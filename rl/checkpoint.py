@@ -9,21 +9,29 @@ Files: `weights.safetensors` (full weights, or adapter weights with an adapter),
 (optimizer, scheduler, counters), `rng.pt` (python/numpy/torch RNG states), `state.json` (step,
 policy version, data cursor, ...), `config.yaml` (the resolved job), `manifest.json`, and with a curriculum
 `curriculum.pt` (its learned state, e.g. the PCL value head and its optimizer).
+
+A full disk stops the run with `DiskFullError` (a `UserError`: one paragraph, exit 2): the writers report it
+differently (`torch.save` as a RuntimeError from its C++ stream with no errno, safetensors as a SafetensorError
+whose text holds "os error 28", Python's own writes as OSError ENOSPC), so it is recognised by the errno where
+one exists and otherwise by the file system really lacking the room the checkpoint still needed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import shutil
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rl.errors import UserError
@@ -32,10 +40,19 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 CURRICULUM = "curriculum.pt"  # optional: the curriculum's learned state (PCL value head + optimizer)
 PREFIX = "step_"
+MIB = 1 << 20
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# What the writers raise when a write fails: torch.save wraps the stream error in RuntimeError, safetensors in
+# SafetensorError; only OSError carries the errno.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(UserError):
     """A checkpoint could not be written (the previous one is intact) or none could be read."""
+
+
+class DiskFullError(CheckpointError):
+    """The file system holding the run directory ran out of space while a checkpoint was written."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +110,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
                     curriculum_state: Mapping[str, Any] | None = None) -> Path:
     """Write `checkpoints/step_<step>` atomically, then prune to the newest `keep_last`.
 
-    A failure (disk full, permissions) removes the partial temp directory, leaves every earlier
-    checkpoint untouched, and raises `CheckpointError` naming the cause.
+    Any failure removes the partial temp directory and leaves every earlier checkpoint untouched. A full disk
+    raises `DiskFullError` (space needed, where, how to resume), another OSError (e.g. permissions)
+    `CheckpointError`; anything else is re-raised as it is.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -110,12 +128,102 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync(root)
-    except OSError as exc:
+    except BaseException as exc:
+        needed = max(_checkpoint_bytes(root), _tensor_bytes([weights, trainer_state, curriculum_state]))
+        full = _out_of_space(exc, root, needed - _dir_bytes(tmp))  # judged while the partial files still take room
+        if full:  # the failed writer's frames hold its open file, whose blocks an unlink alone does not free
+            for link in _exception_chain(exc):
+                traceback.clear_frames(link.__traceback__)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier checkpoints "
-                              "are intact; free disk space or fix permissions and resume.") from exc
+        if full:
+            raise DiskFullError(_disk_full_message(Path(run_dir), final, needed)) from exc
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier checkpoints "
+                                  f"are intact; fix the cause and continue with `rl train --resume {run_dir}`.") from exc
+        raise
     prune_checkpoints(root, keep_last)
     return final
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _reports_out_of_space(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: as OSError.errno, or as Rust's "(os error 28)" text (safetensors)."""
+    for link in _exception_chain(exc):
+        if isinstance(link, OSError) and link.errno in OUT_OF_SPACE:
+            return True
+        if any(f"(os error {code})" in str(link) for code in OUT_OF_SPACE):
+            return True
+    return False
+
+
+def _out_of_space(exc: BaseException, root: Path, still_needed: int) -> bool:
+    """Whether a failed write was the disk filling up. torch.save's error has no errno, so it counts only when the
+    file system really has less room than the checkpoint still needed (at least a MiB): a writer error with
+    space to spare (an unpicklable object, a bug) is never reported as a full disk."""
+    if not isinstance(exc, WRITE_ERRORS):
+        return False
+    if _reports_out_of_space(exc):
+        return True
+    try:
+        return shutil.disk_usage(root).free < max(still_needed, MIB)
+    except OSError:
+        return False
+
+
+def _disk_full_message(run_dir: Path, final: Path, needed: int) -> str:
+    free = shutil.disk_usage(final.parent).free
+    previous = next(iter(list_checkpoints(run_dir)), None)
+    head = (f"no space left on the file system mounted at {_mount_point(final.parent)} (it holds {run_dir}) while "
+            f"writing checkpoint {final.name}: a checkpoint of this run takes about {_size(needed)} and "
+            f"{_size(free)} are free, so free at least {_size(max(needed - free, 0))} more there "
+            "(fewer kept checkpoints help too: the next one is written beside the `trainer.keep_last` newest). "
+            "The partial checkpoint was removed.")
+    if previous is None:
+        return f"{head} No earlier checkpoint exists: start the run again with `rl train` once there is room."
+    return (f"{head} {previous.path.name} is intact: continue from it with `rl train --resume {run_dir}` "
+            f"(optionally with trainer.keep_last=1).")
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MIB)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes / 1024:.1f} KiB"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _checkpoint_bytes(root: Path) -> int:
+    """The size of the newest complete checkpoint (0 if none): what the next one will take."""
+    newest = next(iter(list_checkpoints(root.parent)), None)
+    return _dir_bytes(newest.path) if newest is not None else 0
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The tensor bytes in nested dicts/lists: a lower bound on a checkpoint's size before the first is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,7 +70,8 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
     job = parts.job
     pipeline = steps.RolloutPipeline(parts)
     swarm = build_swarm(job)  # SAPO (swarm: null -> a no-op)
-    with graceful_shutdown() as stop:
+    # closed on any way out, a checkpoint that fails on a full disk included: no generation is left running
+    with graceful_shutdown() as stop, closing(swarm), closing(pipeline):
         if job.trainer.eval_before_train and start == 0:
             logger.log(0, steps.evaluate_at(parts, run_dir, 0))
         step = start
@@ -92,6 +94,4 @@ def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
             if stop.requested:
                 logger.note(f"stopped after step {step} ({stop.requested}); continue with: rl train --resume {run_dir}")
                 break
-        pipeline.close()
-        swarm.close()
     return step

@@ -1,5 +1,3 @@
-import errno
-
 import pytest
 import torch
 
@@ -51,18 +49,46 @@ def test_half_written_checkpoint_is_never_chosen(tmp_path):
     assert latest_intact_checkpoint(tmp_path, report=lambda m: None).step == 1
 
 
-def test_disk_full_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+MIB = 1 << 20
+# One piece of a checkpoint made larger than the 1 MiB file system, so its writer is the one that runs out of space:
+# safetensors (SafetensorError), torch.save (RuntimeError from its C++ stream) or a plain write (OSError).
+TOO_BIG = {
+    "weights": {"weights": {"w": torch.zeros(MIB // 2)}},
+    "trainer_state": {"trainer_state": {"opt": {"m": torch.zeros(MIB // 2)}}},
+    "config_yaml": {"config_yaml": "x" * (2 * MIB)},
+}
+
+
+@pytest.mark.parametrize("writer", sorted(TOO_BIG))
+def test_a_real_full_disk_removes_the_partial_checkpoint_and_keeps_the_previous(small_tmpfs, writer):
+    fs = small_tmpfs(MIB)
+    save(fs, 1, 1.0)
+    args = {"weights": {"w": torch.ones(4, 4)}, "trainer_state": {}, "state": {"step": 2}, "config_yaml": "name: t\n",
+            **TOO_BIG[writer]}
+    with pytest.raises(CheckpointError, match="(?i)no space left") as raised:
+        save_checkpoint(fs, 2, **args)
+    message = str(raised.value)
+    assert str(fs) in message and f"rl train --resume {fs}" in message and "step_1 is intact" in message, message
+    assert [c.step for c in list_checkpoints(fs)] == [1]
+    assert not list((fs / "checkpoints").glob(".tmp-*"))
+    assert torch.equal(load_checkpoint(fs / "checkpoints" / "step_1")["weights"]["w"], torch.ones(4, 4))
+    save(fs, 2, 2.0)  # the space the partial checkpoint took is back
+    assert [c.step for c in list_checkpoints(fs)] == [2, 1]
+
+
+class _RefusesPickling:
+    def __reduce__(self):
+        raise RuntimeError("this object cannot be saved")
+
+
+def test_a_writer_error_on_a_roomy_disk_is_raised_as_is_and_cleaned_up(tmp_path):
     save(tmp_path, 1, 1.0)
-
-    def enospc(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt, "save_file", enospc)
-    with pytest.raises(CheckpointError, match="No space left on device"):
-        save(tmp_path, 2, 2.0)
-    assert [c.step for c in list_checkpoints(tmp_path)] == [1]
+    with pytest.raises(RuntimeError, match="cannot be saved") as raised:  # the same type torch.save raises when full
+        save_checkpoint(tmp_path, 2, weights={"w": torch.ones(2)}, trainer_state={"x": _RefusesPickling()},
+                        state={"step": 2}, config_yaml="name: t\n")
+    assert not isinstance(raised.value, CheckpointError)  # not mistaken for a full disk
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    assert torch.equal(load_checkpoint(tmp_path / "checkpoints" / "step_1")["weights"]["w"], torch.ones(4, 4))
+    assert [c.step for c in list_checkpoints(tmp_path)] == [1]
 
 
 def test_keep_last_prunes_oldest(tmp_path):
