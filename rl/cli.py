@@ -7,6 +7,7 @@ answers at once. User errors print one paragraph and exit 2; `--debug` shows the
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, Sequence
 
@@ -147,6 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # A disk that fills outside a checkpoint (metrics, eval reports, plots): checkpoints handle their own
+        # (rl/checkpoint.py); here nothing is lost but the current step, since checkpoints are atomic.
+        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device while writing {exc.filename or 'a run file'}. Free space there; "
+              "every checkpoint written so far is intact: continue with `rl train --resume RUN_DIR`.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -58,3 +58,15 @@ def test_a_disk_that_fills_during_a_checkpoint_stops_the_run_cleanly_and_it_resu
     assert "resuming from" in resumed.stdout and "step 1" in resumed.stdout
     assert [c.step for c in list_checkpoints(run)] == [3, 2, 1]
     assert stable(metrics(run)) == stable(metrics(reference))
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_message_not_a_traceback(small_tmpfs):
+    """An evaluation report written to a full file system: exit 2 and the message, no traceback."""
+    fs = small_tmpfs(1 << 20)
+    (fs / "filler").write_bytes(bytes(shutil.disk_usage(fs).free))  # the disk is now really full
+
+    done = rl("eval", "tiny-llama", "--job", "tiny", "--num-prompts", "4", "--out", str(fs / "report.json"))
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "no space left" in done.stderr and "rl train --resume" in done.stderr, done.stderr[-3000:]
