@@ -99,6 +99,7 @@ class PolicyTrainer:
                    for mini, old, extra in zip(minis, olds, extras)]
         metrics = summarise(updates)
         metrics.update({"time/logprobs_s": logprobs_s, "time/update_s": time.perf_counter() - start - logprobs_s,
+                        "train/tokens": float(batch.loss_mask.sum()),  # trained (loss-mask) tokens, once per epoch
                         "train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics

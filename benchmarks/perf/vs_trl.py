@@ -182,8 +182,8 @@ def prepare(s: Settings, work: Path, arms: list[str]) -> dict[str, Any]:
 
 
 def trained_tokens(row: dict[str, Any]) -> int:
-    """Tokens in the step's loss mask: trainers/policy.py logs them only as a rate over the learner's time."""
-    return round(row["train/tokens_per_s"] * (row["time/logprobs_s"] + row["time/update_s"]))
+    """Tokens under the loss mask in this step (trainers/policy.py `train/tokens`)."""
+    return int(row["train/tokens"])
 
 
 def run_rlpost(s: Settings, work: Path, name: str, rep: int, model_dir: str) -> dict[str, Any]:
