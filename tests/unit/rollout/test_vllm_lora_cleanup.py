@@ -70,3 +70,10 @@ def test_lora_pushes_keep_only_the_served_adapter(tiny_model_dir, tmp_path, monk
     finally:
         worker.close()
     assert _adapter_dirs(tmp_path) == []  # shutdown removes the last one
+
+
+def test_engine_lora_rank_rounds_up_to_a_rank_vllm_accepts():
+    """vLLM takes max_lora_rank only from a fixed set (1, 8, 16, ...): an r=4 adapter needs an engine of rank 8."""
+    from rollout._vllm_internals import engine_lora_rank
+
+    assert [engine_lora_rank(r) for r in (1, 4, 8, 9, 16, 17)] == [1, 8, 8, 16, 16, 32]
