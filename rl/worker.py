@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ class RolloutWorker:
         self.engine = build_engine(job.rollout, model_dir, dtype=job.model.dtype, device="auto", seed=job.seed,
                                    model=shared_model, max_lora_rank=_lora_rank(job))
         self.version = 0
+        self._adapter_dir: Path | None = None  # the LoRA folder the engine serves now (see _serve)
 
     @property
     def wants_lora(self) -> bool:
@@ -42,13 +44,28 @@ class RolloutWorker:
         if payload is None:
             self.engine.policy_version = version
         elif payload["kind"] == "lora":
-            folder = Path(tempfile.mkdtemp(prefix=f"rlpost-lora-v{version}-"))
-            for name, data in payload["files"].items():
-                (folder / name).write_bytes(data)
-            self.engine.push_lora(str(folder), version)
+            folder = _write_adapter(payload["files"], version)
+            try:
+                self.engine.push_lora(str(folder), version)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # not served: the previous adapter stays in use
+                raise
+            self._serve(folder)
         else:
             self.engine.push_weights(payload["tensors"].items(), version)
+            self._serve(None)  # full weights carry the policy now
         return time.perf_counter() - start
+
+    def _serve(self, folder: Path | None) -> None:
+        """Record the adapter folder the engine serves from now on and delete the one it served before.
+
+        vLLM reads a folder when a request with its adapter id is first scheduled, and again if its LoRA cache
+        evicted it, so the served folder stays. The previous one is safe to delete: the engine has dropped that
+        id (VLLMEngine.push_lora/push_weights) and no generation overlaps a load (the pipeline waits for the
+        one in flight before a sync; a Ray actor runs its calls one at a time)."""
+        previous, self._adapter_dir = self._adapter_dir, folder
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
 
     def sleep(self) -> None:
         """Free the engine's accelerator memory while the learner trains (vLLM on GPU; no-op otherwise)."""
@@ -58,7 +75,22 @@ class RolloutWorker:
         getattr(self.engine, "wake", lambda: None)()
 
     def close(self) -> None:
-        self.engine.close()
+        try:
+            self.engine.close()
+        finally:
+            self._serve(None)  # nothing is served any more: no adapter folder outlives the worker
+
+
+def _write_adapter(files: Mapping[str, bytes], version: int) -> Path:
+    """A fresh temporary folder holding a pushed PEFT adapter's files (vLLM loads adapters from a path)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"rlpost-lora-v{version}-"))
+    try:
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _lora_rank(job: Any) -> int | None:

@@ -246,6 +246,21 @@ def reload_weights(llm: Any, shared: SharedWeights, named_tensors: Iterable[tupl
     return path[0] if isinstance(path, list) else path
 
 
+def engine_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts (a fixed set: 1, 8, 16, 32, ...) that serves adapters of
+    rank `rank`: vLLM serves any adapter up to its max_lora_rank, but rejects e.g. 4 as the maximum itself."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    return min((r for r in get_args(MaxLoRARanks) if r >= rank), default=rank)  # above all: vLLM's own error
+
+
+def remove_lora(llm: Any, lora_id: int) -> None:
+    """Drop an adapter from the engine's LoRA cache (a no-op for one it never loaded)."""
+    llm.llm_engine.remove_lora(lora_id)
+
+
 def sleep(llm: Any) -> None:
     """GPU only: free the engine's weights and KV cache while the learner trains."""
     llm.sleep(level=1)

@@ -64,6 +64,7 @@ class VLLMEngine:
         if cfg.infinite_sampling.enabled:  # vLLM's scheduler already refills slots (continuous batching)
             kwargs["max_num_seqs"] = cfg.infinite_sampling.max_concurrent
         if max_lora_rank:
+            max_lora_rank = internals.engine_lora_rank(max_lora_rank)  # vLLM takes only some ranks (8, 16, ...)
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         try:
             self.llm = LLM(**kwargs)
@@ -103,7 +104,7 @@ class VLLMEngine:
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
         start = time.perf_counter()
         self.sync_path = internals.reload_weights(self.llm, self.shared, named_tensors)  # "direct" | "vllm"
-        self.lora_request = None  # full weights now carry the policy
+        self._drop_lora()  # full weights now carry the policy
         self.policy_version = version
         return time.perf_counter() - start
 
@@ -119,10 +120,18 @@ class VLLMEngine:
                             f"{self.max_lora_rank}; lower adapter.r or start the engine with a larger rank.")
         start = time.perf_counter()
         self._lora_ids += 1
+        self._drop_lora()
         self.lora_request = LoRARequest(f"policy-v{version}-{self._lora_ids}", self._lora_ids, adapter_dir)
         self.llm.reset_prefix_cache()
         self.policy_version = version
         return time.perf_counter() - start
+
+    def _drop_lora(self) -> None:
+        """Stop serving the current adapter and remove it from vLLM's LoRA cache: afterwards the engine never
+        reads its folder again, so the caller may delete it (rl/worker.py), and its memory is freed."""
+        previous, self.lora_request = self.lora_request, None
+        if previous is not None:
+            internals.remove_lora(self.llm, previous.lora_int_id)
 
     def sleep(self) -> None:
         if self.cfg.vllm.sleep_between_steps:
