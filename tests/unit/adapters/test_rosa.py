@@ -50,13 +50,19 @@ def grads(layer: RosaLayer, x: torch.Tensor) -> dict[str, torch.Tensor]:
             "dvalues": layer.rosa_spa_values[A].grad}
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["float64", "float32"])
 @pytest.mark.parametrize("impl", ["gather", "sampled"])
-def test_efficient_paths_agree_with_the_reference(impl):
-    x = torch.randn(3, 5, 24)
-    expected = grads(rosa_linear("reference"), x)
-    got = grads(rosa_linear(impl), x)
+def test_efficient_paths_agree_with_the_reference(impl, dtype, rtol):
+    """Output and every gradient within rtol of the tensor's largest entry. Measured over 200 inputs: 5e-16
+    (float64) and 3e-7 (float32). Not elementwise: dA entries reach ~1e3 and some cancel to ~1, where
+    float32 rounding of the large terms breaks any per-entry relative bound."""
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    expected = grads(rosa_linear("reference").to(dtype), x)
+    got = grads(rosa_linear(impl).to(dtype), x)
     for key in expected:
-        assert torch.allclose(got[key], expected[key], atol=1e-5, rtol=1e-5), key
+        assert got[key].dtype == dtype, key
+        scale = float(expected[key].abs().max())
+        assert scale > 0 and float((got[key] - expected[key]).abs().max()) <= rtol * scale, key
 
 
 def test_sparse_value_gradient_is_the_dense_gradient_on_the_support():

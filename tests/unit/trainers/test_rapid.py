@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from trainer_testlib import build_batch, build_lm
+from trainer_testlib import assert_same_updates, build_batch, build_lm, record_updates
 
 from rl.config.algorithm import AlgorithmConfig, RapidLoss
 from rl.config.job import TrainerConfig
@@ -128,17 +128,19 @@ def _batch():
 
 
 def test_micro_batches_hold_whole_groups_and_accumulation_is_exact():
-    """Group micro-batches of any budget give the same weights after RAPID's two mini-batch updates."""
+    """Group micro-batches of any budget give the same gradient at each of RAPID's two mini-batch updates.
+    Measured: within 3e-7 of the largest entry at the first update and 1e-6 at the second (which starts from
+    weights that AdamW's noise amplification already moved apart, see record_updates); a per-micro-batch
+    normaliser or a split group is off by more than 0.3 of it."""
     batch = _batch()
     assert all(len(set(m.group_ids.tolist())) * 2 == m.num_samples for _, m in group_micro_batches(batch, 1))
-    weights = []
-    for budget in (10_000, 1):
-        model = build_lm()
-        trainer = _trainer(model)
+    updates = []
+    for budget in (10_000, 1):  # one micro-batch per mini-batch, or one per group
+        trainer = _trainer(build_lm())
         trainer.cfg = trainer.cfg.model_copy(update={"micro_batch_tokens": budget})
+        updates.append(record_updates(trainer))
         metrics = trainer.step(batch)
-        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert float((weights[0] - weights[1]).abs().max()) < 1e-6
+    assert_same_updates(*updates, rtol=1e-5)
     assert metrics["train/updates"] == 2 and 0 < metrics["rapid/ess_frac"] <= 1
 
 
