@@ -18,7 +18,6 @@ one exists and otherwise by the file system really lacking the room the checkpoi
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -34,14 +33,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rl.errors import UserError
+from rl.errors import OUT_OF_SPACE, UserError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 CURRICULUM = "curriculum.pt"  # optional: the curriculum's learned state (PCL value head + optimizer)
 PREFIX = "step_"
 MIB = 1 << 20
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # What the writers raise when a write fails: torch.save wraps the stream error in RuntimeError, safetensors in
 # SafetensorError; only OSError carries the errno.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)

@@ -7,11 +7,10 @@ answers at once. User errors print one paragraph and exit 2; `--debug` shows the
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 from typing import Callable, Sequence
 
-from rl.errors import UserError
+from rl.errors import OUT_OF_SPACE, UserError
 
 EPILOG = """examples:
   rl train quickstart                      run the built-in quickstart job
@@ -151,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A disk that fills outside a checkpoint (metrics, eval reports, plots): checkpoints handle their own
         # (rl/checkpoint.py); here nothing is lost but the current step, since checkpoints are atomic.
-        if args.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if args.debug or exc.errno not in OUT_OF_SPACE:
             raise
         print(f"error: no space left on the device while writing {exc.filename or 'a run file'}. Free space there; "
               "every checkpoint written so far is intact: continue with `rl train --resume RUN_DIR`.", file=sys.stderr)

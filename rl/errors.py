@@ -6,6 +6,11 @@ Anything the user can fix (a bad job file, a missing data file, an unknown name)
 
 from __future__ import annotations
 
+import errno
+
+# errno values of a file system that has run out of room (space, or the user's quota)
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 
 class UserError(Exception):
     """A problem with the user's input: the message names the problem and the fix."""

@@ -98,9 +98,9 @@ class PolicyTrainer:
         updates = [self._update(mini, old, extra) for _ in range(self.cfg.ppo_epochs)
                    for mini, old, extra in zip(minis, olds, extras)]
         metrics = summarise(updates)
+        tokens = float(batch.loss_mask.sum())  # trained (loss-mask) tokens, each once per epoch
         metrics.update({"time/logprobs_s": logprobs_s, "time/update_s": time.perf_counter() - start - logprobs_s,
-                        "train/tokens": float(batch.loss_mask.sum()),  # trained (loss-mask) tokens, once per epoch
-                        "train/tokens_per_s": float(batch.loss_mask.sum()) / (time.perf_counter() - start),
+                        "train/tokens": tokens, "train/tokens_per_s": tokens / (time.perf_counter() - start),
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
