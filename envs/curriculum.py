@@ -2,7 +2,7 @@
 
 The paper's loop, per step t (m = prompts_per_step, k = pool_factor, tau = target):
 
-    pool   = k*m prompts drawn uniformly                     (rl/sampler.py: CurriculumSampler)
+    pool   = k*m prompts drawn uniformly                     (rl/loop/sampler.py: CurriculumSampler)
     keep   = the m with |V(x) - tau| smallest                (select_closest)
     rollout + policy update on the kept prompts               (the usual step)
     V     <- MSE(V(x_i), mean_j r_ij) on the kept prompts     (PCLValueModel.update: on-policy targets)

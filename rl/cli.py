@@ -43,7 +43,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rl.driver import resume_job, train_job
+    from rl.loop.driver import resume_job, train_job
 
     if args.resume:
         # argparse puts the first override into `job`: a resumed run keeps its own config file.
@@ -60,20 +60,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rl.evaluation import eval_command
+    from rl.loop.evaluation import eval_command
 
     return eval_command(args.target, args.job, args.overrides, samples=args.samples, ks=args.k, out=args.out,
                         num_prompts=args.num_prompts)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rl.standalone import export_command
+    from rl.loop.standalone import export_command
 
     return export_command(args.checkpoint, args.out)
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
-    from rl.swarm.launcher import launch
+    from rl.loop.swarm_launcher import launch
 
     return launch(args.job, args.overrides, args.nodes)
 
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except OSError as exc:
         # A disk that fills outside a checkpoint (metrics, eval reports, plots): checkpoints handle their own
-        # (rl/checkpoint.py); here nothing is lost but the current step, since checkpoints are atomic.
+        # (rl/loop/checkpoint.py); here nothing is lost but the current step, since checkpoints are atomic.
         if args.debug or exc.errno not in OUT_OF_SPACE:
             raise
         print(f"error: no space left on the device while writing {exc.filename or 'a run file'}. Free space there; "

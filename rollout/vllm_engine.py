@@ -128,7 +128,7 @@ class VLLMEngine:
 
     def _drop_lora(self) -> None:
         """Stop serving the current adapter and remove it from vLLM's LoRA cache: afterwards the engine never
-        reads its folder again, so the caller may delete it (rl/worker.py), and its memory is freed."""
+        reads its folder again, so the caller may delete it (rl/loop/worker.py), and its memory is freed."""
         previous, self.lora_request = self.lora_request, None
         if previous is not None:
             internals.remove_lora(self.llm, previous.lora_int_id)

@@ -36,7 +36,7 @@ from benchmarks._report import emit, spread
 def sample_pools(job, prompts: int, thoughts: int, pool: int, seed: int):
     """(rewards [P, thoughts, pool] with incomplete thoughts at 0, mean thought tokens, mean answer tokens)."""
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
     from rl.types import MultiAnswerSpec, SamplingParams
     from rewards.cot import answer_after
     from rollout.engine import build_engine

@@ -67,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     from rl.config import load_job
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
     from rollout.engine import build_engine
 
     job = load_job(args.job)

@@ -93,8 +93,8 @@ def measure_rollout_filtering(args: argparse.Namespace) -> dict:
     settings: what a rollout-based filter spends per step before it can choose."""
     from rl.config import load_job
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
-    from rl.steps import sampling_params
+    from rl.loop.runtime import build_env
+    from rl.loop.steps import sampling_params
     from rollout.engine import build_engine
 
     job = load_job("pcl", [f"model.path={args.model}", f"rollout.prompts_per_step={args.prompts}",
@@ -121,7 +121,7 @@ def measure_selection(args: argparse.Namespace) -> dict:
     import envs.curriculum as pcl
     from rl.config import load_job
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
 
     job = load_job("pcl", [f"model.path={args.model}", f"seed={args.seed}"])
     model_dir = resolve_model(job.model.path)

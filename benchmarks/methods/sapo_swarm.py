@@ -3,7 +3,7 @@ versus the no-sharing baseline (I = I+J, J = 0), at the same number of training 
 
 The setting follows the paper's controlled experiment (arXiv 2509.08721 §5: 8 Qwen2.5-0.5B agents,
 ReasoningGYM, 8 completions per question, GRPO without KL, 4/4 vs 8/0) scaled down to this CPU:
-SmolLM2-135M-Instruct + LoRA on one-digit arithmetic, N nodes in lock-step rounds (rl/swarm/lockstep.py:
+SmolLM2-135M-Instruct + LoRA on one-digit arithmetic, N nodes in lock-step rounds (rl/loop/lockstep.py:
 every node generates and publishes, then every node trains), memory transport. Both configurations
 use the same seeds per node (node i: seed + i). The paper's measure is the cumulative reward: the
 sum over rounds and nodes of each node's mean reward on its own (local) rollouts.
@@ -45,7 +45,7 @@ def node_jobs(args: argparse.Namespace, name: str, local: int, external: int) ->
 
 
 def summarise(run_dirs: list[Path]) -> dict[str, Any]:
-    from rl.metrics import read_metrics
+    from rl.loop.metrics import read_metrics
 
     nodes = []
     for d in run_dirs:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from rl.swarm.lockstep import run_lockstep
+    from rl.loop.lockstep import run_lockstep
 
     report: dict[str, Any] = {"setup": vars(args) | {"torch_threads": torch.get_num_threads(),
                                                      "machine": "2-CPU shared host, no GPU"}, "configs": {}}

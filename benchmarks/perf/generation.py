@@ -21,7 +21,7 @@ from benchmarks._report import emit
 def workload(model_dir: str, prompts: int) -> list:
     from rl.config import load_job
     from rl.models import load_tokenizer
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
 
     job = load_job("quickstart", ["adapter=null"])
     return list(build_env(job, load_tokenizer(model_dir)).train_prompts())[:prompts]

@@ -63,7 +63,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
 
     from rl.config import load_job
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
     from rl.types import SamplingParams
     from rollout.engine import build_engine
 
@@ -111,7 +111,7 @@ def run_paired(args: argparse.Namespace) -> dict:
 
     from rl.config import load_job
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env
+    from rl.loop.runtime import build_env
     from rl.types import SamplingParams
     from rollout.engine import build_engine
 

@@ -5,7 +5,7 @@ detached, it outlives any node, so nodes join and leave freely. Sends are fire-a
 at most `timeout_s`. If the exchange dies, reads fail (counted) and later calls re-create or join a new
 one (rollouts published meanwhile are lost); the node trains on its own rollouts in between.
 Ray is imported inside functions, so `rl --help` stays fast (the swarm's only Ray module, as
-rl/cluster.py is the placement's).
+rl/loop/cluster.py is the placement's).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_eval_reports_on_checkpoint_and_alias(lora_run, tmp_path):
 def test_export_merges_the_adapter_into_a_loadable_model(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rl.standalone import learner_from_checkpoint
+    from rl.loop.standalone import learner_from_checkpoint
 
     ckpt = lora_run / "checkpoints" / "step_2"
     out = tmp_path / "exported"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import metrics, rl, stable
 
-from rl.checkpoint import list_checkpoints, verify_checkpoint
+from rl.loop.checkpoint import list_checkpoints, verify_checkpoint
 
 ARGS = ["trainer.max_steps=3", "trainer.save_every_steps=1", "trainer.keep_last=3"]
 

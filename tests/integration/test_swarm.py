@@ -7,7 +7,7 @@ import pytest
 
 from helpers import metrics, rl
 from rl.config import load_job
-from rl.swarm.lockstep import run_lockstep
+from rl.loop.lockstep import run_lockstep
 
 SWARM = {"local": 2, "external": 2, "transport": {"name": "memory", "board": "itest"}}
 

@@ -1,6 +1,6 @@
 """End to end: training with `rollout.backend=vllm` keeps the engine on the learner's policy after every sync.
 
-The real loop (rl/driver.py `loop`: rollout, score, advantages, train, `sync_weights` through the learner's
+The real loop (rl/loop/driver.py `loop`: rollout, score, advantages, train, `sync_weights` through the learner's
 sync payload and the worker) runs 3 steps. Before each step trains, the batch the engine sampled is scored by
 the learner, token by token: the MAXIMUM |engine - learner| log-prob over the sampled tokens must be below
 the tolerance, and the learner's weights of one version earlier (what a stale or skipped sync would serve)
@@ -26,10 +26,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from rl import driver, steps
+from rl.loop import driver, steps
 from rl.config import load_job
-from rl.metrics import MetricsLogger
-from rl.runtime import build_run
+from rl.loop.metrics import MetricsLogger
+from rl.loop.runtime import build_run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 QUICK = ["rollout.backend=vllm", "trainer.max_steps=3", "trainer.save_every_steps=0", "trainer.eval_every_steps=0",

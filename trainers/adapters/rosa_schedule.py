@@ -11,7 +11,7 @@ Timeline for `warmup_steps=N, collection_steps=K` (step = the optimizer update's
                     optimizer state (AdamW's exp_avg, exp_avg_sq, step) is cleared, so the restarted
                     adapters start with fresh moments instead of the warm-up's.
 The PolicyTrainer calls `before_optimizer_step(model, step)` after backward and before `optimizer.step()`; the
-schedule is built on that trainer's optimizer (rl/learner.py), which a restart needs.
+schedule is built on that trainer's optimizer (rl/loop/learner.py), which a restart needs.
 Resuming: the masks are checkpointed with the adapter (buffers), so a resumed run past step N+K does nothing
 here; a run resumed inside the collection window collects K fresh steps.
 Known limit: an update the trainer skips (non-finite loss) still leaves its probe gradient, which then

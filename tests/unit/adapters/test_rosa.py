@@ -237,7 +237,7 @@ def test_learner_restart_clears_the_adam_moments(tiny_model_dir):
     """Through the real Learner and PolicyTrainer steps (the trainer's own AdamW): after the step whose hook
     chooses the mask, the restarted parameters have no Adam history, and the next step starts it afresh."""
     from rl.config.job import JobConfig
-    from rl.learner import Learner
+    from rl.loop.learner import Learner
 
     job = JobConfig.model_validate({
         "model": {"path": tiny_model_dir}, "trainer": {"device": "cpu", "lr": 1e-3, "max_steps": 4},

@@ -5,7 +5,7 @@ import pytest
 from rl.config import load_job
 from rl.errors import UserError
 from rl.models import load_tokenizer
-from rl.runtime import build_env
+from rl.loop.runtime import build_env
 
 
 @pytest.fixture(scope="module")

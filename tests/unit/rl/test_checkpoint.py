@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import rl.checkpoint as ckpt
-from rl.checkpoint import (CheckpointError, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
+import rl.loop.checkpoint as ckpt
+from rl.loop.checkpoint import (CheckpointError, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
                            save_checkpoint, verify_checkpoint)
 
 

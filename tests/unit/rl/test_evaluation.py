@@ -13,7 +13,7 @@ import torch
 from rl.config import load_job
 from rl.config.job import JobConfig
 from rl.errors import UserError
-from rl.evaluation import evaluate, pass_at_k
+from rl.loop.evaluation import evaluate, pass_at_k
 from rl.types import Prompt
 
 
@@ -34,7 +34,7 @@ def test_pass_at_k_issue_example():
 
 
 def test_default_ks_are_powers_of_two_up_to_n_and_n():
-    from rl.evaluation import report_ks
+    from rl.loop.evaluation import report_ks
 
     assert report_ks(8, None) == [1, 2, 4, 8]
     assert report_ks(5, None) == [1, 2, 4, 5]

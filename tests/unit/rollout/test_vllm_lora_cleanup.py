@@ -9,9 +9,9 @@ import torch
 from common import prompts_for
 
 from rl.config import load_job
-from rl.learner import Learner
+from rl.loop.learner import Learner
 from rl.types import SamplingParams
-from rl.worker import RolloutWorker
+from rl.loop.worker import RolloutWorker
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 JOB = ["rollout.backend=vllm", "adapter={name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"]

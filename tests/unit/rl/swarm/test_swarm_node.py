@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from rl import steps
+from rl.loop import steps
 from rl.config import load_job
-from rl.runtime import build_run
+from rl.loop.runtime import build_run
 from rl.swarm.exchange import SharedRollout
 from rl.swarm.node import SwarmNode
 from rl.swarm.transports import MemoryTransport, reset_memory_board

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rl.cluster import Placement
+from rl.loop.cluster import Placement
 from rl.models import load_tokenizer, resolve_model
 from rl.registries import CLUSTERS, ENVS
-from rl.sampler import CurriculumSampler, PromptSampler, build_sampler
+from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.types import Env, Scorer
 
 
@@ -51,8 +51,8 @@ def shares_learner_model(job: Any) -> bool:
 
 
 def build_placement(job: Any, model_dir: str) -> Placement:
-    from rl.learner import Learner
-    from rl.worker import RolloutWorker
+    from rl.loop.learner import Learner
+    from rl.loop.worker import RolloutWorker
 
     def make_learner() -> Learner:
         return Learner(job, model_dir)

@@ -5,7 +5,7 @@
         for node: collect -> mix I+J -> advantages -> train -> sync -> log
 
 Each node is a full run (its own model, sampler, scorer, learner, run directory and metrics.jsonl),
-built and stepped with the same pieces as rl/driver.py.
+built and stepped with the same pieces as rl/loop/driver.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rl import steps
+from rl.loop import steps
 from rl.config import dump_job
 from rl.errors import UserError
-from rl.metrics import MetricsLogger
-from rl.runtime import build_run
+from rl.loop.metrics import MetricsLogger
+from rl.loop.runtime import build_run
 from rl.swarm.node import SwarmNode
 from rl.swarm.transports import reset_memory_board
 

@@ -1,4 +1,4 @@
-"""`rl train`: the RL loop. One page; the details live in rl/steps.py.
+"""`rl train`: the RL loop. One page; the details live in rl/loop/steps.py.
 
     for step in 1..max_steps:
         prompts  = sampler.next(prompts_per_step)         # curriculum (PCL): best of a larger pool
@@ -18,13 +18,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Sequence
 
-from rl import steps
-from rl.checkpoint import latest_intact_checkpoint
+from rl.loop import steps
+from rl.loop.checkpoint import latest_intact_checkpoint
 from rl.config import dump_job, load_job
 from rl.errors import UserError
-from rl.metrics import MetricsLogger, plot_run
-from rl.runtime import build_run
-from rl.shutdown import graceful_shutdown
+from rl.loop.metrics import MetricsLogger, plot_run
+from rl.loop.runtime import build_run
+from rl.loop.shutdown import graceful_shutdown
 from rl.swarm.node import build_swarm
 
 

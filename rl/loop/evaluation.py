@@ -102,7 +102,7 @@ def eval_command(target: str, job_name: str, overrides: Sequence[str], samples: 
     """`rl eval TARGET --job JOB`: TARGET is a checkpoint directory, a model directory or an alias. `--samples`
     and `--k` set eval.samples and eval.k, so the job's validation checks them with the rest."""
     from rl.config import load_job
-    from rl.standalone import policy_for_target
+    from rl.loop.standalone import policy_for_target
 
     flags = ([f"eval.samples={samples}"] if samples else []) + ([f"eval.k={list(ks)}"] if ks else [])
     job = load_job(job_name, [*overrides, *flags])

@@ -1,4 +1,4 @@
-"""The named pieces of the training loop in rl/driver.py."""
+"""The named pieces of the training loop in rl/loop/driver.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Mapping
 import torch
 
 from rl.batch import RolloutBatch
-from rl.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from rl.evaluation import evaluate, write_report
+from rl.loop.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from rl.loop.evaluation import evaluate, write_report
 from rl.registries import ALGORITHMS
 from rl.types import SamplingParams
 
@@ -28,7 +28,7 @@ def sampling_params(job: Any, step: int) -> SamplingParams:
 
 def sync_rollout(parts: Any, version: int) -> float:
     """Make every rollout worker sample from the learner's current weights; returns seconds."""
-    from rl.runtime import shares_learner_model
+    from rl.loop.runtime import shares_learner_model
 
     if shares_learner_model(parts.job):
         payload = None  # the engine samples with the learner's own model
@@ -133,7 +133,7 @@ def update_curriculum(parts: Any, batch: RolloutBatch) -> dict[str, float]:
 
 
 def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
-    """The batch with [N] or [N, T] advantages, by `algorithm.name` (rl/algorithms.py), and its metrics."""
+    """The batch with [N] or [N, T] advantages, by `algorithm.name` (rl/loop/algorithms.py), and its metrics."""
     return ALGORITHMS.get(job.algorithm.name).advantages(job, batch)
 
 

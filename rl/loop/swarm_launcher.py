@@ -44,7 +44,7 @@ def launch(job_ref: str, overrides: Sequence[str], nodes: int) -> int:
 
 def _run_lockstep(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
     from rl.config import load_job
-    from rl.swarm.lockstep import run_lockstep
+    from rl.loop.lockstep import run_lockstep
 
     quiet = ["logging.progress=false", "logging.wandb.mode=disabled"]  # one process, N loggers
     jobs = [load_job(job_ref, node_overrides(job, overrides, i) + quiet) for i in range(nodes)]
@@ -88,7 +88,7 @@ class NodeHost:
         import torch
 
         from rl.config import load_job
-        from rl.driver import train_job
+        from rl.loop.driver import train_job
 
         torch.set_num_threads(threads)
         return train_job(load_job(job_ref, overrides))

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from rl.checkpoint import MANIFEST, load_checkpoint
+from rl.loop.checkpoint import MANIFEST, load_checkpoint
 from rl.errors import UserError
 
 
@@ -22,7 +22,7 @@ def _checkpoint_job(path: str, overrides: list[str] | None = None) -> Any:
 
 def learner_from_checkpoint(path: str) -> Any:
     """A `Learner` holding a checkpoint's policy (its own job config decides model and adapter)."""
-    from rl.learner import Learner
+    from rl.loop.learner import Learner
     from rl.models import resolve_model
 
     job = _checkpoint_job(path)
@@ -35,10 +35,10 @@ def learner_from_checkpoint(path: str) -> Any:
 @contextmanager
 def policy_for_target(target: str, job: Any) -> Iterator[tuple[Any, Any, Any]]:
     """(rollout pool, scorer, env) for evaluating TARGET with `job`'s env, rewards and sampling."""
-    from rl.cluster import LocalWorkers, RolloutPool
+    from rl.loop.cluster import LocalWorkers, RolloutPool
     from rl.models import load_tokenizer, resolve_model
-    from rl.runtime import build_env, build_scorer
-    from rl.worker import RolloutWorker
+    from rl.loop.runtime import build_env, build_scorer
+    from rl.loop.worker import RolloutWorker
 
     if _is_checkpoint(target):
         learner = learner_from_checkpoint(target)
