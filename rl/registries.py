@@ -1,18 +1,41 @@
 """The project's registries, one per plug-in family.
 
-Each names the modules that hold its built-in entries; those are imported on first lookup only.
+Each names the modules that hold its built-in entries; those are imported on first lookup only. Built-ins
+register with the decorator (`@LOSSES.register("gspo")`); a family with a config `custom` variant also knows
+how to load and check user code named by `import_path` (tests/unit/rl/test_variants.py ties the config
+variants to these names).
 """
 
 from __future__ import annotations
 
+from rl.plugins import load_callable, load_object
 from rl.registry import Registry
+from rl.types import AdvantageFn, EnvFactory, Objective
+
+
+def custom_objective(import_path: str) -> Objective:
+    """A user loss: an `Objective`, or a plain `fn(logp, old_logp, adv, mask, cfg)` (no inputs, no flags)."""
+    obj = load_object(import_path, "custom loss")
+    if isinstance(obj, Objective):
+        return obj
+    fn = load_callable(import_path, "custom loss", ("logp", "old_logp", "adv", "mask", "cfg"))
+    return Objective(fn)  # type: ignore[arg-type]
+
+
+def custom_advantage(import_path: str) -> AdvantageFn:
+    return load_callable(import_path, "custom advantage", ("rewards", "group_ids", "cfg"))  # type: ignore[return-value]
+
+
+def custom_env(import_path: str) -> EnvFactory:
+    return load_callable(import_path, "custom env", ("cfg", "tokenizer", "seed"))  # type: ignore[return-value]
 
 ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine", "rollout.vllm_engine"))
-ADVANTAGES: Registry = Registry("advantage", ("trainers.advantages",))
-LOSSES: Registry = Registry("loss", ("trainers.losses", "trainers.lp_reg", "trainers.rapid"))
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage", ("trainers.advantages",), custom=custom_advantage)
+LOSSES: Registry[Objective] = Registry("loss", ("trainers.losses", "trainers.lp_reg", "trainers.rapid"),
+                                       custom=custom_objective)
 AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
 ADAPTERS: Registry = Registry("adapter", ("trainers.adapters",))
-ENVS: Registry = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"))
+ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"), custom=custom_env)
 REWARDS: Registry = Registry("reward", ("rewards.builtin", "rewards.cot"))
 CLUSTERS: Registry = Registry("cluster", ("rl.loop.cluster",))
 SWARM_TRANSPORTS: Registry = Registry("swarm transport", ("rl.swarm.transports", "rl.swarm.ray_transport"))

@@ -1,7 +1,9 @@
 """Name -> implementation registries for every plug-in family.
 
 A registry knows which modules hold its built-in entries and imports them on first lookup, so
-`rl --help` stays instant and a package never has to import another to be found.
+`rl --help` stays instant and a package never has to import another to be found. A family that accepts
+user code has a `custom` variant: `resolve("custom", import_path)` loads it (rl/plugins.py) and turns it
+into an entry with the registry's `custom` adapter, which also checks it (a clear error, never a traceback).
 
     LOSSES = Registry("loss", builtin_modules=("trainers.losses",))
 
@@ -15,19 +17,24 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
-from rl.errors import UnknownNameError
+from rl.errors import UnknownNameError, UserError
 
 T = TypeVar("T")
+
+CUSTOM = "custom"
+"""The variant name of user code given by `import_path` (a config's `custom` section)."""
 
 
 class Registry(Generic[T]):
     """A small, explicit map from names to implementations of one kind."""
 
-    def __init__(self, kind: str, builtin_modules: Iterable[str] = ()) -> None:
+    def __init__(self, kind: str, builtin_modules: Iterable[str] = (),
+                 custom: Callable[[str], T] | None = None) -> None:
         self.kind = kind
         self._builtin_modules = tuple(builtin_modules)
+        self._custom = custom  # import_path -> entry (loads and checks user code); None: no custom variant
         self._entries: dict[str, T] = {}
         self._loaded = False
 
@@ -66,7 +73,21 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
 
-    def unknown_message(self, name: Any) -> str:
+    @property
+    def accepts_custom(self) -> bool:
+        return self._custom is not None
+
+    def resolve(self, name: str, import_path: str | None = None) -> T:
+        """`get(name)`, or for `custom` the user's entry loaded from `import_path` and checked."""
+        if name != CUSTOM:
+            return self.get(name)
+        if self._custom is None:
+            raise UserError(f"{self.kind} has no custom variant; use one of: {', '.join(self.names())}.")
+        if not import_path:
+            raise UserError(f"a custom {self.kind} needs import_path: 'package.module:name' or 'file.py:name'")
+        return self._custom(import_path)
+
+    def unknown_message(self, name: object) -> str:
         known = self.names()
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -1,18 +1,28 @@
 """Wire types and interfaces between the packages (besides `RolloutBatch`, see rl/batch.py).
 
-`rl/` wires the packages together through these; `rollout`, `rewards`, `trainers` and `envs` import
-them but never each other.
+The loop (rl/loop/) wires the packages together through these; `rollout`, `rewards`, `trainers` and
+`envs` import them but never each other, nor the loop.
+
+    Env           -> Prompt                       (envs/, ENVS registry; `custom` via import_path)
+    RolloutEngine -> RolloutBatch                 (rollout/)
+    Scorer        -> RewardResult                 (rewards/)
+    Objective                                     (trainers/, LOSSES registry; `custom` via import_path)
+    Learner       -> WeightSync -> RolloutWorker  (rl/loop/: local objects and Ray handles alike)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Literal, Mapping, Protocol, Sequence, TypeVar, Union
 
 import torch
+from pydantic import BaseModel
 
 from rl.batch import RolloutBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,12 @@ class RolloutEngine(Protocol):
         """Hot-load a PEFT LoRA adapter directory for subsequent generation; returns seconds spent."""
         ...
 
+    def sleep(self) -> None:
+        """Free accelerator memory while the learner trains (vLLM on GPU); a no-op where there is none."""
+        ...
+
+    def wake(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -87,6 +103,10 @@ class Env(Protocol):
     def train_prompts(self) -> Sequence[Prompt]: ...
 
     def test_prompts(self) -> Sequence[Prompt]: ...
+
+
+EnvFactory = Callable[[BaseModel, "PreTrainedTokenizerBase", int], Env]
+"""What the ENVS registry holds: `factory(env_config, tokenizer, seed) -> Env` (a class works)."""
 
 
 @dataclass(frozen=True)
@@ -107,5 +127,120 @@ class RewardResult:
 
 class Scorer(Protocol):
     def score(self, batch: RolloutBatch) -> RewardResult: ...
+
+    def close(self) -> None: ...
+
+
+# ----- objectives (trainers/, the LOSSES registry) ------------------------------------------------
+Stats = dict[str, torch.Tensor]
+"""An objective's diagnostics: 0-dim tensors without grad (clip_frac_low, clip_frac_high, ratio_mean,
+ratio_max, and any of its own), reported as `policy`/loss metrics weighted by tokens."""
+
+ObjectiveFn = Callable[..., tuple[torch.Tensor, Stats]]
+"""`fn(logp, old_logp, adv, mask, cfg, **inputs) -> (per-token loss [B, T], stats)`: logp [B, T] with grad,
+old_logp [B, T] the behaviour policy's, adv [B, T], mask [B, T] float, cfg the loss's config section; `inputs`
+are the row-aligned tensors its `prepare` returned, sliced to the micro-batch. Values at mask 0 are ignored."""
+
+LossConfigT = TypeVar("LossConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What an objective's `prepare` may use besides the mini-batch: the policy before this step's updates
+    and the trainer settings that say how to run it (never the trainer itself)."""
+
+    model: torch.nn.Module
+    device: str
+    temperature: float
+    """The rollout's sampling temperature; logprobs are taken at it."""
+    micro_batch_tokens: int
+    logprob_chunk_tokens: int
+
+
+def _always(cfg: BaseModel) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Objective(Generic[LossConfigT]):
+    """A per-token policy objective and what the trainer must do for it; the trainer reads these fields.
+
+    fn:                 the loss (ObjectiveFn).
+    prepare:            `prepare(ctx, mini_batch, cfg) -> {name: [n] or [n, T] tensor}`, computed once per mini-batch
+                        before any update of the step (without grad) and passed to `fn` as keyword inputs,
+                        sliced to each micro-batch (Lp-Reg's proxy log-probs, RAPID's rewards); None: no inputs.
+    needs_whole_groups: every micro-batch holds whole groups (RAPID's baseline needs all members' weights).
+    needs_old_logprobs: False when the objective brings its own behaviour log-probs for this config (RAPID with
+                        the sampler's): the trainer then skips recomputing pi_old.
+    """
+
+    fn: ObjectiveFn
+    prepare: Callable[[LossContext, RolloutBatch, LossConfigT], Mapping[str, torch.Tensor]] | None = None
+    needs_whole_groups: bool = False
+    needs_old_logprobs: Callable[[LossConfigT], bool] = _always
+
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, BaseModel], torch.Tensor]
+"""What the ADVANTAGES registry holds: `fn(rewards [N], group_ids [N], cfg) -> advantages [N]`."""
+
+
+# ----- weight sync (learner -> rollout workers) ----------------------------------------------------
+SyncMode = Literal["shared", "full", "lora"]
+"""How a job's rollout side gets the learner's weights; chosen once per job (rl/loop/weights.py)."""
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """Nothing to send: the engine samples with the learner's own model (local transformers, sync mode)."""
+
+
+@dataclass(frozen=True)
+class FullWeights:
+    """The whole (adapter-merged) state dict, on CPU."""
+
+    tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoraFiles:
+    """The adapter in its exact PEFT-LoRA form, as the files of a PEFT adapter folder (vLLM hot-loads it)."""
+
+    files: Mapping[str, bytes]
+
+
+WeightSync = Union[SharedModel, FullWeights, LoraFiles]
+
+
+# ----- the loop's two roles (local objects and Ray handles both satisfy these) ---------------------
+class Learner(Protocol):
+    """Owns the trainable policy: trains on scored batches and produces weights for the rollout side."""
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]: ...
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[N, T] no-grad logprobs of `batch`'s tokens under the current policy (0 off the loss mask)."""
+        ...
+
+    def weights(self, mode: SyncMode) -> WeightSync: ...
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None: ...
+
+    def export(self, out_dir: str) -> None: ...
+
+
+class RolloutWorker(Protocol):
+    """One engine: prompts in, `RolloutBatch` out, weights in from the learner."""
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch: ...
+
+    def load_weights(self, sync: WeightSync, version: int) -> float:
+        """Serve `sync` as policy `version` from now on; returns seconds spent."""
+        ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
 
     def close(self) -> None: ...
