@@ -19,6 +19,8 @@ import difflib
 import importlib
 from typing import Callable, Generic, Iterable, TypeVar
 
+from pydantic import BaseModel
+
 from rl.errors import UnknownNameError, UserError
 
 T = TypeVar("T")
@@ -86,6 +88,14 @@ class Registry(Generic[T]):
         if not import_path:
             raise UserError(f"a custom {self.kind} needs import_path: 'package.module:name' or 'file.py:name'")
         return self._custom(import_path)
+
+    def entry_for(self, cfg: BaseModel) -> T:
+        """The entry a config section selects: its `custom` code, or the built-in its `name` names."""
+        from rl.config.base import CustomSection
+
+        if isinstance(cfg, CustomSection):
+            return self.resolve(CUSTOM, cfg.import_path)
+        return self.get(str(cfg.model_dump(include={"name"})["name"]))
 
     def unknown_message(self, name: object) -> str:
         known = self.names()

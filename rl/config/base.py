@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -29,3 +30,41 @@ def resolve_existing_file(value: str, info: ValidationInfo, what: str) -> str:
     looked = ", ".join(str(c) for c in candidates)
     raise ValueError(f"{what} not found: {value!r} (looked at {looked}); give a path relative to the "
                      "directory you run rl from, or an absolute path")
+
+
+class CustomSection(Section):
+    """The `custom` variant of a plug-in family: user code named by `import_path`, with its own settings.
+
+    Subclasses (CustomLoss, CustomAdvantage, CustomEnv) name their registry in `registry_name` (an attribute
+    of rl.registries); validation loads the code and checks its signature, so a bad path, a missing name or a
+    wrong signature is an error at this key (exit 2), before any model is loaded.
+    """
+
+    registry_name: ClassVar[str] = ""
+    name: Literal["custom"] = "custom"
+    import_path: str
+    """`package.module:name` or `path/to/file.py:name` (a path relative to where rl runs or to the job file)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Settings of your code, free-form: read them from the config section it receives (`cfg.kwargs`)."""
+
+    @field_validator("import_path")
+    @classmethod
+    def _resolved(cls, v: str, info: ValidationInfo) -> str:
+        target, sep, attr = v.rpartition(":")
+        if not sep or not target or not attr.isidentifier():
+            raise ValueError(f"import_path {v!r} must look like 'package.module:name' or 'file.py:name'")
+        if target.endswith(".py"):
+            return f"{resolve_existing_file(target, info, 'custom code file')}:{attr}"
+        return v
+
+    @model_validator(mode="after")
+    def _loads(self) -> "CustomSection":
+        from rl import registries
+        from rl.errors import UserError
+
+        registry = getattr(registries, self.registry_name)  # a ClassVar of the subclass, not user input
+        try:
+            registry.resolve(self.name, self.import_path)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None  # reported at this key by the job loader
+        return self
