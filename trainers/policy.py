@@ -223,7 +223,7 @@ class PolicyTrainer:
                 "updates": self.updates, "nonfinite_total": self.nonfinite_total,
                 "nonfinite_streak": self.nonfinite_streak}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # Any: torch's optimizer/scheduler state
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # torch's free-form optimizer/scheduler state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates, self.nonfinite_total = int(state["updates"]), int(state["nonfinite_total"])
