@@ -181,3 +181,16 @@ def test_grpo_ma_does_not_take_a_custom_loss(user_file):
     with pytest.raises(UserError, match="grpo_ma needs a per-token loss"):
         validate_job(job({"name": "grpo_ma", "loss": {"name": "custom", "import_path": f"{user_file}:my_loss"}}),
                      "job")
+
+
+def test_every_loss_section_says_whether_it_corrects_the_sampler_mismatch(user_file):
+    import typing
+
+    from rl.config.algorithm import CustomLoss, LossConfig, LossSection, RapidLoss
+
+    variants = typing.get_args(typing.get_args(LossConfig)[0])
+    assert CustomLoss in variants and all(issubclass(v, LossSection) for v in variants)
+    for v in variants:
+        section = v(import_path=f"{user_file}:my_loss") if v is CustomLoss else v()
+        assert section.corrects_sampler_mismatch is False, v
+    assert RapidLoss(behaviour_logprobs="sampler").corrects_sampler_mismatch is True
