@@ -63,7 +63,8 @@ def proxy_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, thre
 
 @torch.no_grad()
 def proxy_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         loss_mask: torch.Tensor, cfg: LpRegLoss, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+                         loss_mask: torch.Tensor, cfg: LpRegLoss, temperature: float = 1.0,
+                         chunk_tokens: int = 1024) -> torch.Tensor:
     """[B, T] log pi_proxy of each loss token (aligned like `token_logprobs`), 0 elsewhere. No grad: the
     proxy is a fixed target. Only loss positions reach the LM head, `chunk_tokens` at a time."""
     decoder, head = backbone_and_head(model)

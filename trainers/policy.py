@@ -113,7 +113,8 @@ class PolicyTrainer:
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
-    def _forward(self, model: torch.nn.Module, batch: RolloutBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: torch.nn.Module, batch: RolloutBatch,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [n, t], entropy [n, t]) of `batch`'s loss tokens under `model`, on the trainer's device."""
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()

@@ -341,5 +341,6 @@ def _algorithm_name(value: object) -> str:
     return _variant_name(value, "grpo")
 
 
-AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")], Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
+AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")],
+                                     Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
                                Discriminator(_algorithm_name)]

@@ -200,7 +200,8 @@ def test_every_builtin_loss_registers_an_objective_with_its_flags():
     assert all(isinstance(LOSSES.get(name), Objective) for name in LOSSES.names())
     rapid = LOSSES.get("rapid")
     assert rapid.needs_whole_groups and rapid.prepare is not None
-    assert rapid.needs_old_logprobs(RapidLoss()) and not rapid.needs_old_logprobs(RapidLoss(behaviour_logprobs="sampler"))
+    assert rapid.needs_old_logprobs(RapidLoss())
+    assert not rapid.needs_old_logprobs(RapidLoss(behaviour_logprobs="sampler"))
     assert LOSSES.get("lp_reg").prepare is not None and not LOSSES.get("lp_reg").needs_whole_groups
     plain = [LOSSES.get(name) for name in ("ppo_clip", "gspo", "gspo_token", "reinforce")]
     assert all(o.prepare is None and not o.needs_whole_groups and o.needs_old_logprobs(None) for o in plain)
