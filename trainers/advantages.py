@@ -6,11 +6,14 @@ scatter-adds over the group index, not Python loops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rl.registries import ADVANTAGES
+
+if TYPE_CHECKING:
+    from rl.config.algorithm import DrGRPOAdvantage, GRPOAdvantage, RLOOAdvantage
 
 
 def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -30,7 +33,7 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
 
 
 @ADVANTAGES.register("grpo")
-def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: Any) -> torch.Tensor:
+def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: GRPOAdvantage) -> torch.Tensor:
     """A_i = (R_i - mean_g R) / (std_g R + eps)  (DeepSeekMath, arXiv 2402.03300, eq. in §4.1.2).
 
     std is Bessel-corrected (verl); `std_scope: batch` divides by the whole batch's std instead.
@@ -44,14 +47,14 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: Any) -> torch.Tens
 
 
 @ADVANTAGES.register("dr_grpo")
-def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: Any) -> torch.Tensor:
+def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: DrGRPOAdvantage) -> torch.Tensor:
     """A_i = R_i - mean_g R  (Dr.GRPO, arXiv 2503.20783: no std division, which biases toward easy/hard groups)."""
     mean, _, _ = group_stats(rewards, group_ids)
     return (rewards.double() - mean).float()
 
 
 @ADVANTAGES.register("rloo")
-def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: Any) -> torch.Tensor:
+def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: RLOOAdvantage) -> torch.Tensor:
     """A_i = R_i - mean_{j != i} R_j = G/(G-1) (R_i - mean_g R)  (RLOO, arXiv 2402.14740); 0 for G = 1."""
     mean, _, count = group_stats(rewards, group_ids)
     scale = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.zeros_like(count))

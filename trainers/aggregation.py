@@ -13,11 +13,14 @@ Worked example (ALGORITHMS.md §1.6 test 5): lengths 1 and 3, token losses [1] a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rl.registries import AGGREGATIONS
+
+if TYPE_CHECKING:
+    from rl.config.algorithm import ConstantNorm, SeqMeanTokenMean, SeqMeanTokenSum, TokenMean
 
 
 @dataclass(frozen=True)
@@ -36,25 +39,27 @@ class Normalisers:
 
 
 @AGGREGATIONS.register("token_mean")
-def token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+def token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: TokenMean) -> torch.Tensor:
     """sum_{i,t} m L / sum_{i,t} m  (DAPO, arXiv 2503.14476; verl's default)."""
     return (loss * mask).sum() / max(norm.tokens, 1.0)  # loss, mask: [B, T]
 
 
 @AGGREGATIONS.register("seq_mean_token_mean")
-def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers,
+                        cfg: SeqMeanTokenMean) -> torch.Tensor:
     """(1/B) sum_i (1/|y_i|) sum_t m L  (the original GRPO objective; GSPO)."""
     per_seq = (loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
     return per_seq.sum() / max(norm.sequences, 1.0)
 
 
 @AGGREGATIONS.register("seq_mean_token_sum")
-def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+def seq_mean_token_sum(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers,
+                       cfg: SeqMeanTokenSum) -> torch.Tensor:
     """(1/B) sum_i sum_t m L."""
     return (loss * mask).sum() / max(norm.sequences, 1.0)
 
 
 @AGGREGATIONS.register("constant")
-def constant(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: Any) -> torch.Tensor:
+def constant(loss: torch.Tensor, mask: torch.Tensor, norm: Normalisers, cfg: ConstantNorm) -> torch.Tensor:
     """sum_{i,t} m L / (B * C) with a constant C (Dr.GRPO, arXiv 2503.20783): no length bias."""
     return (loss * mask).sum() / max(norm.sequences * norm.constant_length, 1.0)

@@ -13,20 +13,18 @@ loss_mask is False.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def backbone_and_head(model: Any) -> tuple[Any, Any]:
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack returning hidden states, LM head module) of a causal LM, PEFT-wrapped or not.
     The head is called as a module, so a bias or an adapter on it is honoured."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _chunk_scores(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+def _chunk_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """([K] log softmax(head(hidden) / T)[target], [K] entropy or zeros) in fp32; hidden [K, H], targets [K].
 
@@ -47,7 +45,8 @@ def loss_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.nonzero(loss_mask[:, 1:], as_tuple=True)
 
 
-def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   loss_mask: torch.Tensor,
                    temperature: float = 1.0, chunk_tokens: int = 1024,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [B, T], entropy [B, T]) of each loss token given its prefix at `temperature`; 0 elsewhere.
@@ -63,7 +62,7 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
                            with_entropy)
 
 
-def score_positions(head: Any, selected: torch.Tensor, input_ids: torch.Tensor,
+def score_positions(head: torch.nn.Module, selected: torch.Tensor, input_ids: torch.Tensor,
                     scored: tuple[torch.Tensor, torch.Tensor], temperature: float, chunk_tokens: int,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp [B, T], entropy [B, T]): the tokens input_ids[scored] scored from their predicting hidden

@@ -1,6 +1,7 @@
 """Per-token policy objectives, KL estimators and sampler/learner importance weights.
 
-Objectives are pure functions `fn(logp, old_logp, adv, mask, cfg) -> (loss [B, T], stats)`:
+Objectives are pure functions `fn(logp, old_logp, adv, mask, cfg) -> (loss [B, T], stats)`, each registered
+as an `rl.types.Objective` (`LOSSES.register(name)(Objective(fn, ...))`, the one way to add a loss):
     logp      [B, T]  learner logprobs of the sampled tokens (with grad)
     old_logp  [B, T]  logprobs of the policy that generated the data (no grad)
     adv       [B, T]  advantages broadcast to tokens
@@ -17,14 +18,17 @@ Worked example (ppo_clip, eps_low = 0.2, eps_high = 0.28), one token with A = +1
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from rl.registries import LOSSES
+from rl.types import Objective, Stats
 
-Stats = dict[str, torch.Tensor]
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Stats]]
+if TYPE_CHECKING:
+    from rl.config.algorithm import GSPOLoss, GSPOTokenLoss, PPOClipLoss, ReinforceLoss
+
+__all__ = ["Stats", "ppo_clip", "gspo", "gspo_token", "reinforce"]  # Stats: re-exported from rl.types
 
 # GSPO reference code (verl core_algos.compute_policy_loss_gspo) clamps log s <= 10 before exp:
 # a sequence ratio of e^10 is already far outside any clip range, and exp would overflow in bf16.
@@ -49,14 +53,17 @@ def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, low: float, high: 
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
 
 
-@LOSSES.register("ppo_clip")
-def ppo_clip(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats]:
+def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+             cfg: PPOClipLoss) -> tuple[torch.Tensor, Stats]:
     """GRPO's clipped surrogate (DeepSeekMath, arXiv 2402.03300, eq. 3) with DAPO's decoupled clip range
     (clip-higher, arXiv 2503.14476, eq. 10): L_t = -min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t),
     r_t = pi(y_t) / pi_old(y_t)."""
     ratio = torch.exp(logp - old_logp)  # [B, T]
     loss = clipped_surrogate(ratio, adv, cfg.clip_low, cfg.clip_high)  # [B, T]
     return loss, _clip_stats(ratio, adv, mask, cfg.clip_low, cfg.clip_high)
+
+
+LOSSES.register("ppo_clip")(Objective(ppo_clip))
 
 
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +77,8 @@ def sequence_advantage(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (adv * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-@LOSSES.register("gspo")
-def gspo(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats]:
+def gspo(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+         cfg: GSPOLoss) -> tuple[torch.Tensor, Stats]:
     """GSPO (Zheng et al., arXiv 2507.18071, eq. 5-7): s_i = (pi(y_i)/pi_old(y_i))^(1/|y_i|), clipped per
     sequence, L_i = -min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i), broadcast to the sequence's tokens.
 
@@ -86,8 +93,11 @@ def gspo(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats]:
     return loss, _clip_stats(s.expand_as(logp), seq_adv.expand_as(logp), mask, cfg.clip_low, cfg.clip_high)
 
 
-@LOSSES.register("gspo_token")
-def gspo_token(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats]:
+LOSSES.register("gspo")(Objective(gspo))
+
+
+def gspo_token(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+               cfg: GSPOTokenLoss) -> tuple[torch.Tensor, Stats]:
     """GSPO-token (arXiv 2507.18071, eq. 13-14): s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)], in log space as
     the reference code does. Every token has the value s_i (sequence-level clipping decision) but its own
     gradient s_i grad log pi(y_t) and its own advantage A_{i,t}; equals GSPO when A is constant per sequence."""
@@ -98,13 +108,19 @@ def gspo_token(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats
     return loss, _clip_stats(ratio, adv, mask, cfg.clip_low, cfg.clip_high)
 
 
-@LOSSES.register("reinforce")
-def reinforce(logp, old_logp, adv, mask, cfg: Any) -> tuple[torch.Tensor, Stats]:
+LOSSES.register("gspo_token")(Objective(gspo_token))
+
+
+def reinforce(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              cfg: ReinforceLoss) -> tuple[torch.Tensor, Stats]:
     """Plain policy gradient (Williams 1992): L_t = -A_t log pi(y_t), gradient -A_t grad log pi(y_t).
     The ratio is taken as 1 (on-policy); reported ratio stats are those of pi/pi_old for monitoring."""
     ratio = torch.exp(logp.detach() - old_logp)  # [B, T]
     stats = _clip_stats(ratio, adv, mask, math.inf, math.inf)  # nothing is ever clipped
     return -adv * logp, stats
+
+
+LOSSES.register("reinforce")(Objective(reinforce))
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

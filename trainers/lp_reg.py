@@ -26,14 +26,19 @@ Departures from the reference, both deliberate:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from rl.batch import RolloutBatch
 from rl.registries import LOSSES
+from rl.types import LossContext, Objective, Stats
 from trainers.logprobs import backbone_and_head, loss_positions
-from trainers.losses import Stats, _clip_stats, clipped_surrogate, kl_k3, masked_mean
+from trainers.losses import _clip_stats, clipped_surrogate, kl_k3, masked_mean
 from trainers.microbatch import no_grad_logprobs
+
+if TYPE_CHECKING:
+    from rl.config.algorithm import LpRegLoss
 
 FILTERED_LOGIT = -1e4  # the reference's hard-filter value: exp(-1e4 - logZ) is exactly 0 in fp32
 
@@ -57,8 +62,9 @@ def proxy_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, thre
 
 
 @torch.no_grad()
-def proxy_token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                         cfg: Any, temperature: float = 1.0, chunk_tokens: int = 1024) -> torch.Tensor:
+def proxy_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         loss_mask: torch.Tensor, cfg: LpRegLoss, temperature: float = 1.0,
+                         chunk_tokens: int = 1024) -> torch.Tensor:
     """[B, T] log pi_proxy of each loss token (aligned like `token_logprobs`), 0 elsewhere. No grad: the
     proxy is a fixed target. Only loss positions reach the LM head, `chunk_tokens` at a time."""
     decoder, head = backbone_and_head(model)
@@ -86,8 +92,8 @@ def select_lowest(logp: torch.Tensor, candidates: torch.Tensor, fraction: float)
     return chosen.flatten().index_fill(0, lowest, True).view_as(candidates)
 
 
-def lp_reg_objective(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: Any,
-                     proxy_logp: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+def lp_reg_objective(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                     cfg: LpRegLoss, proxy_logp: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """Per-token Lp-Reg loss [B, T] (ALGORITHMS.md §6.3). `proxy_logp [B, T]`: log pi_proxy(y_t), no grad.
 
     Base: the clipped surrogate. Selected tokens S' = (lowest-logp rho_neg of A < 0 tokens, plus rho_pos of
@@ -108,25 +114,25 @@ def lp_reg_objective(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tens
     return loss, stats
 
 
-def prepare_lp_reg(trainer: Any, mini: Any) -> dict[str, torch.Tensor]:
+def prepare_lp_reg(ctx: LossContext, mini: RolloutBatch, cfg: LpRegLoss) -> dict[str, torch.Tensor]:
     """The loss's extra input for a mini-batch, computed before any update of the step (pi_old):
     {"proxy_logp": [n, T]}, micro-batch by micro-batch without grad."""
-    cfg = trainer.algo.loss
 
-    def compute(micro: Any) -> torch.Tensor:
-        to = lambda t: t.to(trainer.device)  # noqa: E731
-        return proxy_token_logprobs(trainer.model, to(micro.input_ids), to(micro.attention_mask),
-                                    to(micro.loss_mask), cfg, trainer.temperature, trainer.cfg.logprob_chunk_tokens)
+    def compute(micro: RolloutBatch) -> torch.Tensor:
+        to = lambda t: t.to(ctx.device)  # noqa: E731
+        return proxy_token_logprobs(ctx.model, to(micro.input_ids), to(micro.attention_mask),
+                                    to(micro.loss_mask), cfg, ctx.temperature, ctx.logprob_chunk_tokens)
 
-    return {"proxy_logp": no_grad_logprobs(compute, mini, trainer.cfg.micro_batch_tokens)}
+    return {"proxy_logp": no_grad_logprobs(compute, mini, ctx.micro_batch_tokens)}
 
 
-@LOSSES.register("lp_reg")
-def lp_reg(logp, old_logp, adv, mask, cfg: Any, proxy_logp: torch.Tensor | None = None):
+def lp_reg(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: LpRegLoss,
+           proxy_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """Lp-Reg (arXiv 2510.03222): see `lp_reg_objective`. The trainer supplies `proxy_logp` via `prepare`."""
     if proxy_logp is None:
         raise ValueError("the lp_reg loss needs proxy_logp (computed by its `prepare` hook in the trainer)")
     return lp_reg_objective(logp, old_logp, adv, mask, cfg, proxy_logp)
 
 
-lp_reg.prepare = prepare_lp_reg  # the trainer calls it once per mini-batch before updating
+
+LOSSES.register("lp_reg")(Objective(lp_reg, prepare=prepare_lp_reg))  # prepare: once per mini-batch, before updating

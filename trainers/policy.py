@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 import torch
 
 from rl.batch import RolloutBatch
+from rl.config.algorithm import ConstantNorm
 from rl.errors import UserError
 from rl.registries import AGGREGATIONS, LOSSES
+from rl.types import LossContext, Objective
 from trainers.aggregation import Normalisers
 from trainers.logprobs import token_logprobs
 from trainers.losses import kl_penalty, masked_mean, mismatch_kl, mismatch_weights
@@ -33,6 +35,13 @@ from trainers.microbatch import group_micro_batches, micro_batches, no_grad_logp
 from trainers.prefix_grouper import check_supported, shared_prefix_logprobs
 from trainers.reference import ReferencePolicy, default_reference
 from trainers.schedule import build_optimizer
+
+if TYPE_CHECKING:
+    from rl.config.algorithm import AlgorithmConfig, GRPOMAAlgorithm
+    from rl.config.job import TrainerConfig
+    from trainers.adapters.core import AdapterSchedule
+
+    AnyAlgorithm = Union[AlgorithmConfig, GRPOMAAlgorithm]
 
 
 class NonFiniteError(UserError):
@@ -42,22 +51,22 @@ class NonFiniteError(UserError):
 class PolicyTrainer:
     """AdamW on a (possibly adapter-wrapped) causal LM with a GRPO-family objective.
 
-    model: an nn.Module causal LM (maybe PEFT-wrapped); algorithm: `AlgorithmConfig` with its correction
-    level resolved (a validated job's: `auto` depends on where the sampler runs, which only the job knows);
-    trainer: `TrainerConfig`; temperature: the rollout's sampling temperature (logprobs are taken at it);
-    device: where the model lives; max_new_tokens: the `constant` aggregation's C when it sets none; adapter_schedule:
-    an object with `before_optimizer_step(model, update)` or None; reference: overrides the default
-    reference policy (used only when algorithm.kl.coef > 0).
+    model: an nn.Module causal LM (maybe PEFT-wrapped); algorithm: `AlgorithmConfig` (or GRPO-MA's) as a
+    validated job has it: correction level and the `constant` aggregation's length resolved (`auto` depends on
+    where the sampler runs, C on rollout.max_new_tokens, which only the job knows); trainer: `TrainerConfig`;
+    temperature: the rollout's sampling temperature (logprobs are taken at it); device: where the model lives;
+    adapter_schedule: an `AdapterSchedule` or None; reference: overrides the default reference policy (used
+    only when algorithm.kl.coef > 0).
     """
 
-    def __init__(self, model: Any, algorithm: Any, trainer: Any, temperature: float, device: str,
-                 max_new_tokens: int = 64, adapter_schedule: Any = None,
+    def __init__(self, model: torch.nn.Module, algorithm: AnyAlgorithm, trainer: TrainerConfig, temperature: float,
+                 device: str, adapter_schedule: AdapterSchedule | None = None,
                  reference: ReferencePolicy | None = None) -> None:
         self.model, self.algo, self.cfg, self.device = model, algorithm, trainer, device
         self.temperature = temperature
-        self.loss_fn: Callable = LOSSES.get(algorithm.loss.name)
-        self.aggregate: Callable = AGGREGATIONS.get(algorithm.aggregation.name)
-        self.constant_length = float(getattr(algorithm.aggregation, "max_length", None) or max_new_tokens)
+        self.objective: Objective = LOSSES.entry_for(algorithm.loss)
+        self.aggregate: Callable[..., torch.Tensor] = AGGREGATIONS.get(algorithm.aggregation.name)
+        self.constant_length = _constant_length(algorithm)
         if algorithm.correction.level == "auto":
             raise ValueError("algorithm.correction.level 'auto' reached the trainer unresolved; validate the job "
                              "(JobConfig resolves it from trainer.mode, cluster and rollout.backend) or pass "
@@ -91,7 +100,7 @@ class PolicyTrainer:
         if self.reference is not None:
             batch = batch.with_ref_logprobs(self.reference.logprobs(batch))
         minis = batch.split_by_groups(self.cfg.mini_batches)
-        single = self.cfg.ppo_epochs * len(minis) == 1 or not self._loss_needs_old()
+        single = self.cfg.ppo_epochs * len(minis) == 1 or not self.objective.needs_old_logprobs(self.algo.loss)
         olds = [None if single else self._batch_logprobs(self.model, m) for m in minis]
         extras = [self._loss_inputs(m) for m in minis]  # like `olds`: before any update
         logprobs_s = time.perf_counter() - start  # no-grad passes: reference, behaviour, objective inputs
@@ -104,7 +113,8 @@ class PolicyTrainer:
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
-    def _forward(self, model: Any, batch: RolloutBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: torch.nn.Module, batch: RolloutBatch,
+                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [n, t], entropy [n, t]) of `batch`'s loss tokens under `model`, on the trainer's device."""
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
@@ -116,17 +126,18 @@ class PolicyTrainer:
             return token_logprobs(model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
                                   self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
 
-    def _loss_needs_old(self) -> bool:
-        """False for an objective that brings its own behaviour log-probs (RAPID with the sampler's)."""
-        return getattr(self.loss_fn, "needs_old_logprobs", lambda cfg: True)(self.algo.loss)
-
-    def _loss_inputs(self, mini: RolloutBatch) -> dict[str, torch.Tensor]:
-        """Row-aligned extra inputs ([n] or [n, T]) an objective asks for through its `prepare(trainer, mini)`
+    def _loss_inputs(self, mini: RolloutBatch) -> Mapping[str, torch.Tensor]:
+        """Row-aligned extra inputs ([n] or [n, T]) an objective asks for through its `prepare(ctx, mini, cfg)`
         hook (Lp-Reg's proxy log-probs, RAPID's rewards); none for the others."""
-        prepare = getattr(self.loss_fn, "prepare", None)
-        return {} if prepare is None else prepare(self, mini)
+        prepare = self.objective.prepare
+        return {} if prepare is None else prepare(self._loss_context(), mini, self.algo.loss)
 
-    def _batch_logprobs(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
+    def _loss_context(self) -> LossContext:
+        return LossContext(model=self.model, device=self.device, temperature=self.temperature,
+                           micro_batch_tokens=self.cfg.micro_batch_tokens,
+                           logprob_chunk_tokens=self.cfg.logprob_chunk_tokens)
+
+    def _batch_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """[N, T] CPU logprobs under `model`, no grad, micro-batch by micro-batch."""
         return no_grad_logprobs(lambda micro: self._forward(model, micro, False)[0], batch,
                                 self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
@@ -134,12 +145,12 @@ class PolicyTrainer:
     # ----- one optimizer update ----------------------------------------------------------------
     def _micro_batches(self, mini: RolloutBatch) -> list[tuple[list[int], RolloutBatch]]:
         # Shared-prefix packing already keeps whole groups, which also serves group-level losses (RAPID).
-        if self.cfg.shared_prefix or not getattr(self.loss_fn, "needs_whole_groups", False):
+        if self.cfg.shared_prefix or not self.objective.needs_whole_groups:
             return micro_batches(mini, self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
         return group_micro_batches(mini, self.cfg.micro_batch_tokens)
 
     def _update(self, mini: RolloutBatch, old: torch.Tensor | None,
-                extra: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                extra: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         norm = Normalisers.of(mini.loss_mask, self.constant_length)  # global over the mini-batch
         self.optimizer.zero_grad(set_to_none=True)
         tally: dict[str, float] = {}
@@ -176,7 +187,7 @@ class PolicyTrainer:
         return {"grad_norm": math.nan, "lr": float(self.optimizer.param_groups[0]["lr"])}
 
     def _micro_loss(self, micro: RolloutBatch, norm: Normalisers, old: torch.Tensor | None,
-                    extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    extra: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(this micro-batch's share of the mini-batch loss, its metric contributions)."""
         logp, entropy = self._forward(self.model, micro, with_entropy=True)  # [b, t] each
         dev = lambda t: t.to(self.device)  # noqa: E731
@@ -185,7 +196,7 @@ class PolicyTrainer:
         adv = dev(micro.advantages)
         adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv  # [b, t]
         extra = {k: dev(v) for k, v in (extra or {}).items()}
-        per_token, stats = self.loss_fn(logp, old, adv, mask, self.algo.loss, **extra)  # [b, t]
+        per_token, stats = self.objective.fn(logp, old, adv, mask, self.algo.loss, **extra)  # [b, t]
         sampling = dev(micro.sampling_logprobs)  # [b, t]
         tis = mismatch_weights(old, sampling, mask, self.correction, self.algo.correction.cap)  # [b, t]
         per_token = per_token * tis
@@ -199,25 +210,36 @@ class PolicyTrainer:
                "policy/entropy": float(masked_mean(entropy, mask)) * share,
                "policy/mismatch_kl": float(mismatch_kl(old, sampling, mask)) * share,
                "policy/tis_weight_mean": float(masked_mean(tis, mask)) * share}
-        out.update({k: float(v) * share for k, v in stats.items() if k != "ratio_max"})
-        out["ratio_max"] = float(stats["ratio_max"])
+        out.update({k: float(v) * share for k, v in stats.items() if k not in MAX_METRICS})
+        out.update({k: float(stats[k]) for k in MAX_METRICS if k in stats})  # a user loss may report none
         return loss, out
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     # ----- checkpoint state --------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         """Optimizer, schedule and counters; with the model's weights, enough for a bit-exact resume."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "updates": self.updates, "nonfinite_total": self.nonfinite_total,
                 "nonfinite_streak": self.nonfinite_streak}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # torch's free-form optimizer/scheduler state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates, self.nonfinite_total = int(state["updates"]), int(state["nonfinite_total"])
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+
+
+def _constant_length(algorithm: AnyAlgorithm) -> float:
+    """The `constant` aggregation's C, resolved at validation (rl/config/job.py); 0 for the others (unused)."""
+    aggregation = algorithm.aggregation
+    if not isinstance(aggregation, ConstantNorm):
+        return 0.0
+    if aggregation.max_length is None:
+        raise ValueError("algorithm.aggregation.max_length reached the trainer unresolved; validate the job "
+                         "(JobConfig sets it to rollout.max_new_tokens) or pass a length")
+    return float(aggregation.max_length)
 
 
 def slice_rows(values: torch.Tensor, rows: list[int], seq_len: int) -> torch.Tensor:

@@ -25,7 +25,6 @@ copies accumulate it. Only positions that score a loss token go through the LM h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -105,7 +104,7 @@ def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_le
     return PackedGroups(packed_ids, positions, segment, packed_row, packed_col)
 
 
-def check_supported(model: Any) -> None:
+def check_supported(model: torch.nn.Module) -> None:
     """Fail fast where the packed forward would silently differ from the padded one."""
     config = model.config
     impl = getattr(config, "_attn_implementation", None) or "eager"
@@ -120,7 +119,7 @@ def check_supported(model: Any) -> None:
                         "Set trainer.shared_prefix: false.")
 
 
-def _mask_for(model: Any, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _mask_for(model: torch.nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """SDPA takes the boolean mask; eager attention adds the mask to the scores, so it gets 0 / -inf-ish."""
     if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
         return allowed
@@ -128,7 +127,7 @@ def _mask_for(model: Any, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
-def shared_prefix_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def shared_prefix_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            loss_mask: torch.Tensor, prompt_lengths: torch.Tensor, group_ids: torch.Tensor,
                            temperature: float = 1.0, chunk_tokens: int = 1024,
                            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,13 +30,18 @@ policy, from the same forward pass): `needs_whole_groups` tells the trainer to p
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from rl.batch import RolloutBatch
 from rl.registries import LOSSES
+from rl.types import LossContext, Objective, Stats
 from trainers.advantages import _group_index
-from trainers.losses import MAX_LOG_SEQUENCE_RATIO, Stats, _clip_stats, masked_mean
+from trainers.losses import MAX_LOG_SEQUENCE_RATIO, _clip_stats, masked_mean
+
+if TYPE_CHECKING:
+    from rl.config.algorithm import RapidLoss
 
 
 def clipped_sequence_weights(logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor,
@@ -52,7 +57,7 @@ def _group_sum(x: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tenso
 
 
 def weighted_group_advantage(rewards: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor,
-                             cfg: Any) -> torch.Tensor:
+                             cfg: RapidLoss) -> torch.Tensor:
     """[B] A_i = w_i (R_i - b_i) with the IS-weighted group baseline `cfg.baseline` (module docstring)."""
     index, groups = _group_index(group_ids)
     r, w = rewards.double(), weights.double()
@@ -73,7 +78,7 @@ def weighted_group_advantage(rewards: torch.Tensor, weights: torch.Tensor, group
 
 
 def rapid_objective(logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor,
-                    group_ids: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Stats]:
+                    group_ids: torch.Tensor, cfg: RapidLoss) -> tuple[torch.Tensor, Stats]:
     """Per-token RAPID loss [B, T] = -sg[A_i] log pi(y_t); rows hold whole groups. rewards, group_ids: [B]."""
     w = clipped_sequence_weights(logp, behaviour_logp, mask, cfg.eta)  # [B]
     adv = weighted_group_advantage(rewards, w, group_ids, cfg).to(logp.device)  # [B]
@@ -92,20 +97,20 @@ def effective_sample_fraction(w: torch.Tensor, rows: torch.Tensor) -> torch.Tens
     return (w * rows).sum() ** 2 / ((w ** 2 * rows).sum() * rows.sum()).clamp(min=1e-12)
 
 
-def prepare_rapid(trainer: Any, mini: Any) -> dict[str, torch.Tensor]:
+def prepare_rapid(ctx: LossContext, mini: RolloutBatch, cfg: RapidLoss) -> dict[str, torch.Tensor]:
     """Row-aligned extra inputs of a mini-batch: rewards and group ids [n], and the sampler's log-probs
-    [n, T] when they stand for pi_b."""
+    [n, T] when they stand for pi_b. (Nothing to compute: `ctx` is not needed.)"""
     if mini.rewards is None:
         raise ValueError("the rapid loss needs a batch with rewards")
     extra = {"rewards": mini.rewards, "group_ids": mini.group_ids}
-    if trainer.algo.loss.behaviour_logprobs == "sampler":
+    if cfg.behaviour_logprobs == "sampler":
         extra["behaviour_logp"] = mini.sampling_logprobs
     return extra
 
 
-@LOSSES.register("rapid")
-def rapid(logp, old_logp, adv, mask, cfg: Any, rewards: torch.Tensor | None = None,
-          group_ids: torch.Tensor | None = None, behaviour_logp: torch.Tensor | None = None):
+def rapid(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: RapidLoss,
+          rewards: torch.Tensor | None = None, group_ids: torch.Tensor | None = None,
+          behaviour_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """RAPID's importance-weighted group policy gradient (arXiv 2510.03515). `adv` is not used: the
     advantage depends on the current weights and is recomputed here from `rewards` (see module docstring)."""
     if rewards is None or group_ids is None:
@@ -113,7 +118,11 @@ def rapid(logp, old_logp, adv, mask, cfg: Any, rewards: torch.Tensor | None = No
     return rapid_objective(logp, old_logp if behaviour_logp is None else behaviour_logp, mask, rewards, group_ids, cfg)
 
 
-rapid.prepare = prepare_rapid
-rapid.needs_whole_groups = True
-# With the sampler's log-probs as pi_b the trainer's recomputation of old logprobs is skipped.
-rapid.needs_old_logprobs = lambda cfg: cfg.behaviour_logprobs == "learner"
+
+def _needs_learner_behaviour(cfg: RapidLoss) -> bool:
+    """With the sampler's log-probs as pi_b the trainer's recomputation of old logprobs is skipped."""
+    return cfg.behaviour_logprobs == "learner"
+
+
+LOSSES.register("rapid")(Objective(rapid, prepare=prepare_rapid, needs_whole_groups=True,
+                                   needs_old_logprobs=_needs_learner_behaviour))

@@ -11,14 +11,14 @@ object with a `logprobs(batch)` method.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from rl.batch import RolloutBatch
 
 # (model, batch) -> [N, T] logprobs of the batch's loss tokens under `model`, computed without grad.
-LogprobFn = Callable[[Any, RolloutBatch], torch.Tensor]
+LogprobFn = Callable[[torch.nn.Module, RolloutBatch], torch.Tensor]
 
 
 class ReferencePolicy(Protocol):
@@ -30,7 +30,7 @@ class ReferencePolicy(Protocol):
 class AdapterDisabledReference:
     """The policy model itself with its adapter switched off for the duration of the call."""
 
-    def __init__(self, model: Any, compute: LogprobFn) -> None:
+    def __init__(self, model: torch.nn.Module, compute: LogprobFn) -> None:
         self.model, self.compute = model, compute
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -41,7 +41,7 @@ class AdapterDisabledReference:
 class FrozenCopyReference:
     """A frozen copy of the model's weights at construction time (full fine-tuning)."""
 
-    def __init__(self, model: Any, compute: LogprobFn) -> None:
+    def __init__(self, model: torch.nn.Module, compute: LogprobFn) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.compute = compute
 
@@ -50,7 +50,7 @@ class FrozenCopyReference:
             return self.compute(self.model, batch)
 
 
-def default_reference(model: Any, compute: LogprobFn) -> ReferencePolicy:
+def default_reference(model: torch.nn.Module, compute: LogprobFn) -> ReferencePolicy:
     """Adapter disabled when the model has PEFT's `disable_adapter`, otherwise a frozen copy."""
     kind = AdapterDisabledReference if hasattr(model, "disable_adapter") else FrozenCopyReference
     return kind(model, compute)

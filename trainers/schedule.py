@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from rl.config.job import TrainerConfig
 
 DECAY_SHAPES = {"constant": lambda progress: 1.0, "linear": lambda progress: 1.0 - progress,
                 "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress))}
@@ -19,7 +23,7 @@ def lr_factor(update: int, warmup: int, total: int, kind: str) -> float:
     return DECAY_SHAPES[kind](min(1.0, (update - warmup) / max(1, total - warmup)))
 
 
-def parameter_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, object]]:
     """Weight decay on matrices only: decaying norms' gains and biases toward 0 is not regularisation
     (the usual GPT/Llama recipe)."""
     decay = [p for _, p in params if p.dim() >= 2]
@@ -28,14 +32,14 @@ def parameter_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay:
             if g["params"]]
 
 
-def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: Any,
-                    total_updates: int) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainerConfig,
+                    total_updates: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over the trainable `(name, parameter)` pairs and its LambdaLR schedule."""
     if not params:
         raise ValueError("the model has no trainable parameters")
     # foreach kernels: one pass over all parameters instead of a Python loop per tensor.
     optimizer = torch.optim.AdamW(parameter_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    scheduler = LambdaLR(
         optimizer, lambda u: lr_factor(u, cfg.warmup_steps, total_updates, cfg.lr_schedule))
     return optimizer, scheduler

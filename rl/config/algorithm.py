@@ -5,11 +5,12 @@ Each variant is selected by its `name`; its fields belong to it alone (ALGORITHM
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import Section
+from rl.config.base import CustomSection, Section
+from rl.registry import CUSTOM
 
 
 class GRPOAdvantage(Section):
@@ -34,10 +35,28 @@ class RLOOAdvantage(Section):
     name: Literal["rloo"] = "rloo"
 
 
-AdvantageConfig = Annotated[Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage], Field(discriminator="name")]
+class CustomAdvantage(CustomSection):
+    """Your own advantage: `fn(rewards [N], group_ids [N], cfg) -> advantages [N]` named by `import_path` (rows
+    of a group are contiguous; `cfg` is this section, your settings in `cfg.kwargs`). Checked at validation."""
+
+    registry_name = "ADVANTAGES"
 
 
-class PPOClipLoss(Section):
+AdvantageConfig = Annotated[Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, CustomAdvantage],
+                            Field(discriminator="name")]
+
+
+class LossSection(Section):
+    """What the job asks of every loss section besides its own fields."""
+
+    @property
+    def corrects_sampler_mismatch(self) -> bool:
+        """True when the objective's own importance weight already corrects the sampler/learner mismatch, so
+        `correction.level: auto` resolves to none and an explicit token/sequence level is an error."""
+        return False
+
+
+class PPOClipLoss(LossSection):
     """GRPO's per-token clipped surrogate with DAPO's separate low/high clip ranges."""
 
     name: Literal["ppo_clip"] = "ppo_clip"
@@ -47,7 +66,7 @@ class PPOClipLoss(Section):
     """Upper clip: ratios above 1 + clip_high stop contributing gradient for positive advantages."""
 
 
-class GSPOLoss(Section):
+class GSPOLoss(LossSection):
     """GSPO: sequence-level length-normalised ratio with sequence-level clipping (arXiv 2507.18071)."""
 
     name: Literal["gspo"] = "gspo"
@@ -55,7 +74,7 @@ class GSPOLoss(Section):
     clip_high: float = Field(4e-4, ge=0)
 
 
-class GSPOTokenLoss(Section):
+class GSPOTokenLoss(LossSection):
     """GSPO-token: the sequence ratio with per-token advantages (equals GSPO for constant advantages)."""
 
     name: Literal["gspo_token"] = "gspo_token"
@@ -63,13 +82,13 @@ class GSPOTokenLoss(Section):
     clip_high: float = Field(4e-4, ge=0)
 
 
-class ReinforceLoss(Section):
+class ReinforceLoss(LossSection):
     """Plain policy gradient, -A * log pi (ratio fixed at 1)."""
 
     name: Literal["reinforce"] = "reinforce"
 
 
-class LpRegLoss(Section):
+class LpRegLoss(LossSection):
     """Lp-Reg (arXiv 2510.03222): the clipped surrogate, plus a k3 pull toward a min-p-filtered proxy of the old
     policy on the lowest-probability negative-advantage tokens. Defaults: the released scripts (Qwen3-14B)."""
 
@@ -94,7 +113,7 @@ class LpRegLoss(Section):
     """beta, the weight of the k3 term (released: 1.0)."""
 
 
-class RapidLoss(Section):
+class RapidLoss(LossSection):
     """RAPID (arXiv 2510.03515): policy gradient with an importance-weighted group baseline and clipped
     sequence weights pi/pi_b, for several mini-batch updates per large inference batch (set
     trainer.mini_batches). It computes its own advantage from rewards: algorithm.advantage is not used."""
@@ -119,7 +138,17 @@ class RapidLoss(Section):
         return self.behaviour_logprobs == "sampler"
 
 
-LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss, LpRegLoss, RapidLoss],
+class CustomLoss(CustomSection, LossSection):
+    """Your own per-token loss named by `import_path`: a plain `fn(logp, old_logp, adv, mask, cfg) -> (loss [B, T],
+    stats)` (trainers/losses.py has the shapes), or an `rl.types.Objective` for one that needs extra inputs
+    (`prepare`), whole groups per micro-batch or no recomputed old log-probs. `cfg` is this section, your
+    settings in `cfg.kwargs`. Checked at validation. No paper prescribes its aggregation (token_mean unless
+    set), and the sampler mismatch is corrected as for the built-ins (`correction.level: auto`)."""
+
+    registry_name = "LOSSES"
+
+
+LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss, LpRegLoss, RapidLoss, CustomLoss],
                        Field(discriminator="name")]
 
 
@@ -149,8 +178,8 @@ class ConstantNorm(Section):
     """The constant; null uses rollout.max_new_tokens."""
 
 
-AggregationConfig = Annotated[Union[TokenMean, SeqMeanTokenMean, SeqMeanTokenSum, ConstantNorm],
-                              Field(discriminator="name")]
+AggregationSection = Union[TokenMean, SeqMeanTokenMean, SeqMeanTokenSum, ConstantNorm]
+AggregationConfig = Annotated[AggregationSection, Field(discriminator="name")]
 
 
 class KLConfig(Section):
@@ -174,17 +203,17 @@ class MismatchCorrection(Section):
     """Weights are truncated at this value (TIS)."""
 
 
-def resolve_correction_level(level: str, sampler_is_learner: bool, loss: Any) -> str:
+def resolve_correction_level(level: str, sampler_is_learner: bool, loss: LossSection) -> str:
     """The effective level of `correction.level` (see MismatchCorrection.level); explicit levels stay."""
     if level != "auto":
         return level
-    if sampler_is_learner or getattr(loss, "corrects_sampler_mismatch", False):
+    if sampler_is_learner or loss.corrects_sampler_mismatch:
         return "none"
     return "token"
 
 
-def _check_single_correction(loss: Any, correction: MismatchCorrection) -> None:
-    if getattr(loss, "corrects_sampler_mismatch", False) and correction.level in ("token", "sequence"):
+def _check_single_correction(loss: LossSection | None, correction: MismatchCorrection) -> None:
+    if loss is not None and loss.corrects_sampler_mismatch and correction.level in ("token", "sequence"):
         raise ValueError(
             f"level {correction.level!r} with loss rapid and behaviour_logprobs: sampler would "
             "apply the sampler importance weight twice (RAPID's sequence weight is already pi / pi_sampler); set "
@@ -200,17 +229,20 @@ LOSSES_WITHOUT_ADVANTAGE = ("rapid",)  # computes its own advantage: algorithm.a
 
 
 def paper_aggregation(loss: str, advantage: str) -> str | None:
-    """The aggregation the (loss, advantage) pair's paper uses, or None when it leaves the choice open."""
+    """The aggregation the (loss, advantage) pair's paper uses, or None when it leaves the choice open (always
+    for a custom loss: its author chooses; a custom advantage with a built-in loss follows the loss)."""
+    if loss == CUSTOM:
+        return None
     if loss in PAPER_AGGREGATION_BY_LOSS:
         return PAPER_AGGREGATION_BY_LOSS[loss]
     return None if loss in LOSSES_WITHOUT_ADVANTAGE else PAPER_AGGREGATION_BY_ADVANTAGE.get(advantage)
 
 
-def _variant_name(value: Any, default: str) -> str:
+def _variant_name(value: object, default: str) -> str:
     """The `name` of a section given as a dict, a model, or left out (its default variant)."""
-    if value is None:
-        return default
-    return value.get("name", default) if isinstance(value, dict) else getattr(value, "name", default)
+    if isinstance(value, dict):
+        return str(value.get("name", default))
+    return str(value.model_dump(include={"name"}).get("name", default)) if isinstance(value, Section) else default
 
 
 class AlgorithmConfig(Section):
@@ -219,19 +251,22 @@ class AlgorithmConfig(Section):
     name: Literal["grpo"] = "grpo"
     """The training recipe; `grpo` covers the GRPO family (GSPO, Dr.GRPO, DAPO) through the keys below."""
     advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
+    """`name`: grpo, dr_grpo or rloo, or `custom` with `import_path` (and `kwargs`) for your own function."""
     loss: LossConfig = Field(default_factory=PPOClipLoss)
+    """`name`: ppo_clip, gspo, gspo_token, reinforce, lp_reg or rapid, or `custom` with `import_path` (and
+    `kwargs`) for your own loss (a function or an rl.types.Objective; see CustomLoss)."""
     allow_nonstandard_aggregation: bool = False
     """Accept an explicit aggregation that differs from the paper's for this loss/advantage (e.g. gspo with
     token_mean, which weights each sequence by its length); otherwise such a pair is an error."""
     aggregation: AggregationConfig = Field(default_factory=TokenMean)
     """Left out, it follows the paper of the loss/advantage: `seq_mean_token_mean` for gspo and gspo_token,
-    `constant` (C = rollout.max_new_tokens) for dr_grpo, `token_mean` otherwise."""
+    `constant` (C = rollout.max_new_tokens) for dr_grpo, `token_mean` otherwise (and for a custom loss)."""
     kl: KLConfig = Field(default_factory=KLConfig)
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
 
     @model_validator(mode="before")
     @classmethod
-    def _paper_aggregation_by_default(cls, data: Any) -> Any:
+    def _paper_aggregation_by_default(cls, data: object) -> object:
         if not isinstance(data, dict) or data.get("aggregation") is not None:
             return data
         loss, advantage = _variant_name(data.get("loss"), "ppo_clip"), _variant_name(data.get("advantage"), "grpo")
@@ -241,7 +276,7 @@ class AlgorithmConfig(Section):
     # Field validators (the fields above are validated first, in order) so errors carry the key's path.
     @field_validator("aggregation")
     @classmethod
-    def _paper_aggregation_or_opt_in(cls, aggregation: Any, info: ValidationInfo) -> Any:
+    def _paper_aggregation_or_opt_in(cls, aggregation: AggregationSection, info: ValidationInfo) -> AggregationSection:
         loss, advantage = info.data.get("loss"), info.data.get("advantage")
         if loss is None or advantage is None or info.data.get("allow_nonstandard_aggregation"):
             return aggregation  # (a bad loss or advantage is reported on its own)
@@ -284,6 +319,8 @@ class GRPOMAAlgorithm(Section):
     eps: float = Field(1e-6, gt=0)
     """Added to standard deviations before dividing."""
     loss: LossConfig = Field(default_factory=PPOClipLoss)
+    """ppo_clip or reinforce: the losses that are per-token and positively homogeneous in the advantage (a custom
+    loss is not accepted: the folding of segment means into advantages is exact only for those)."""
     aggregation: AggregationConfig = Field(default_factory=SeqMeanTokenSum)
     kl: KLConfig = Field(default_factory=KLConfig)
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
@@ -299,10 +336,11 @@ class GRPOMAAlgorithm(Section):
         return self
 
 
-def _algorithm_name(value: Any) -> str:
+def _algorithm_name(value: object) -> str:
     """`name` selects the variant; a job that leaves it out means the GRPO family (the default)."""
-    return value.get("name", "grpo") if isinstance(value, dict) else getattr(value, "name", "grpo")
+    return _variant_name(value, "grpo")
 
 
-AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")], Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
+AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")],
+                                     Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
                                Discriminator(_algorithm_name)]

@@ -37,7 +37,7 @@ class Learner:
         model = load_causal_lm(model_dir, job.model.dtype, self.device)
         self.model = adapters.apply_adapter(model, job.adapter)
         self.trainer = PolicyTrainer(self.model, job.algorithm, job.trainer, temperature=job.rollout.temperature,
-                                     device=self.device, max_new_tokens=job.rollout.max_new_tokens)
+                                     device=self.device)
         # Built on the trainer's optimizer, which exists only now: a RoSA restart clears the adapters' moments.
         self.trainer.adapter_schedule = adapters.schedule_for(self.model, job.adapter, self.trainer.optimizer)
 

@@ -106,3 +106,91 @@ def test_grpo_ma_still_checks_its_own_aggregation():
     with pytest.raises(UserError, match="seq_mean_token_sum"):
         load_job("grpo_ma", ["algorithm.aggregation.name=token_mean"])
     assert load_job("grpo_ma").algorithm.aggregation.name == "seq_mean_token_sum"
+
+
+# ----- `custom` loss and advantage: user code by import_path, loaded and checked at validation -------------
+USER_CODE = '''
+import torch
+
+def my_loss(logp, old_logp, adv, mask, cfg):
+    return -adv * logp * cfg.kwargs.get("scale", 1.0), {}
+
+def my_advantage(rewards, group_ids, cfg):
+    return rewards - rewards.mean()
+
+def two_arguments(logp, adv):
+    return -adv * logp, {}
+'''
+
+
+@pytest.fixture()
+def user_file(tmp_path):
+    path = tmp_path / "user_objectives.py"
+    path.write_text(USER_CODE)
+    return path
+
+
+def test_a_custom_loss_and_advantage_load_from_a_file(user_file):
+    algo = validate_job(job({"loss": {"name": "custom", "import_path": f"{user_file}:my_loss", "kwargs": {"scale": 2}},
+                             "advantage": {"name": "custom", "import_path": f"{user_file}:my_advantage"}},
+                            rollout={"backend": "vllm"}), "job").algorithm
+    assert algo.loss.name == "custom" and algo.loss.kwargs == {"scale": 2}
+    assert algo.advantage.name == "custom" and algo.advantage.import_path.endswith(":my_advantage")
+    assert algo.aggregation.name == "token_mean"  # no paper prescribes one for user code
+    assert algo.correction.level == "token"  # vLLM samples: the mismatch is corrected as for a built-in loss
+    from rl.registries import ADVANTAGES, LOSSES
+
+    assert LOSSES.entry_for(algo.loss).fn.__name__ == "my_loss"
+    assert ADVANTAGES.entry_for(algo.advantage).__name__ == "my_advantage"
+
+
+@pytest.mark.parametrize("import_path, problem", [
+    ("no_such_file.py:my_loss", "custom code file not found"),
+    ("{file}:not_there", "has no attribute 'not_there'"),
+    ("{file}:two_arguments", "must accept (logp, old_logp, adv, mask, cfg)"),
+])
+def test_a_bad_custom_loss_is_a_user_error_at_algorithm_loss(user_file, import_path, problem):
+    with pytest.raises(UserError) as err:
+        load_job("tiny", [f"algorithm.loss={{name: custom, import_path: '{import_path.format(file=user_file)}'}}"])
+    message = str(err.value)
+    assert "algorithm.loss" in message and problem in message, message
+    assert "Traceback" not in message
+
+
+def test_a_bad_custom_advantage_is_a_user_error_at_algorithm_advantage(user_file):
+    with pytest.raises(UserError) as err:
+        load_job("tiny", [f"algorithm.advantage={{name: custom, import_path: '{user_file}:my_loss'}}"])
+    message = str(err.value)
+    assert "algorithm.advantage" in message and "must accept (rewards, group_ids, cfg)" in message, message
+
+
+def test_the_cli_exits_2_on_a_custom_loss_with_a_wrong_signature(user_file, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": {"loss": {"name": "custom",
+                                                           "import_path": "user_objectives.py:two_arguments"}}}))
+    done = subprocess.run([sys.executable, "-m", "rl.cli", "validate", str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "algorithm.loss" in done.stderr and "two_arguments" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_grpo_ma_does_not_take_a_custom_loss(user_file):
+    with pytest.raises(UserError, match="grpo_ma needs a per-token loss"):
+        validate_job(job({"name": "grpo_ma", "loss": {"name": "custom", "import_path": f"{user_file}:my_loss"}}),
+                     "job")
+
+
+def test_every_loss_section_says_whether_it_corrects_the_sampler_mismatch(user_file):
+    import typing
+
+    from rl.config.algorithm import CustomLoss, LossConfig, LossSection, RapidLoss
+
+    variants = typing.get_args(typing.get_args(LossConfig)[0])
+    assert CustomLoss in variants and all(issubclass(v, LossSection) for v in variants)
+    for v in variants:
+        section = v(import_path=f"{user_file}:my_loss") if v is CustomLoss else v()
+        assert section.corrects_sampler_mismatch is False, v
+    assert RapidLoss(behaviour_logprobs="sampler").corrects_sampler_mismatch is True

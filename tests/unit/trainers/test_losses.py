@@ -190,3 +190,18 @@ def test_mismatch_kl_metric():
     assert mismatch_kl(old, old, torch.ones(1, 3)).item() == 0.0
     sampler = torch.log(torch.tensor([[0.5, 0.4, 0.7]]))  # r = 0.5 on the middle token
     assert mismatch_kl(old, sampler, torch.ones(1, 3)).item() == pytest.approx((0.5 - math.log(0.5) - 1) / 3)
+
+
+def test_every_builtin_loss_registers_an_objective_with_its_flags():
+    from rl.config.algorithm import RapidLoss
+    from rl.registries import LOSSES
+    from rl.types import Objective
+
+    assert all(isinstance(LOSSES.get(name), Objective) for name in LOSSES.names())
+    rapid = LOSSES.get("rapid")
+    assert rapid.needs_whole_groups and rapid.prepare is not None
+    assert rapid.needs_old_logprobs(RapidLoss())
+    assert not rapid.needs_old_logprobs(RapidLoss(behaviour_logprobs="sampler"))
+    assert LOSSES.get("lp_reg").prepare is not None and not LOSSES.get("lp_reg").needs_whole_groups
+    plain = [LOSSES.get(name) for name in ("ppo_clip", "gspo", "gspo_token", "reinforce")]
+    assert all(o.prepare is None and not o.needs_whole_groups and o.needs_old_logprobs(None) for o in plain)

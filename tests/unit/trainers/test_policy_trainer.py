@@ -19,8 +19,10 @@ AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "cons
 def make(model, algorithm=None, reference=None, **trainer):
     # A job resolves `correction.level: auto` (rl/config/job.py); these trainers sample nothing: none unless set.
     algo = AlgorithmConfig.model_validate({"correction": {"level": "none"}, **(algorithm or {})})
+    if algo.aggregation.name == "constant" and algo.aggregation.max_length is None:  # a job sets C = max_new_tokens
+        algo = algo.model_copy(update={"aggregation": algo.aggregation.model_copy(update={"max_length": 8})})
     cfg = TrainerConfig.model_validate({"lr": 1e-2, "max_steps": 10, **trainer})
-    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu", max_new_tokens=8, reference=reference)
+    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu", reference=reference)
 
 
 def grads_after_step(batch, micro_batch_tokens, algorithm, **trainer):
@@ -275,3 +277,9 @@ def test_a_step_on_smollm2_raises_logprob_of_positive_completions(smollm2_dir):
     assert delta[rewards > 0].mean() > 0 > delta[rewards == 0].mean(), delta
     assert float((batch.advantages * delta).sum()) > 0
     assert metrics["grad_norm"] > 0 and metrics["train/skipped_nonfinite"] == 0
+
+
+def test_an_unresolved_constant_length_is_an_error_not_a_silent_default():
+    algo = AlgorithmConfig.model_validate({"correction": {"level": "none"}, "aggregation": {"name": "constant"}})
+    with pytest.raises(ValueError, match="max_length reached the trainer unresolved"):
+        PolicyTrainer(build_lm(), algo, TrainerConfig(), temperature=1.0, device="cpu")

@@ -119,7 +119,7 @@ def test_group_packing_never_splits_a_group():
 def _trainer(model, **loss):
     algo = AlgorithmConfig.model_validate({"loss": {"name": "rapid", **loss}, "correction": {"level": "none"}})
     cfg = TrainerConfig.model_validate({"lr": 1e-3, "max_steps": 4, "mini_batches": 2, "micro_batch_tokens": 10_000})
-    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu", max_new_tokens=8)
+    return PolicyTrainer(model, algo, cfg, temperature=1.0, device="cpu")
 
 
 def _batch():
