@@ -1,7 +1,7 @@
 """Built-in rewards, registered by name (`rewards: [{name: math_answer}]`).
 
 Answer checks here, the sandboxed code runner in `rewards.code_exec`, the reasoning-pattern reward in
-`rewards.reasoning`; importing this module registers them all.
+`rewards.reasoning` (rl/registries.py names all three modules; each registers its own).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections import Counter
 from typing import Any, Sequence
 
 from rewards import RewardOutput
-from rewards import code_exec as _code_exec  # noqa: F401 - registers `code_exec`
-from rewards import reasoning as _reasoning  # noqa: F401 - registers `reasoning_pattern`
 from rl.registries import REWARDS
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -34,9 +34,9 @@ ADVANTAGES: Registry[AdvantageFn] = Registry("advantage", ("trainers.advantages"
 LOSSES: Registry[Objective] = Registry("loss", ("trainers.losses", "trainers.lp_reg", "trainers.rapid"),
                                        custom=custom_objective)
 AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
-ADAPTERS: Registry = Registry("adapter", ("trainers.adapters",))
+ADAPTERS: Registry = Registry("adapter", ("trainers.adapters.core",))
 ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"), custom=custom_env)
-REWARDS: Registry = Registry("reward", ("rewards.builtin", "rewards.cot"))
+REWARDS: Registry = Registry("reward", ("rewards.builtin", "rewards.code_exec", "rewards.reasoning", "rewards.cot"))
 CLUSTERS: Registry = Registry("cluster", ("rl.loop.cluster",))
 SWARM_TRANSPORTS: Registry = Registry("swarm transport", ("rl.swarm.transports", "rl.swarm.ray_transport"))
 CURRICULA: Registry = Registry("curriculum", ("envs.curriculum",))
