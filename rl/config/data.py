@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import Section, resolve_existing_file
+from rl.config.base import CustomSection, Section, resolve_existing_file
 
 
 class _EnvCommon(Section):
@@ -60,7 +60,36 @@ class DatasetEnv(_EnvCommon):
         return None if v is None else resolve_existing_file(v, info, "dataset file")
 
 
-EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv], Field(discriminator="name")]
+class CustomEnv(CustomSection, _EnvCommon):
+    """Your own task: `env: {name: custom, import_path: my_env.py:MyEnv, kwargs: {...}}`.
+
+    `import_path` names a factory called as `factory(cfg, tokenizer, seed)` (a class works): `cfg` is this
+    section (your settings in `cfg.kwargs`; `cfg.system_prompt`, `cfg.test_size` as for the built-ins),
+    `tokenizer` the policy's `PreTrainedTokenizerBase`, `seed` the job seed (derive every random choice from it,
+    so a resume sees the same prompts). It returns an object with `train_prompts()` and `test_prompts()`, each a
+    sequence of `rl.types.Prompt`. Build a prompt with `envs.base.render_prompt(tokenizer, question,
+    cfg.system_prompt, prompt_id, meta)` (applies the chat template once and tokenises) and a stable id with
+    `envs.base.stable_id(...)`; `meta` fields reach the rewards as keyword arguments (e.g. `answer`):
+
+        from envs.base import render_prompt, stable_id
+
+        class Repeat:
+            def __init__(self, cfg, tokenizer, seed):
+                prompts = [render_prompt(tokenizer, f"Repeat the number {i}.", cfg.system_prompt,
+                                         stable_id("repeat", i), {"answer": str(i)})
+                           for i in range(cfg.kwargs.get("count", 100))]
+                self._test, self._train = prompts[:cfg.test_size], prompts[cfg.test_size:]
+
+            def train_prompts(self): return self._train
+            def test_prompts(self): return self._test
+
+    The file is loaded and the factory's signature checked when the job is validated (exit 2 on a bad path,
+    a missing name or a wrong signature)."""
+
+    registry_name: ClassVar[str] = "ENVS"
+
+
+EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv, CustomEnv], Field(discriminator="name")]
 
 
 class RewardConfig(Section):
