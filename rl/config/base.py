@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -44,7 +44,7 @@ class CustomSection(Section):
     name: Literal["custom"] = "custom"
     import_path: str
     """`package.module:name` or `path/to/file.py:name` (a path relative to where rl runs or to the job file)."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, object] = Field(default_factory=dict)
     """Settings of your code, free-form: read them from the config section it receives (`cfg.kwargs`)."""
 
     @field_validator("import_path")

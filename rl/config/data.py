@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -106,7 +106,7 @@ class RewardConfig(Section):
     """What a failing call (raise, hang, NaN, wrong type) gives the sample."""
     isolate: bool | None = None
     """Run in a worker process; null = yes for user functions, no for built-ins."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, object] = Field(default_factory=dict)
     """Extra keyword arguments for the function (its own settings)."""
     memory_mb: int = Field(4096, ge=64)
     """Address-space limit of an isolated reward's worker process."""
