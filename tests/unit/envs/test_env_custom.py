@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from rl.config import load_job
-from rl.config import data
+from rl.config import data, load_job
 from rl.errors import UserError
 from rl.loop.runtime import build_env
 
@@ -45,7 +44,7 @@ def user_env(tmp_path):
     return path
 
 
-def load(env: dict, cwd=None) -> object:
+def load(env: dict) -> object:
     return load_job("tiny", [f"env={json.dumps(env)}"])
 
 

@@ -89,7 +89,7 @@ def _unions_in(model: type[BaseModel], seen: set[type]) -> list[frozenset[type]]
     found = []
     for field in model.model_fields.values():
         models = variant_models(field.annotation)
-        named = [m for m in models if "name" in m.model_fields and get_origin(m.model_fields["name"].annotation) is Literal]
+        named = [m for m in models if get_origin(getattr(m.model_fields.get("name"), "annotation", None)) is Literal]
         if named:
             found.append(frozenset(named))
         for m in models:
