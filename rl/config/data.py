@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import CustomSection, Section, resolve_existing_file
+from rl.config.base import CustomSection, Section, resolve_existing_file, resolve_import_path
 
 
 class _EnvCommon(Section):
@@ -129,14 +129,7 @@ class RewardConfig(Section):
     @field_validator("import_path")
     @classmethod
     def _importable(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None:
-            return v
-        target, sep, fn = v.rpartition(":")
-        if not sep or not target or not fn.isidentifier():
-            raise ValueError(f"import_path {v!r} must look like 'package.module:function' or 'file.py:function'")
-        if target.endswith(".py"):
-            return f"{resolve_existing_file(target, info, 'reward file')}:{fn}"
-        return v
+        return None if v is None else resolve_import_path(v, info, "reward file", noun="function")
 
     @property
     def label(self) -> str:
