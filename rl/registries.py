@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftConfig
 
-    from rl.config.adapters import AdapterConfig
-
 
 def custom_objective(import_path: str) -> Objective:
     """A user loss: an `Objective`, or a plain `fn(logp, old_logp, adv, mask, cfg)` (no inputs, no flags)."""
@@ -46,7 +44,8 @@ LOSSES: Registry[Objective] = Registry("loss", ("trainers.losses", "trainers.lp_
                                        custom=custom_objective)
 # Entries: `fn(loss [N, T], mask [N, T], normalisers, aggregation_cfg) -> scalar`.
 AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("aggregation", ("trainers.aggregation",))
-ADAPTERS: Registry[Callable[[AdapterConfig], PeftConfig]] = Registry("adapter", ("trainers.adapters.core",))
+# Entries: `fn(its adapter section) -> PeftConfig` (each takes its own section class).
+ADAPTERS: Registry[Callable[..., PeftConfig]] = Registry("adapter", ("trainers.adapters.core",))
 ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"), custom=custom_env)
 # Entries: reward functions `fn(prompt, completion, **fields)` (the contract in rewards/__init__.py).
 REWARDS: Registry[Callable[..., object]] = Registry(
