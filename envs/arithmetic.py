@@ -7,11 +7,16 @@ first), so held-out accuracy measures generalisation, not memorisation.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from envs.base import render_prompt, stable_id
 from rl.registries import ENVS
 from rl.types import Prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.data import ArithmeticEnv as ArithmeticConfig
 
 DEFAULT_SYSTEM = None
 QUESTION = "What is {a} {op} {b}? Answer with just the number."
@@ -45,7 +50,7 @@ def digit_shares(digits: int | Sequence[int]) -> list[tuple[int, Callable[[int],
 
 @ENVS.register("arithmetic")
 class ArithmeticEnv:
-    def __init__(self, cfg: Any, tokenizer: Any, seed: int) -> None:
+    def __init__(self, cfg: ArithmeticConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
         test, train = [], []
         for digits, share in digit_shares(cfg.digits):
             rng = random.Random(f"arithmetic:{seed}:{digits}:{''.join(cfg.operations)}")
@@ -59,7 +64,7 @@ class ArithmeticEnv:
         self._test = [self._prompt(q, tokenizer, system) for q in test]
 
     @staticmethod
-    def _prompt(q: tuple[int, str, int], tokenizer: Any, system: str | None) -> Prompt:
+    def _prompt(q: tuple[int, str, int], tokenizer: PreTrainedTokenizerBase, system: str | None) -> Prompt:
         a, op, b = q
         return render_prompt(tokenizer, QUESTION.format(a=a, op=op, b=b), system, stable_id("arith", a, op, b),
                              {"answer": str(OPS[op](a, b))})

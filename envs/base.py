@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from rl.types import Prompt
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def render_prompt(tokenizer: Any, user: str, system: str | None, prompt_id: str, meta: Mapping[str, Any]) -> Prompt:
-    """Apply the model's chat template once; the token ids travel with the prompt from here on."""
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | None, prompt_id: str,
+                  meta: Mapping[str, object]) -> Prompt:
+    """Apply the model's chat template once; the token ids travel with the prompt from here on.
+
+    `meta` reaches the rewards as keyword arguments, with `question` (the user text) added. A custom env
+    (rl.config.data.CustomEnv) builds its prompts with this."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -19,6 +26,6 @@ def render_prompt(tokenizer: Any, user: str, system: str | None, prompt_id: str,
     return Prompt(prompt_id=prompt_id, text=text, token_ids=ids, meta={"question": user, **meta})
 
 
-def stable_id(*parts: Any) -> str:
+def stable_id(*parts: object) -> str:
     """A short id that depends only on the content (stable across runs and machines)."""
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:12]

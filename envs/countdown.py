@@ -9,11 +9,16 @@ an answer against `meta["numbers"]` and `meta["target"]`.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from envs.base import render_prompt, stable_id
 from rl.registries import ENVS
 from rl.types import Prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.data import CountdownEnv as CountdownConfig
 
 QUESTION = ("Using the numbers {numbers}, each exactly once, and the operations + - * /, write an expression "
             "that equals {target}. Put the expression in <answer></answer> tags, e.g. <answer>(1 + 2) * 3</answer>.")
@@ -38,7 +43,7 @@ def draw_puzzle(count: int, max_number: int, max_target: int, rng: random.Random
     return None
 
 
-def draw_puzzles(cfg: Any, total: int, rng: random.Random) -> list[tuple[tuple[int, ...], int]]:
+def draw_puzzles(cfg: CountdownConfig, total: int, rng: random.Random) -> list[tuple[tuple[int, ...], int]]:
     """`total` distinct puzzles (fewer if the space runs out: bounded by a try budget)."""
     seen: dict[tuple[tuple[int, ...], int], None] = {}
     for _ in range(total * 20):
@@ -52,7 +57,7 @@ def draw_puzzles(cfg: Any, total: int, rng: random.Random) -> list[tuple[tuple[i
 
 @ENVS.register("countdown")
 class CountdownEnv:
-    def __init__(self, cfg: Any, tokenizer: Any, seed: int) -> None:
+    def __init__(self, cfg: CountdownConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
         rng = random.Random(f"countdown:{seed}:{cfg.numbers}:{cfg.max_number}:{cfg.max_target}")
         puzzles = draw_puzzles(cfg, cfg.test_size + cfg.train_size, rng)
         # Distinct puzzles split by position: test first, so train and test are disjoint by construction.
@@ -61,7 +66,8 @@ class CountdownEnv:
         self._train = [self._prompt(p, tokenizer, cfg.system_prompt) for p in train]
 
     @staticmethod
-    def _prompt(puzzle: tuple[tuple[int, ...], int], tokenizer: Any, system: str | None) -> Prompt:
+    def _prompt(puzzle: tuple[tuple[int, ...], int], tokenizer: PreTrainedTokenizerBase,
+                system: str | None) -> Prompt:
         numbers, target = puzzle
         user = QUESTION.format(numbers=", ".join(map(str, numbers)), target=target)
         return render_prompt(tokenizer, user, system, stable_id("countdown", numbers, target),

@@ -24,12 +24,18 @@ import collections
 import copy
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.registries import CURRICULA
+from rl.types import Prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from rl.config.curriculum import PCLCurriculum
 
 FEATURE_BATCH = 32  # prompts per backbone forward when scoring a pool
 
@@ -60,7 +66,7 @@ class PromptFeatures:
     with batch composition, so this makes selection depend only on the pool itself, which a resumed run draws
     identically. Prompts repeat across pools only across epochs, so a longer-lived cache would save little."""
 
-    def __init__(self, model: Any, pooling: str, layer: int) -> None:
+    def __init__(self, model: PreTrainedModel, pooling: str, layer: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.backbone = getattr(model, model.base_model_prefix)  # the decoder stack, without the LM head
         self.pooling, self.layer = pooling, layer
@@ -147,7 +153,7 @@ class PCLValueModel:
     Thread-safe: in async mode the next step's selection runs in the rollout thread while this step updates.
     """
 
-    def __init__(self, cfg: Any, model_dir: str, dtype: str, seed: int) -> None:
+    def __init__(self, cfg: PCLCurriculum, model_dir: str, dtype: str, seed: int) -> None:
         from rl.models import load_causal_lm, resolve_model
 
         backbone_dir = model_dir if cfg.model is None else resolve_model(cfg.model)
@@ -164,7 +170,7 @@ class PCLValueModel:
         with self._lock, torch.no_grad():
             return self.head(feats)
 
-    def select(self, pool: Sequence[Any], count: int) -> tuple[list[Any], dict[str, float]]:
+    def select(self, pool: Sequence[Prompt], count: int) -> tuple[list[Prompt], dict[str, float]]:
         """The `count` prompts of `pool` (rl.types.Prompt) whose prediction is closest to the target."""
         start = time.perf_counter()
         pred = self.predict([tuple(p.token_ids) for p in pool], new_pool=True)                # [P]
@@ -203,13 +209,13 @@ class PCLValueModel:
                 "curriculum/target_mean": float(targets.mean()),
                 "curriculum/update_seconds": time.perf_counter() - start}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, object]:
         """Head weights, optimizer moments and the update count; the frozen backbone is rebuilt from its files."""
         with self._lock:
             return {"head": {k: v.clone() for k, v in self.head.state_dict().items()},
                     "optimizer": copy.deepcopy(self.optimizer.state_dict()), "updates": self.updates}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # a checkpoint's state (torch tensors, dicts)
         with self._lock:
             self.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -18,15 +18,20 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from envs.base import render_prompt, stable_id
 from rl.errors import UserError
 from rl.registries import ENVS
 from rl.types import Prompt
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.data import DatasetEnv as DatasetConfig
+
 log = logging.getLogger(__name__)
-Row = tuple[int, dict[str, Any]]  # (line number in the file, row)
+Row = tuple[int, dict[str, object]]  # (line number in the file, row: the file's free-form columns)
 
 
 def last_boxed(text: str) -> str | None:
@@ -125,7 +130,7 @@ def _where(path: str, number: int) -> str:
     return f"{path}: line {number}" if not path.endswith(".parquet") else f"{path}: row {number}"
 
 
-def to_examples(path: str, rows: list[Row], cfg: Any) -> list[tuple[str, dict[str, Any]]]:
+def to_examples(path: str, rows: list[Row], cfg: DatasetConfig) -> list[tuple[str, dict[str, object]]]:
     """(question, meta) per row: the prompt column checked, the answer extracted, other columns kept."""
     preset = PRESETS[cfg.format]
     prompt_col = cfg.prompt_column or preset.prompt_column
@@ -153,7 +158,7 @@ def to_examples(path: str, rows: list[Row], cfg: Any) -> list[tuple[str, dict[st
 
 @ENVS.register("dataset")
 class DatasetEnv:
-    def __init__(self, cfg: Any, tokenizer: Any, seed: int) -> None:
+    def __init__(self, cfg: DatasetConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
         examples = to_examples(cfg.path, read_rows(cfg.path), cfg)
         if cfg.test_path is not None:
             test = to_examples(cfg.test_path, read_rows(cfg.test_path), cfg)
@@ -174,8 +179,8 @@ class DatasetEnv:
         self._test = self._render(test, tokenizer, cfg.system_prompt, "test")
 
     @staticmethod
-    def _render(examples: Sequence[tuple[str, dict[str, Any]]], tokenizer: Any, system: str | None,
-                split: str) -> list[Prompt]:
+    def _render(examples: Sequence[tuple[str, dict[str, object]]], tokenizer: PreTrainedTokenizerBase,
+                system: str | None, split: str) -> list[Prompt]:
         return [render_prompt(tokenizer, q, system, stable_id("dataset", split, i, q), meta)
                 for i, (q, meta) in enumerate(examples)]
 

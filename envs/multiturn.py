@@ -20,9 +20,12 @@ import ast
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 from rl.types import Prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 GenerateFn = Callable[[Sequence[int], int], tuple[Sequence[int], Sequence[float]]]
 
@@ -33,7 +36,7 @@ class StepResult:
 
     observation_ids: tuple[int, ...] = ()
     done: bool = False
-    info: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, object] = field(default_factory=dict)
 
 
 class MultiTurnEnv(Protocol):
@@ -120,7 +123,7 @@ class CalculatorEnv:
     A turn without a call ends the episode (the model has answered); rewards score the final text.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.calls = 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -43,7 +43,7 @@ def batched_reward(fn: F) -> F:
     return fn
 
 
-def normalise(value: Any) -> tuple[float | None, dict[str, float]]:
+def normalise(value: object) -> tuple[float | None, dict[str, float]]:
     """(total or None, components) from any accepted return value; RewardError otherwise."""
     if value is None:
         return None, {}

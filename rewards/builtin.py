@@ -1,7 +1,7 @@
 """Built-in rewards, registered by name (`rewards: [{name: math_answer}]`).
 
 Answer checks here, the sandboxed code runner in `rewards.code_exec`, the reasoning-pattern reward in
-`rewards.reasoning`; importing this module registers them all.
+`rewards.reasoning` (rl/registries.py names all three modules; each registers its own).
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import operator
 import re
 import threading
 from collections import Counter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rewards import RewardOutput
-from rewards import code_exec as _code_exec  # noqa: F401 - registers `code_exec`
-from rewards import reasoning as _reasoning  # noqa: F401 - registers `reasoning_pattern`
 from rl.registries import REWARDS
+
+if TYPE_CHECKING:
+    from sympy import Basic
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MATH_VERIFY_TIMEOUT_S = 5
@@ -39,7 +40,7 @@ def _math_verify_timeout() -> int | None:
 
 
 @REWARDS.register("math_answer")
-def math_answer(prompt: str, completion: str, answer: Any = None, **fields: Any) -> float | None:
+def math_answer(prompt: str, completion: str, answer: object = None, **fields: object) -> float | None:
     """1.0 if the completion's final answer is mathematically equivalent to `answer` (math-verify: boxed
     answers, fractions, LaTeX, and plain numbers such as "12"), else 0.0; None when the sample has no answer."""
     if answer is None:
@@ -69,13 +70,13 @@ def _restates_the_question(gold: list, pred: list) -> bool:
     return bool(given.is_Add) or len(factors) > 1
 
 
-def _sympy_form(parsed: list) -> Any:
+def _sympy_form(parsed: list) -> Basic | None:
     """math-verify's parse gives [sympy expression, extracted string]; the expression, or None."""
     return next((x for x in parsed if hasattr(x, "is_Number")), None)
 
 
 @REWARDS.register("last_number")
-def last_number(prompt: str, completion: str, answer: Any = None, **fields: Any) -> float | None:
+def last_number(prompt: str, completion: str, answer: object = None, **fields: object) -> float | None:
     """1.0 if the last number in the completion equals `answer` numerically (commas ignored)."""
     if answer is None:
         return None
@@ -88,20 +89,20 @@ def last_number(prompt: str, completion: str, answer: Any = None, **fields: Any)
 
 @REWARDS.register("format")
 def format_reward(prompt: str, completion: str, pattern: str = r"(?s)<think>.*</think>\s*<answer>.*</answer>",
-                  **fields: Any) -> float:
+                  **fields: object) -> float:
     """1.0 if the whole (stripped) completion matches `pattern` (default: think then answer tags)."""
     return 1.0 if re.fullmatch(pattern, completion.strip()) else 0.0
 
 
 @REWARDS.register("length_penalty")
-def length_penalty(prompt: str, completion: str, max_chars: int = 200, **fields: Any) -> float:
+def length_penalty(prompt: str, completion: str, max_chars: int = 200, **fields: object) -> float:
     """0 up to `max_chars`, then falls linearly to -1 at twice that length (and stays there)."""
     over = max(0, len(completion) - max_chars)
     return -min(1.0, over / max_chars)
 
 
 @REWARDS.register("digit_fraction")
-def digit_fraction(prompt: str, completion: str, **fields: Any) -> float | None:
+def digit_fraction(prompt: str, completion: str, **fields: object) -> float | None:
     """Fraction of the completion's non-space characters that are digits or '-': a dense shaping signal
     toward numeric answers (and the learning signal of the `tiny` smoke job, whose random model never
     gets an answer right)."""
@@ -137,7 +138,7 @@ def _candidate_expression(completion: str) -> str | None:
 
 @REWARDS.register("countdown")
 def countdown(prompt: str, completion: str, numbers: Sequence[int] | None = None, target: int | None = None,
-              **fields: Any) -> RewardOutput | None:
+              **fields: object) -> RewardOutput | None:
     """1.0 if the completion's expression (in <answer> tags, else the longest arithmetic run) uses each of
     `numbers` exactly once with + - * / and equals `target`; component `valid` is 1 for a well-formed use."""
     if numbers is None or target is None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Iterable, Literal, Mapping, Sequence, Union, cast
 
 from rewards import normalise
 
-Outcome = tuple[str, Any]
+Scores = tuple[Union[float, None], dict[str, float]]
+"""(total or None when the reward does not apply, {component: value})."""
+Outcome = Union[tuple[Literal["ok"], Scores], tuple[Literal["error"], str]]
+"""One sample's result: its scores, or the cause of the failure."""
 
 
-def _field_filter(fn: Callable[..., Any]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+def _field_filter(fn: Callable[..., object]) -> Callable[[Mapping[str, object]], dict[str, object]]:
     """Functions without `**fields` get only the fields they name, so an extra dataset column is not an error."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -31,7 +34,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _settle(value: Any) -> Outcome:
+def _settle(value: object) -> Outcome:
     if isinstance(value, Exception):
         return "error", _describe(value)
     try:
@@ -40,13 +43,13 @@ def _settle(value: Any) -> Outcome:
         return "error", str(exc)
 
 
-def _call_batched(fn: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str],
-                  fields: list[dict[str, Any]]) -> list[Outcome]:
+def _call_batched(fn: Callable[..., object], prompts: Sequence[str], completions: Sequence[str],
+                  fields: list[dict[str, object]]) -> list[Outcome]:
     n = len(prompts)
     columns = {k: [f.get(k) for f in fields] for k in dict.fromkeys(k for f in fields for k in f)}
     try:
         result = fn(list(prompts), list(completions), **columns)
-        values = list(asyncio.run(_await(result)) if inspect.isawaitable(result) else result)
+        values = list(cast(Iterable[object], asyncio.run(_await(result)) if inspect.isawaitable(result) else result))
     except Exception as exc:  # noqa: BLE001 - user code: any failure becomes the on_error fallback
         return [("error", _describe(exc))] * n
     if len(values) != n:
@@ -54,24 +57,24 @@ def _call_batched(fn: Callable[..., Any], prompts: Sequence[str], completions: S
     return [_settle(v) for v in values]
 
 
-async def _await(value: Any) -> Any:
+async def _await(value: Awaitable[object]) -> object:
     return await value
 
 
-async def _gather(pending: dict[int, Any]) -> dict[int, Any]:
+async def _gather(pending: dict[int, Awaitable[object]]) -> dict[int, object]:
     done = await asyncio.gather(*pending.values(), return_exceptions=True)
     return dict(zip(pending, done))
 
 
-def call_reward(fn: Callable[..., Any], prompts: Sequence[str], completions: Sequence[str],
-                fields: Sequence[Mapping[str, Any]], kwargs: Mapping[str, Any]) -> list[Outcome]:
+def call_reward(fn: Callable[..., object], prompts: Sequence[str], completions: Sequence[str],
+                fields: Sequence[Mapping[str, object]], kwargs: Mapping[str, object]) -> list[Outcome]:
     """One outcome per sample; `kwargs` (the reward's configured settings) override same-named fields."""
     keep = _field_filter(fn)
     merged = [keep({**f, **kwargs}) for f in fields]
     if getattr(fn, "batched", False):
         return _call_batched(fn, prompts, completions, merged)
-    values: list[Any] = []
-    pending: dict[int, Any] = {}
+    values: list[object] = []
+    pending: dict[int, Awaitable[object]] = {}
     for i, (p, c, f) in enumerate(zip(prompts, completions, merged)):
         try:
             value = fn(p, c, **f)

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from rewards import RewardOutput
 from rl.registries import REWARDS
@@ -89,7 +89,7 @@ def _asserts_passed(code: str, tests: Sequence[str], timeout_s: float, memory_mb
     return int(out.rpartition("\0")[2].strip() or 0)
 
 
-def _io_passed(code: str, test: Mapping[str, Any], timeout_s: float, memory_mb: int) -> bool:
+def _io_passed(code: str, test: Mapping[str, object], timeout_s: float, memory_mb: int) -> bool:
     out = _run(code, "io", str(test.get("input", "")), (), timeout_s, memory_mb)
     if out is None or "\0" not in out:
         return False
@@ -97,8 +97,8 @@ def _io_passed(code: str, test: Mapping[str, Any], timeout_s: float, memory_mb: 
 
 
 @REWARDS.register("code_exec")
-def code_exec(prompt: str, completion: str, tests: Sequence[Any] | None = None, timeout_s: float = 5.0,
-              memory_mb: int = 512, **fields: Any) -> RewardOutput | None:
+def code_exec(prompt: str, completion: str, tests: Sequence[str | Mapping[str, object]] | None = None,
+              timeout_s: float = 5.0, memory_mb: int = 512, **fields: object) -> RewardOutput | None:
     """Fraction of `tests` the completion's code passes, run in a sandboxed subprocess (see module doc)."""
     if not tests:
         return None

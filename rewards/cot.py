@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from rl.registries import REWARDS
 
@@ -11,8 +10,8 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @REWARDS.register("answer_after")
-def answer_after(prompt: str, completion: str, answer: Any = None, delimiter: str = "The answer is",
-                 **fields: Any) -> float | None:
+def answer_after(prompt: str, completion: str, answer: object = None, delimiter: str = "The answer is",
+                 **fields: object) -> float | None:
     """1.0 if the first number after the first `delimiter` equals `answer` numerically, else 0.0 (also 0.0
     without the delimiter, as GRPO-MA scores a thought that never reaches it); None without an answer.
 

@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from rewards.calling import Outcome, call_reward
 
@@ -39,10 +39,10 @@ PATH_EVENTS = frozenset({"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.t
                          "os.link", "os.symlink", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"})
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
-_FN: Callable[..., Any] | None = None
+_FN: Callable[..., object] | None = None
 
 
-def _is_write(mode: Any, flags: Any) -> bool:
+def _is_write(mode: object, flags: object) -> bool:
     if isinstance(mode, str) and any(m in mode for m in "wax+"):
         return True
     return isinstance(flags, int) and bool(flags & WRITE_FLAGS)
@@ -52,7 +52,7 @@ def make_audit_hook(root: str) -> Callable[[str, tuple], None]:
     """The sandbox's audit hook: raises PermissionError on network, process and outside-`root` writes."""
     root = os.path.realpath(root)
 
-    def inside(path: Any) -> bool:
+    def inside(path: object) -> bool:
         if isinstance(path, int):  # an already-open descriptor: its open was checked
             return True
         if not isinstance(path, (str, bytes, os.PathLike)):
@@ -92,8 +92,8 @@ def _init_worker(name: str | None, import_path: str | None, root: str, memory_mb
     sys.addaudithook(make_audit_hook(root))
 
 
-def _run(prompts: Sequence[str], completions: Sequence[str], fields: Sequence[Mapping[str, Any]],
-         kwargs: Mapping[str, Any]) -> list[Outcome]:
+def _run(prompts: Sequence[str], completions: Sequence[str], fields: Sequence[Mapping[str, object]],
+         kwargs: Mapping[str, object]) -> list[Outcome]:
     assert _FN is not None
     return call_reward(_FN, prompts, completions, fields, kwargs)
 
@@ -117,7 +117,7 @@ class IsolatedReward:
     per sample, each call with its own `timeout_s`; a `@batched_reward` function once per batch.
     """
 
-    def __init__(self, name: str | None, import_path: str | None, kwargs: Mapping[str, Any], timeout_s: float,
+    def __init__(self, name: str | None, import_path: str | None, kwargs: Mapping[str, object], timeout_s: float,
                  batched: bool, memory_mb: int = 4096) -> None:
         self._source = (name, import_path)
         self.kwargs, self.timeout_s, self.batched, self.memory_mb = dict(kwargs), timeout_s, batched, memory_mb
@@ -126,7 +126,7 @@ class IsolatedReward:
         self._last_error: Outcome = ("error", "")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 fields: Sequence[Mapping[str, Any]]) -> list[Outcome]:
+                 fields: Sequence[Mapping[str, object]]) -> list[Outcome]:
         if self.batched:
             return self._submit(prompts, completions, fields) or [self._last_error] * len(prompts)
         out = []
@@ -136,7 +136,7 @@ class IsolatedReward:
         return out
 
     def _submit(self, prompts: Sequence[str], completions: Sequence[str],
-                fields: Sequence[Mapping[str, Any]]) -> list[Outcome] | None:
+                fields: Sequence[Mapping[str, object]]) -> list[Outcome] | None:
         """The worker's outcomes, or None with `_last_error` set when the call itself failed."""
         try:
             future = self._ensure().submit(_run, list(prompts), list(completions), [dict(f) for f in fields],

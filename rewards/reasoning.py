@@ -11,7 +11,7 @@ finds that this alone trains math reasoning nearly as well as a correctness rewa
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from rewards import RewardOutput
 from rl.registries import REWARDS
@@ -42,7 +42,7 @@ def has_boxed(text: str) -> bool:
 
 @REWARDS.register("reasoning_pattern")
 def reasoning_pattern(prompt: str, completion: str, phrases: Sequence[str] = PHRASES, require_boxed: bool = True,
-                      **fields: Any) -> RewardOutput:
+                      **fields: object) -> RewardOutput:
     """RPR: key reasoning phrases (each counted once) / 20, capped at 1, minus repetition and role leaks."""
     text = completion.lower()
     hits = sum(1 for p in phrases if p in text)

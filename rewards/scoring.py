@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -26,13 +27,16 @@ from rl.batch import RolloutBatch
 from rl.errors import UserError
 from rl.types import RewardResult
 
+if TYPE_CHECKING:
+    from rl.config.data import RewardConfig, ShapingConfig
+
 log = logging.getLogger(__name__)
 
 
 class RewardTerm:
     """One configured reward: how to call it, and what a failure gives."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RewardConfig) -> None:
         self.cfg = cfg
         self.label = cfg.label
         self.fn = load_function(cfg.name, cfg.import_path)  # fail fast in the trainer for a bad path/name
@@ -83,7 +87,7 @@ class RewardTerm:
 class RewardScorer:
     """The `rl.types.Scorer` built from the job's `rewards:` and `shaping:` sections."""
 
-    def __init__(self, terms: Sequence[RewardTerm], shaping: Any) -> None:
+    def __init__(self, terms: Sequence[RewardTerm], shaping: ShapingConfig) -> None:
         self.terms, self.shaping = list(terms), shaping
 
     def score(self, batch: RolloutBatch) -> RewardResult:
@@ -109,7 +113,8 @@ class RewardScorer:
     def __enter__(self) -> "RewardScorer":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
 
@@ -117,7 +122,7 @@ def _whole_groups(group_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.isin(group_ids, torch.unique(group_ids[rows]))
 
 
-def build_scorer(reward_cfgs: Sequence[Any], shaping: Any) -> RewardScorer:
+def build_scorer(reward_cfgs: Sequence[RewardConfig], shaping: ShapingConfig) -> RewardScorer:
     """A scorer for `job.rewards` (list of RewardConfig) and `job.shaping` (ShapingConfig); `close()` it."""
     terms: list[RewardTerm] = []
     try:

@@ -12,12 +12,15 @@ reward is clipped; references are used as given.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
+
+if TYPE_CHECKING:
+    from rl.config.data import ShapingConfig
 
 
 def par(rewards: torch.Tensor, ref_rewards: Sequence[Sequence[float]], k: float = 1.0,
@@ -30,7 +33,7 @@ def par(rewards: torch.Tensor, ref_rewards: Sequence[Sequence[float]], k: float 
     return out
 
 
-def shape(total: torch.Tensor, batch: RolloutBatch, cfg: Any) -> torch.Tensor:
+def shape(total: torch.Tensor, batch: RolloutBatch, cfg: ShapingConfig) -> torch.Tensor:
     """[N] shaped reward from the [N] weighted total."""
     if cfg.clip is not None:
         total = total.clamp(cfg.clip[0], cfg.clip[1])

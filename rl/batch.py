@@ -36,7 +36,7 @@ import torch
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-def _frozen_meta(meta: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+def _frozen_meta(meta: Sequence[Mapping[str, object]]) -> tuple[Mapping[str, object], ...]:
     return tuple(MappingProxyType(dict(m)) for m in meta)
 
 
@@ -52,7 +52,7 @@ class RolloutBatch:
     finish_reasons: tuple[str, ...]
     prompt_texts: tuple[str, ...]
     completion_texts: tuple[str, ...]
-    sample_meta: tuple[Mapping[str, Any], ...]
+    sample_meta: tuple[Mapping[str, object], ...]
     rewards: torch.Tensor | None = None
     reward_components: Mapping[str, torch.Tensor] = field(default_factory=dict)
     advantages: torch.Tensor | None = None
@@ -140,10 +140,11 @@ class RolloutBatch:
             _check(self.ref_logprobs.shape == (n, t), "ref_logprobs must be [N, T]")
 
     # ----- functional updates --------------------------------------------------------------
-    def replace(self, **changes: Any) -> "RolloutBatch":
+    def replace(self, **changes: Any) -> "RolloutBatch":  # any of the fields, each its own type
         return dataclasses.replace(self, **changes)
 
-    def with_rewards(self, rewards: torch.Tensor, components: Mapping[str, torch.Tensor] | None = None) -> "RolloutBatch":
+    def with_rewards(self, rewards: torch.Tensor,
+                     components: Mapping[str, torch.Tensor] | None = None) -> "RolloutBatch":
         return self.replace(rewards=rewards.float(), reward_components=dict(components or {}))
 
     def with_advantages(self, advantages: torch.Tensor) -> "RolloutBatch":
@@ -230,7 +231,7 @@ class RolloutBatch:
         )
 
 
-def _pad_to(v: torch.Tensor, width: int, fill: Any) -> torch.Tensor:
+def _pad_to(v: torch.Tensor, width: int, fill: float | bool) -> torch.Tensor:
     if v.shape[1] == width:
         return v
     pad = torch.full((v.shape[0], width - v.shape[1]), fill, dtype=v.dtype)

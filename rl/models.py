@@ -18,10 +18,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from rl.errors import UserError
 from rl.registry import Registry
+
+if TYPE_CHECKING:  # torch and transformers load in the functions that use them (`rl --help` stays instant)
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 MODEL_ALIASES: Registry = Registry("model alias")
 CHATML_TEMPLATE = (
@@ -72,7 +76,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
 
 
 # ----- tiny-llama -----------------------------------------------------------------------------
-def build_byte_tokenizer() -> Any:
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges (every byte one token) and ChatML special tokens.
 
     Built in code so tests need no download; a real `PreTrainedTokenizerFast` that vLLM also loads.
@@ -148,13 +152,13 @@ def build_smollm2(out: Path) -> None:
 
 
 # ----- loading ----------------------------------------------------------------------------------
-def torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(model_dir: str) -> Any:
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -166,7 +170,7 @@ def load_tokenizer(model_dir: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(model_dir: str, dtype: str = "float32", device: str = "cpu") -> Any:
+def load_causal_lm(model_dir: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:

@@ -8,9 +8,15 @@ variants to these names).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from rl.plugins import load_callable, load_object
 from rl.registry import Registry
-from rl.types import AdvantageFn, EnvFactory, Objective
+from rl.types import AdvantageFn, EnvFactory, Objective, RolloutEngine
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig
 
 
 def custom_objective(import_path: str) -> Objective:
@@ -29,14 +35,21 @@ def custom_advantage(import_path: str) -> AdvantageFn:
 def custom_env(import_path: str) -> EnvFactory:
     return load_callable(import_path, "custom env", ("cfg", "tokenizer", "seed"))  # type: ignore[return-value]
 
-ROLLOUT_BACKENDS: Registry = Registry("rollout backend", ("rollout.hf_engine", "rollout.vllm_engine"))
+
+# Entries: engine factories `(rollout_cfg, model_dir=, dtype=, device=, seed=, model=, max_lora_rank=)`.
+ROLLOUT_BACKENDS: Registry[Callable[..., RolloutEngine]] = Registry("rollout backend",
+                                                                  ("rollout.hf_engine", "rollout.vllm_engine"))
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage", ("trainers.advantages",), custom=custom_advantage)
 LOSSES: Registry[Objective] = Registry("loss", ("trainers.losses", "trainers.lp_reg", "trainers.rapid"),
                                        custom=custom_objective)
-AGGREGATIONS: Registry = Registry("aggregation", ("trainers.aggregation",))
-ADAPTERS: Registry = Registry("adapter", ("trainers.adapters",))
+# Entries: `fn(loss [N, T], mask [N, T], normalisers, aggregation_cfg) -> scalar`.
+AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("aggregation", ("trainers.aggregation",))
+# Entries: `fn(its adapter section) -> PeftConfig` (each takes its own section class).
+ADAPTERS: Registry[Callable[..., PeftConfig]] = Registry("adapter", ("trainers.adapters.core",))
 ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown", "envs.dataset"), custom=custom_env)
-REWARDS: Registry = Registry("reward", ("rewards.builtin", "rewards.cot"))
+# Entries: reward functions `fn(prompt, completion, **fields)` (the contract in rewards/__init__.py).
+REWARDS: Registry[Callable[..., object]] = Registry(
+    "reward", ("rewards.builtin", "rewards.code_exec", "rewards.reasoning", "rewards.cot"))
 CLUSTERS: Registry = Registry("cluster", ("rl.loop.cluster",))
 SWARM_TRANSPORTS: Registry = Registry("swarm transport", ("rl.swarm.transports", "rl.swarm.ray_transport"))
 CURRICULA: Registry = Registry("curriculum", ("envs.curriculum",))

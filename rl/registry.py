@@ -77,7 +77,13 @@ class Registry(Generic[T]):
 
     @property
     def accepts_custom(self) -> bool:
+        """Whether the family has a `custom` variant (user code by `import_path`)."""
         return self._custom is not None
+
+    @property
+    def builtin_modules(self) -> tuple[str, ...]:
+        """The modules that register the built-in entries (tests/unit/rl/test_variants.py checks them)."""
+        return self._builtin_modules
 
     def resolve(self, name: str, import_path: str | None = None) -> T:
         """`get(name)`, or for `custom` the user's entry loaded from `import_path` and checked."""

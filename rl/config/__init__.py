@@ -7,13 +7,15 @@ Every problem is collected and reported together, each with its key path, as one
 
 from __future__ import annotations
 
+import copy
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from rl.config.job import JobConfig
 from rl.errors import UserError
@@ -38,7 +40,7 @@ def _job_source(job: str) -> tuple[Path, str]:
                     f"{', '.join(sorted(jobs))}; or give the path of a YAML job file.")
 
 
-def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+def _parse_yaml(text: str, where: str) -> dict[str, object]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -53,15 +55,15 @@ def _parse_yaml(text: str, where: str) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, object], overrides: Iterable[str]) -> dict[str, object]:
     """Apply `a.b.c=value` overrides (values parsed as YAML: numbers, booleans, lists, null)."""
-    data = _deep_copy(data)
+    data = copy.deepcopy(data)  # the caller's mapping is left as it was
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like key.path=value, e.g. trainer.max_steps=5.")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value: object = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = data
@@ -76,17 +78,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def _key_path(loc: tuple[Any, ...], data: Any) -> str:
+def _key_path(loc: tuple[int | str, ...], data: object) -> str:
     """Dotted path of a pydantic error location, without the union-tag steps pydantic inserts."""
-    parts, node = [], data
+    parts: list[str] = []
+    node = data
     for i, step in enumerate(loc):
         if isinstance(node, Mapping) and isinstance(step, str) and step not in node and parts:
             # A discriminated-union tag (e.g. 'ppo_clip') or a validator label, not a key of the input.
@@ -101,21 +96,17 @@ def _key_path(loc: tuple[Any, ...], data: Any) -> str:
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
-def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+def _section_fields(loc: tuple[int | str, ...]) -> list[str]:
     """The keys accepted by the section that holds `loc[-1]` (following union tags and list items)."""
-    from typing import get_args
-
-    from pydantic import BaseModel
-
-    candidates: list[Any] = [JobConfig]
+    candidates: list[type[BaseModel]] = [JobConfig]
     for step in loc[:-1]:
-        nxt: list[Any] = []
+        nxt: list[type[BaseModel]] = []
         for model in candidates:
             if isinstance(step, int) or model is None:
                 nxt.append(model)
                 continue
             if step in getattr(model, "model_fields", {}):
-                nxt.extend(_models_in(model.model_fields[step].annotation, get_args, BaseModel))
+                nxt.extend(_models_in(model.model_fields[step].annotation))
             elif any(getattr(m, "model_fields", {}).get("name") is not None for m in [model]):
                 nxt.append(model)  # a union tag step: stay on the chosen variant
         candidates = [m for m in nxt if m is not None] or candidates
@@ -124,22 +115,21 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return sorted(chosen[0].model_fields) if chosen else []
 
 
-def _literal_names(model: Any) -> tuple:
-    from typing import get_args
-
+def _literal_names(model: type[BaseModel]) -> tuple[object, ...]:
     return get_args(model.model_fields["name"].annotation)
 
 
-def _models_in(annotation: Any, get_args: Any, base: type) -> list[Any]:
-    if isinstance(annotation, type) and issubclass(annotation, base):
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """The config classes in a field's annotation (through unions, Optional, Annotated and list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     found = []
     for arg in get_args(annotation):
-        found.extend(_models_in(arg, get_args, base))
+        found.extend(_models_in(arg))
     return found
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     kind = error["type"]
     msg = str(error["msg"])
     if kind == "extra_forbidden":
@@ -155,7 +145,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def format_validation_error(exc: ValidationError, data: Any, where: str) -> str:
+def format_validation_error(exc: ValidationError, data: object, where: str) -> str:
     lines = [f"{where} has {exc.error_count()} problem(s):"]
     for error in exc.errors():
         got = error.get("input")
@@ -165,7 +155,7 @@ def format_validation_error(exc: ValidationError, data: Any, where: str) -> str:
     return "\n".join(lines)
 
 
-def validate_job(data: dict[str, Any], where: str, base_dirs: Iterable[Path] = ()) -> JobConfig:
+def validate_job(data: Mapping[str, object], where: str, base_dirs: Iterable[Path] = ()) -> JobConfig:
     try:
         return JobConfig.model_validate(data, context={"base_dirs": [str(d) for d in base_dirs]})
     except ValidationError as exc:
@@ -179,7 +169,7 @@ def load_job(job: str, overrides: Iterable[str] = ()) -> JobConfig:
     return validate_job(data, str(path), base_dirs=[path.resolve().parent])
 
 
-def job_to_dict(job: JobConfig) -> dict[str, Any]:
+def job_to_dict(job: JobConfig) -> dict[str, object]:
     return job.model_dump(mode="json")
 
 

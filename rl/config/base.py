@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -32,6 +32,17 @@ def resolve_existing_file(value: str, info: ValidationInfo, what: str) -> str:
                      "directory you run rl from, or an absolute path")
 
 
+def resolve_import_path(value: str, info: ValidationInfo, what: str, noun: str = "name") -> str:
+    """`package.module:name` as given, or `file.py:name` with the file resolved as `resolve_existing_file` does
+    (`what` names the file in the error); the loading itself (rl/plugins.py) happens later."""
+    target, sep, attr = value.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise ValueError(f"import_path {value!r} must look like 'package.module:{noun}' or 'file.py:{noun}'")
+    if target.endswith(".py"):
+        return f"{resolve_existing_file(target, info, what)}:{attr}"
+    return value
+
+
 class CustomSection(Section):
     """The `custom` variant of a plug-in family: user code named by `import_path`, with its own settings.
 
@@ -44,18 +55,13 @@ class CustomSection(Section):
     name: Literal["custom"] = "custom"
     import_path: str
     """`package.module:name` or `path/to/file.py:name` (a path relative to where rl runs or to the job file)."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, object] = Field(default_factory=dict)
     """Settings of your code, free-form: read them from the config section it receives (`cfg.kwargs`)."""
 
     @field_validator("import_path")
     @classmethod
     def _resolved(cls, v: str, info: ValidationInfo) -> str:
-        target, sep, attr = v.rpartition(":")
-        if not sep or not target or not attr.isidentifier():
-            raise ValueError(f"import_path {v!r} must look like 'package.module:name' or 'file.py:name'")
-        if target.endswith(".py"):
-            return f"{resolve_existing_file(target, info, 'custom code file')}:{attr}"
-        return v
+        return resolve_import_path(v, info, "custom code file")
 
     @model_validator(mode="after")
     def _loads(self) -> "CustomSection":

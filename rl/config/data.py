@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import Section, resolve_existing_file
+from rl.config.base import CustomSection, Section, resolve_existing_file, resolve_import_path
 
 
 class _EnvCommon(Section):
@@ -60,7 +60,36 @@ class DatasetEnv(_EnvCommon):
         return None if v is None else resolve_existing_file(v, info, "dataset file")
 
 
-EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv], Field(discriminator="name")]
+class CustomEnv(CustomSection, _EnvCommon):
+    """Your own task: `env: {name: custom, import_path: my_env.py:MyEnv, kwargs: {...}}`.
+
+    `import_path` names a factory called as `factory(cfg, tokenizer, seed)` (a class works): `cfg` is this
+    section (your settings in `cfg.kwargs`; `cfg.system_prompt`, `cfg.test_size` as for the built-ins),
+    `tokenizer` the policy's `PreTrainedTokenizerBase`, `seed` the job seed (derive every random choice from it,
+    so a resume sees the same prompts). It returns an object with `train_prompts()` and `test_prompts()`, each a
+    sequence of `rl.types.Prompt`. Build a prompt with `envs.base.render_prompt(tokenizer, question,
+    cfg.system_prompt, prompt_id, meta)` (applies the chat template once and tokenises) and a stable id with
+    `envs.base.stable_id(...)`; `meta` fields reach the rewards as keyword arguments (e.g. `answer`):
+
+        from envs.base import render_prompt, stable_id
+
+        class Repeat:
+            def __init__(self, cfg, tokenizer, seed):
+                prompts = [render_prompt(tokenizer, f"Repeat the number {i}.", cfg.system_prompt,
+                                         stable_id("repeat", i), {"answer": str(i)})
+                           for i in range(cfg.kwargs.get("count", 100))]
+                self._test, self._train = prompts[:cfg.test_size], prompts[cfg.test_size:]
+
+            def train_prompts(self): return self._train
+            def test_prompts(self): return self._test
+
+    The file is loaded and the factory's signature checked when the job is validated (exit 2 on a bad path,
+    a missing name or a wrong signature)."""
+
+    registry_name: ClassVar[str] = "ENVS"
+
+
+EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv, CustomEnv], Field(discriminator="name")]
 
 
 class RewardConfig(Section):
@@ -77,7 +106,7 @@ class RewardConfig(Section):
     """What a failing call (raise, hang, NaN, wrong type) gives the sample."""
     isolate: bool | None = None
     """Run in a worker process; null = yes for user functions, no for built-ins."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, object] = Field(default_factory=dict)
     """Extra keyword arguments for the function (its own settings)."""
     memory_mb: int = Field(4096, ge=64)
     """Address-space limit of an isolated reward's worker process."""
@@ -100,14 +129,7 @@ class RewardConfig(Section):
     @field_validator("import_path")
     @classmethod
     def _importable(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None:
-            return v
-        target, sep, fn = v.rpartition(":")
-        if not sep or not target or not fn.isidentifier():
-            raise ValueError(f"import_path {v!r} must look like 'package.module:function' or 'file.py:function'")
-        if target.endswith(".py"):
-            return f"{resolve_existing_file(target, info, 'reward file')}:{fn}"
-        return v
+        return None if v is None else resolve_import_path(v, info, "reward file", noun="function")
 
     @property
     def label(self) -> str:

@@ -8,7 +8,7 @@ project's own PEFT tuners (rosa.py, paca.py), so PEFT's `get_peft_model`, `disab
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, TypeGuard
 
 import torch
 from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -18,6 +18,9 @@ from rl.registries import ADAPTERS
 from trainers.adapters.paca import PacaConfig
 from trainers.adapters.rosa import RosaConfig
 from trainers.adapters.rosa_schedule import RosaSchedule
+
+if TYPE_CHECKING:
+    from rl.config.adapters import AdapterConfig, BoneAdapter, LoRAAdapter, PaCAAdapter, RoSAAdapter
 
 ADAPTER_NAME = "default"
 
@@ -30,14 +33,14 @@ class AdapterSchedule(Protocol):
 
 
 @ADAPTERS.register("lora")
-def lora_config(cfg: Any) -> LoraConfig:
+def lora_config(cfg: LoRAAdapter) -> LoraConfig:
     """LoRA (arXiv 2106.09685): W0 + (alpha/r) B A, B initialised to zero."""
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 @ADAPTERS.register("bone")
-def bone_config(cfg: Any) -> MissConfig:
+def bone_config(cfg: BoneAdapter) -> MissConfig:
     """Bone / MiSS (arXiv 2409.15371): PEFT removed BoneConfig; MissConfig(init_weights=True) is Bone."""
     init = {"bone": True, "bat": "bat", "mini": "mini"}[cfg.variant]
     return MissConfig(r=cfg.r, mini_r=cfg.mini_r, miss_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
@@ -45,7 +48,7 @@ def bone_config(cfg: Any) -> MissConfig:
 
 
 @ADAPTERS.register("rosa")
-def rosa_config(cfg: Any) -> RosaConfig:
+def rosa_config(cfg: RoSAAdapter) -> RosaConfig:
     """RoSA (arXiv 2401.04679): LoRA + a sparse delta whose support the schedule picks from gradients."""
     impl = "gather" if cfg.impl == "auto" else cfg.impl
     return RosaConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, density=cfg.density, impl=impl,
@@ -53,29 +56,31 @@ def rosa_config(cfg: Any) -> RosaConfig:
 
 
 @ADAPTERS.register("paca")
-def paca_config(cfg: Any) -> PacaConfig:
+def paca_config(cfg: PaCAAdapter) -> PacaConfig:
     """PaCA (arXiv 2503.01905): r random input columns of each weight trained directly."""
     return PacaConfig(r=cfg.r, paca_alpha=cfg.alpha, mode=cfg.mode, target_modules=list(cfg.target_modules),
                       task_type="CAUSAL_LM")
 
 
-def _rosa_schedule(model: Any, cfg: Any, optimizer: Optional[torch.optim.Optimizer]) -> RosaSchedule:
+def _rosa_schedule(model: torch.nn.Module, cfg: RoSAAdapter, optimizer: Optional[torch.optim.Optimizer]
+                   ) -> RosaSchedule:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.accumulator_dtype]
     return RosaSchedule(model, cfg.warmup_steps, cfg.grad_collection_steps, cfg.density, cfg.grad_accumulation,
                         cfg.restart_after_mask, dtype, ADAPTER_NAME, optimizer)
 
 
-# Adapters whose training needs a per-step schedule; the others have none.
-_SCHEDULES: dict[str, Callable[[Any, Any, Optional[torch.optim.Optimizer]], AdapterSchedule]] = {
+# Adapters whose training needs a per-step schedule; the others have none. Each builder takes
+# (model, its own adapter config class, optimizer).
+_SCHEDULES: dict[str, Callable[..., AdapterSchedule]] = {
     "rosa": _rosa_schedule}
 
 
-def peft_config(cfg: Any) -> PeftConfig:
+def peft_config(cfg: AdapterConfig) -> PeftConfig:
     """The PEFT config for a project adapter config (`adapter:` section of the job)."""
     return ADAPTERS.get(cfg.name)(cfg)
 
 
-def apply_adapter(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
+def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig | None) -> torch.nn.Module:
     """`model` wrapped by the adapter `cfg` describes (a `PeftModel`); `cfg=None` returns `model` unchanged.
 
     Only adapter parameters require grad afterwards. PEFT upcasts bf16/fp16 adapter weights to fp32.
@@ -85,7 +90,7 @@ def apply_adapter(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER_NAME)
 
 
-def schedule_for(model: torch.nn.Module, cfg: Any, optimizer: Optional[torch.optim.Optimizer]
+def schedule_for(model: torch.nn.Module, cfg: AdapterConfig | None, optimizer: Optional[torch.optim.Optimizer]
                  ) -> Optional[AdapterSchedule]:
     """The adapter's per-optimizer-step hook object, or None (full fine-tuning, LoRA, Bone, PaCA).
 
@@ -97,7 +102,7 @@ def schedule_for(model: torch.nn.Module, cfg: Any, optimizer: Optional[torch.opt
     return _SCHEDULES[cfg.name](model, cfg, optimizer)
 
 
-def is_adapted(model: Any) -> bool:
+def is_adapted(model: torch.nn.Module) -> TypeGuard[PeftModel]:
     return isinstance(model, PeftModel)
 
 

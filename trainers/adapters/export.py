@@ -11,17 +11,19 @@ inverts a matrix, so the training weights are never written here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from peft import LoraConfig, MissConfig, convert_to_lora
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, convert_to_lora
 from peft.tuners.miss import MissLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 from trainers.adapters.core import ADAPTER_NAME, is_adapted
 from trainers.adapters.paca import PacaConfig, PacaLayer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 # ----- merged full weights ---------------------------------------------------------------------------
@@ -46,7 +48,8 @@ def _merged_weight(layer: BaseTunerLayer, adapter: str) -> torch.Tensor:
     return _delta_merged(layer, adapter)  # LoRA, RoSA: W0 + get_delta_weight
 
 
-_MERGERS: dict[type, Callable[[Any, str], torch.Tensor]] = {
+# layer class -> fn(layer of that class, adapter name) -> W_eff
+_MERGERS: dict[type[BaseTunerLayer], Callable[..., torch.Tensor]] = {
     MissLayer: _miss_merged,
     PacaLayer: lambda layer, adapter: layer.merged_weight(adapter).detach(),  # columns replaced exactly
 }
@@ -88,14 +91,14 @@ def _write_lora_dir(out_dir: str, config: LoraConfig, tensors: dict[str, torch.T
     save_file(cpu, str(Path(out_dir) / "adapter_model.safetensors"))
 
 
-def _lora_as_is(model: Any, config: LoraConfig, out_dir: str) -> bool:
+def _lora_as_is(model: PeftModel, config: LoraConfig, out_dir: str) -> bool:
     if config.use_dora:
         return False  # vLLM rejects DoRA
     model.save_pretrained(out_dir, selected_adapters=[ADAPTER_NAME])
     return True
 
 
-def _miss_as_lora(model: Any, config: MissConfig, out_dir: str) -> bool:
+def _miss_as_lora(model: PeftModel, config: MissConfig, out_dir: str) -> bool:
     if config.init_weights == "bat":
         return False  # ΔW depends on W0: only an SVD approximation exists
     lora_config, tensors = convert_to_lora(model, rank=config.r, adapter_name=ADAPTER_NAME)
@@ -104,7 +107,7 @@ def _miss_as_lora(model: Any, config: MissConfig, out_dir: str) -> bool:
     return True
 
 
-def paca_lora_state(model: Any) -> tuple[int, dict[str, torch.Tensor]]:
+def paca_lora_state(model: torch.nn.Module) -> tuple[int, dict[str, torch.Tensor]]:
     """PaCA's exact LoRA form: (rank, {PEFT key: tensor}) with A = one_hot(idx) [r, n], B = s·P − W0_cols [m, r]."""
     tensors, ranks = {}, set()
     for name, module in model.named_modules():
@@ -117,7 +120,7 @@ def paca_lora_state(model: Any) -> tuple[int, dict[str, torch.Tensor]]:
     return ranks.pop(), tensors
 
 
-def _paca_as_lora(model: Any, config: PacaConfig, out_dir: str) -> bool:
+def _paca_as_lora(model: PeftModel, config: PacaConfig, out_dir: str) -> bool:
     rank, tensors = paca_lora_state(model)
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type="CAUSAL_LM",
@@ -126,7 +129,8 @@ def _paca_as_lora(model: Any, config: PacaConfig, out_dir: str) -> bool:
     return True
 
 
-_LORA_WRITERS: dict[type, Callable[[Any, Any, str], bool]] = {
+# PEFT config class -> fn(model, config of that class, out_dir) -> written?
+_LORA_WRITERS: dict[type[PeftConfig], Callable[..., bool]] = {
     LoraConfig: _lora_as_is, MissConfig: _miss_as_lora, PacaConfig: _paca_as_lora}
 
 
@@ -139,7 +143,7 @@ def lora_form(model: torch.nn.Module, out_dir: str) -> bool:
     if not is_adapted(model):
         return False
     config = model.peft_config[ADAPTER_NAME]
-    writer: Optional[Callable[[Any, Any, str], bool]] = _LORA_WRITERS.get(type(config))
+    writer = _LORA_WRITERS.get(type(config))
     return bool(writer and writer(model, config, out_dir))
 
 
@@ -155,7 +159,7 @@ def lora_rank(model: torch.nn.Module) -> Optional[int]:
 
 
 # ----- Hugging Face export -------------------------------------------------------------------------------
-def export_merged(model: torch.nn.Module, tokenizer: Any, out_dir: str) -> None:
+def export_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str) -> None:
     """A plain Hugging Face directory (adapter merged) that transformers and vLLM load."""
     from transformers import AutoModelForCausalLM
 

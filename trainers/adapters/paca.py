@@ -191,7 +191,7 @@ class PacaLayer(nn.Module, BaseTunerLayer):
             self._restore_w0()  # fused mode: disabling must give W0 at once, not at the next forward
         super().enable_adapters(enabled)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # args: the base layer's
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -223,7 +223,7 @@ class PacaModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config: PacaConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+                            parent: nn.Module, current_key: str, **kwargs: object) -> None:
         if isinstance(target, PacaLayer):
             raise ValueError("PaCA supports one adapter per model (columns are replaced, not added)")
         self._replace_module(parent, target_name, PacaLayer(target, adapter_name, config), target)

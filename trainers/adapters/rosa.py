@@ -222,7 +222,7 @@ class RosaLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 weight.copy_((weight.float() - self.get_delta_weight(adapter)).to(weight.dtype))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # args: the base layer's
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -258,7 +258,7 @@ class RosaModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config: RosaConfig, adapter_name: str, target: nn.Module, target_name: str,
-                            parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+                            parent: nn.Module, current_key: str, **kwargs: object) -> None:
         if isinstance(target, RosaLayer):
             raise ValueError("RoSA supports one adapter per model")
         self._replace_module(parent, target_name, RosaLayer(target, adapter_name, config), target)
