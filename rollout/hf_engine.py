@@ -101,6 +101,12 @@ class HFEngine:
         self.push_weights(merged.items(), version)
         return time.perf_counter() - start
 
+    def sleep(self) -> None:
+        """Nothing to free: the model stays loaded (it may be the learner's own)."""
+
+    def wake(self) -> None:
+        """Nothing to restore (see `sleep`)."""
+
     def close(self) -> None:
         self.model, self._base = None, None
 
