@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerGroup(Protocol):
-    """N rollout workers called together: one shard of prompts (or None: no call) per worker, results in order."""
+    """N rollout workers called together: `generate` gives worker i shard i (an empty shard: no call), the other
+    methods go to every worker."""
 
     size: int
 
