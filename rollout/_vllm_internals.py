@@ -24,9 +24,12 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 HEADER = 8  # bytes: int64 count of tensors already written
 Index = list[tuple[str, str, tuple[int, ...], int]]  # (name, dtype, shape, byte offset)
@@ -101,7 +104,8 @@ def _read_shared(path: str, index: Index, timeout_s: float = 120.0) -> Iterator[
 
 
 def _reload_from_shared(worker: Any, path: str, index: Index, direct: bool = True) -> str:
-    """Runs inside the engine's worker process (sent with collective_rpc); returns the path taken."""
+    """Runs inside the engine's worker process (sent with collective_rpc; `worker` is vLLM's internal worker,
+    whose class changes with the platform and release); returns the path taken."""
     runner = worker.model_runner
     plan = _direct_plan(runner.get_model(), [name for name, *_ in index]) if direct else None
     if plan is None:
@@ -114,10 +118,10 @@ def _reload_from_shared(worker: Any, path: str, index: Index, direct: bool = Tru
 
 
 # A module to refresh: (module, checkpoint names of its weight in stacking order, checkpoint names of its bias)
-Target = tuple[Any, list[str], list[str]]
+Target = tuple[torch.nn.Module, list[str], list[str]]
 
 
-def _direct_plan(model: Any, names: list[str]) -> list[Target] | None:
+def _direct_plan(model: torch.nn.Module, names: list[str]) -> list[Target] | None:
     """The modules to refresh from checkpoint `names`, or None unless every name and every module is covered:
     CPU-packed linear layers (`cpu_linear`), stacked ones through the model's `packed_modules_mapping`, plus
     plain parameters (norms, embeddings). A tied `lm_head.weight` is the embedding's alias and is skipped."""
@@ -186,7 +190,7 @@ def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _complete_modules(plan: list[Target], tensors: Iterator[tuple[str, torch.Tensor]]
-                      ) -> Iterator[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]:
+                      ) -> Iterator[tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]]:
     """(module, its weight tensors, its bias tensors) as soon as the last of them arrives."""
     pending = {id(module): (module, weights, biases) for module, weights, biases in plan}
     waiting = {name: id(module) for module, weights, biases in plan for name in weights + biases}
@@ -204,7 +208,8 @@ def _complete_modules(plan: list[Target], tensors: Iterator[tuple[str, torch.Ten
         raise RuntimeError(f"weight sync: {len(pending)} modules never received all their tensors")
 
 
-def _refresh(module: Any, weights: list[torch.Tensor], biases: list[torch.Tensor], dispatch: Any) -> None:
+def _refresh(module: torch.nn.Module, weights: list[torch.Tensor], biases: list[torch.Tensor],
+             dispatch: Callable[..., None]) -> None:
     """Load one module's new tensors. A packed linear layer gets a temporary weight that vLLM's dispatch packs
     and empties again (as at start-up); a layer that keeps its weight (embeddings) is copied into and repacked."""
     weight = _stacked(weights)
@@ -227,7 +232,7 @@ def _refresh(module: Any, weights: list[torch.Tensor], biases: list[torch.Tensor
         dispatch(module, remove_weight=False)
 
 
-def reload_weights(llm: Any, shared: SharedWeights, named_tensors: Iterable[tuple[str, torch.Tensor]],
+def reload_weights(llm: LLM, shared: SharedWeights, named_tensors: Iterable[tuple[str, torch.Tensor]],
                    direct: bool = True) -> str:
     """Load full weights into a running engine in place and drop cached prefixes computed with old ones.
     Returns the path the engine took: "direct" (the CPU fast path, where it applies) or "vllm" (vLLM's reload)."""
@@ -256,20 +261,20 @@ def engine_lora_rank(rank: int) -> int:
     return min((r for r in get_args(MaxLoRARanks) if r >= rank), default=rank)  # above all: vLLM's own error
 
 
-def remove_lora(llm: Any, lora_id: int) -> None:
+def remove_lora(llm: LLM, lora_id: int) -> None:
     """Drop an adapter from the engine's LoRA cache (a no-op for one it never loaded)."""
     llm.llm_engine.remove_lora(lora_id)
 
 
-def sleep(llm: Any) -> None:
+def sleep(llm: LLM) -> None:
     """GPU only: free the engine's weights and KV cache while the learner trains."""
     llm.sleep(level=1)
 
 
-def wake(llm: Any) -> None:
+def wake(llm: LLM) -> None:
     llm.wake_up()
 
 
-def shutdown(llm: Any) -> None:
+def shutdown(llm: LLM) -> None:
     """Stop the engine-core process now instead of at garbage collection (frees its reserved memory)."""
     llm.llm_engine.engine_core.shutdown()

@@ -16,14 +16,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
 from rl.registries import ROLLOUT_BACKENDS
-from rl.types import Prompt, SamplingParams
+from rl.types import Prompt, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.rollout import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class Sample:
     finish_reason: str
 
 
-def build_batch(samples: Sequence[Sample], tokenizer: Any, pad_token_id: int, policy_version: int) -> RolloutBatch:
+def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, pad_token_id: int, policy_version: int) -> RolloutBatch:
     """Right-padded `[prompt][completion][pad]` rows (N = len(samples), T = longest row).
 
     loss_mask [N, T] is True on completion tokens; sampling_logprobs [N, T] holds each completion token's
@@ -138,8 +143,8 @@ def merge_lora(base: Mapping[str, torch.Tensor], adapter_dir: str) -> dict[str, 
     return merged
 
 
-def build_engine(rollout_cfg: Any, model_dir: str, dtype: str, device: str, seed: int, model: Any = None,
-                 max_lora_rank: int | None = None) -> Any:
+def build_engine(rollout_cfg: RolloutConfig, model_dir: str, dtype: str, device: str, seed: int,
+                 model: torch.nn.Module | None = None, max_lora_rank: int | None = None) -> RolloutEngine:
     """The `rollout.backend` engine (a `rl.types.RolloutEngine`).
 
     model: HF backend only, an already-loaded model to sample with (shared with the learner, no copy).

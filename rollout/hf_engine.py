@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
@@ -23,12 +23,17 @@ from rl.types import Prompt, SamplingParams
 from rollout.engine import Sample, build_batch, check_prompts, merge_lora, request_seeds
 from rollout.infinite_sampling import InfiniteSampler
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.rollout import RolloutConfig
+
 
 class HFEngine:
     """Samples with a transformers causal LM. Given the learner's own model (local sync mode) it needs
     no weight sync; otherwise it holds its own copy, updated in place by `push_weights`."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 64, max_prompt_tokens: int = 512,
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 64, max_prompt_tokens: int = 512,
                  infinite: InfiniteSampler | None = None) -> None:
         self.model, self.tokenizer, self.infinite = model, tokenizer, infinite
         self.max_batch_size, self.max_prompt_tokens = max_batch_size, max_prompt_tokens
@@ -39,8 +44,8 @@ class HFEngine:
         self._base: dict[str, torch.Tensor] | None = None  # pre-LoRA weights, kept on the first push_lora
 
     @classmethod
-    def from_config(cls, rollout_cfg: Any, model_dir: str, dtype: str, device: str, seed: int, model: Any = None,
-                    max_lora_rank: int | None = None) -> "HFEngine":
+    def from_config(cls, rollout_cfg: RolloutConfig, model_dir: str, dtype: str, device: str, seed: int,
+                    model: torch.nn.Module | None = None, max_lora_rank: int | None = None) -> "HFEngine":
         """The registry's factory. `seed` is unused: every `generate` call carries its own seed."""
         if model is None:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -101,6 +106,12 @@ class HFEngine:
         self.push_weights(merged.items(), version)
         return time.perf_counter() - start
 
+    def sleep(self) -> None:
+        """Nothing to free: the model stays loaded (it may be the learner's own)."""
+
+    def wake(self) -> None:
+        """Nothing to restore (see `sleep`)."""
+
     def close(self) -> None:
         self.model, self._base = None, None
 
@@ -114,7 +125,7 @@ class _Decoded:
     reasons: list[str]      # R finish reasons
 
 
-def _decode(model: Any, ids: torch.Tensor, attention: torch.Tensor, sampler: "_Sampler", stopper: "_Stopper",
+def _decode(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, sampler: "_Sampler", stopper: "_Stopper",
             max_new: int) -> _Decoded:
     """Decode up to max_new tokens for R left-padded prompts ids [R, P] with a KV cache.
 
@@ -205,7 +216,7 @@ def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 class _Stopper:
     """Which rows finished at this step: EOS, or a stop string completed in the decoded text."""
 
-    def __init__(self, tokenizer: Any, eos_ids: Sequence[int], stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: Sequence[int], stop: Sequence[str]) -> None:
         self.tokenizer, self.stop = tokenizer, list(stop)
         self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         # Tokens to re-decode per check: enough to hold the longest stop string even if some tokens
@@ -222,7 +233,7 @@ class _Stopper:
         return [(row, "stop") for row in finished]
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids from the model's generation config plus the tokenizer's (vLLM stops on both too)."""
     ids = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])

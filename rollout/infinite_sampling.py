@@ -30,16 +30,21 @@ import hashlib
 import heapq
 import math
 from collections import deque
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from rl.types import SamplingParams
+from rl.types import Prompt, SamplingParams
 from rollout.engine import Sample
-from rollout.slot_decode import DecodeStats, SlotDecoder
+from rollout.slot_decode import DecodeStats, SlotDecoder, StopRule, TokenSampler
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from rl.config.rollout import InfiniteSamplingOptions
 
 
-def slots_for_budget(model_config: Any, budget_mb: float, max_len: int, dtype_bytes: int) -> int:
+def slots_for_budget(model_config: PretrainedConfig, budget_mb: float, max_len: int, dtype_bytes: int) -> int:
     """Most concurrent sequences whose KV cache (max_len positions each) and fp32 logits fit budget_mb.
 
     Per slot: 2 (K and V) x layers x kv_heads x head_dim x dtype_bytes x max_len, plus about three
@@ -157,13 +162,13 @@ class FifoScheduler:
 class InfiniteSampler:
     """The HF engine's generation path when `rollout.infinite_sampling.enabled` (see the module docstring)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: InfiniteSamplingOptions) -> None:
         self.cfg = cfg
         self.predictor = LengthPredictor()
         self.last_stats: DecodeStats | None = None
         self.last_slots = 0
 
-    def slots(self, model: Any, prompts: Sequence[Any], params: SamplingParams) -> int:
+    def slots(self, model: torch.nn.Module, prompts: Sequence[Prompt], params: SamplingParams) -> int:
         g = self.cfg.max_concurrent
         if self.cfg.memory_budget_mb is not None:
             max_len = max(len(p.token_ids) for p in prompts) + params.max_new_tokens
@@ -171,8 +176,8 @@ class InfiniteSampler:
             g = min(g, slots_for_budget(model.config, self.cfg.memory_budget_mb, max_len, dtype_bytes))
         return g
 
-    def generate(self, model: Any, rows: list[tuple[int, Any, int]], params: SamplingParams, sampler: Any,
-                 stopper: Any) -> list[Sample]:
+    def generate(self, model: torch.nn.Module, rows: list[tuple[int, Prompt, int]], params: SamplingParams,
+                 sampler: TokenSampler, stopper: StopRule) -> list[Sample]:
         """rows: (group, prompt, seed) per sample in output order; returns one Sample per row, same order."""
         prompts = [p for _, p, _ in rows]
         groups = [g for g, _, _ in rows]
@@ -188,7 +193,8 @@ class InfiniteSampler:
         return [Sample(p, g, tuple(out.tokens[i, :n].tolist()), tuple(out.logprobs[i, :n].tolist()), out.reasons[i])
                 for i, ((g, p, _), n) in enumerate(zip(rows, lengths))]
 
-    def _scheduler(self, prompts: Sequence[Any], params: SamplingParams, slots: int) -> Any:
+    def _scheduler(self, prompts: Sequence[Prompt], params: SamplingParams, slots: int
+                   ) -> FifoScheduler | LaneScheduler:
         if self.cfg.order == "fifo":
             return FifoScheduler(len(prompts))
         cache: dict[tuple[int, ...], float] = {}
@@ -197,7 +203,7 @@ class InfiniteSampler:
         predicted = [min(max(x, 1.0), params.max_new_tokens) for x in predicted]
         return LaneScheduler(plan_lanes(predicted, slots), predicted)
 
-    def _learn(self, rows: list[tuple[int, Any, int]], lengths: list[int]) -> None:
+    def _learn(self, rows: list[tuple[int, Prompt, int]], lengths: list[int]) -> None:
         by_group: dict[int, list[int]] = {}
         for (g, _, _), n in zip(rows, lengths):
             by_group.setdefault(g, []).append(n)

@@ -19,12 +19,12 @@ and leaves its rows out of the answer normalisation (ALGORITHMS.md §3.5).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from rl.batch import RolloutBatch
-from rl.types import Prompt, SamplingParams
+from rl.types import Prompt, RolloutEngine, SamplingParams
 from rollout.engine import Sample, build_batch
 
 META_KEY = "grpo_ma"
@@ -57,7 +57,7 @@ def is_complete(batch: RolloutBatch, row: int, delimiter: str) -> bool:
     return batch.finish_reasons[row] == "stop" and delimiter in batch.completion_texts[row]
 
 
-def generate_multi_answer(engine: Any, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+def generate_multi_answer(engine: RolloutEngine, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
     """K*M rows per prompt (see the module docstring); `engine` is any RolloutEngine with a `tokenizer`."""
     spec = params.multi_answer
     if spec is None:

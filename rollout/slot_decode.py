@@ -17,9 +17,24 @@ every slot that takes one of its samples, and dropped once the group's last samp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedTokenizerBase
+
+TokenSampler = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`sampler(logits [A, V], ids [A]) -> (tokens [A] long, logprobs [A] f32)` (the HF engine's `_Sampler`)."""
+
+
+class StopRule(Protocol):
+    """What `stopped` reads from the HF engine's `_Stopper`: EOS ids, stop strings and how many tokens to re-decode."""
+
+    eos: torch.Tensor
+    stop: list[str]
+    window: int
+    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -35,7 +50,7 @@ class PromptState:
 class PromptCache:
     """Prefills each group's prompt once and keeps it only while the group still has samples to start."""
 
-    def __init__(self, model: Any, group_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, group_size: int) -> None:
         self.model, self.group_size = model, group_size
         self.states: dict[int, PromptState] = {}
         self.prefills = 0
@@ -53,7 +68,7 @@ class PromptCache:
         return state
 
 
-def prefill(model: Any, ids: Sequence[int], group_size: int) -> PromptState:
+def prefill(model: torch.nn.Module, ids: Sequence[int], group_size: int) -> PromptState:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -68,10 +83,10 @@ def prefill(model: Any, ids: Sequence[int], group_size: int) -> PromptState:
 class SlotBatch:
     """R rows of one KV cache; row r's sequence occupies its last span[r] columns (mask 1 there)."""
 
-    def __init__(self, model: Any, rows: int) -> None:
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
         self.model, self.rows = model, rows
         self.device = next(model.parameters()).device
-        self.cache: Any = None
+        self.cache: DynamicCache | None = None
         self.mask = torch.zeros((rows, 0), dtype=torch.long, device=self.device)   # [R, W]
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)         # [R] next position id
         self.token = torch.zeros(rows, dtype=torch.long, device=self.device)       # [R] next input token
@@ -161,7 +176,7 @@ class Outputs:
     reasons: list[str]
 
 
-def stopped(stopper: Any, tokens: torch.Tensor, rows: Sequence[int], ends: Sequence[int]) -> list[int]:
+def stopped(stopper: StopRule, tokens: torch.Tensor, rows: Sequence[int], ends: Sequence[int]) -> list[int]:
     """Rows (sample ids) whose latest token (at index end-1) is EOS or completes a stop string.
 
     Same rule as the HF engine's `_Stopper`, with a per-row step since rows here started at different times.
@@ -183,7 +198,7 @@ class SlotDecoder:
     sampler(logits [A, V], ids [A]) -> tokens [A], logprobs [A] draws from each sample's own generator.
     """
 
-    def __init__(self, model: Any, prompt_ids: Sequence[Sequence[int]], groups: Sequence[int], group_size: int,
+    def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], groups: Sequence[int], group_size: int,
                  slots: int, max_new: int) -> None:
         self.prompt_ids, self.groups, self.max_new = prompt_ids, groups, max_new
         n = len(groups)
@@ -195,7 +210,7 @@ class SlotDecoder:
         self.row_sample = [-1] * self.batch.rows   # sample decoding in each row (-1 = idle)
         self.stats = DecodeStats()
 
-    def run(self, next_sample: Callable[[int], int | None], sampler: Any, stopper: Any,
+    def run(self, next_sample: Callable[[int], int | None], sampler: TokenSampler, stopper: StopRule,
             pending: Callable[[], bool]) -> Outputs:
         for row in range(self.batch.rows):
             self._admit(row, next_sample, sampler, stopper)
@@ -221,7 +236,7 @@ class SlotDecoder:
         self._finish_stats()
         return self.out
 
-    def _admit(self, row: int, next_sample: Callable[[int], int | None], sampler: Any, stopper: Any) -> bool:
+    def _admit(self, row: int, next_sample: Callable[[int], int | None], sampler: TokenSampler, stopper: StopRule) -> bool:
         """Start the next pending sample in `row`; a sample that stops on its first token never takes the row."""
         while (i := next_sample(row)) is not None:
             state = self.prompts.take(self.groups[i], self.prompt_ids[i])
@@ -239,7 +254,7 @@ class SlotDecoder:
         self.out.tokens[sample, k], self.out.logprobs[sample, k] = token, logprob
         self.count[sample] = k + 1
 
-    def _finished(self, ids: Sequence[int], stopper: Any) -> list[int]:
+    def _finished(self, ids: Sequence[int], stopper: StopRule) -> list[int]:
         done = stopped(stopper, self.out.tokens, ids, [self.count[i] for i in ids])
         for i in done:
             self.out.lengths[i], self.out.reasons[i] = self.count[i], "stop"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
@@ -20,10 +20,15 @@ from rl.types import Prompt, SamplingParams
 from rollout import _vllm_internals as internals
 from rollout.engine import Sample, build_batch, check_prompts, lora_rank, request_seeds
 
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+    from rl.config.rollout import RolloutConfig
+
 _FINISH = {"stop": "stop", "length": "length"}  # anything else (abort, error) is an abort
 
 
-def _prepare_environment(cfg: Any) -> None:
+def _prepare_environment(cfg: RolloutConfig) -> None:
     # Set (not setdefault): the job's config is the contract, and spawned engine processes inherit these.
     # Callables sent through collective_rpc (the in-place reload) need the serialisation flag.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
@@ -45,7 +50,7 @@ class VLLMEngine:
     rollout/engine.py (greedy requests get log_softmax of the raw logits).
     """
 
-    def __init__(self, cfg: Any, model_dir: str, dtype: str, seed: int, max_lora_rank: int | None = None) -> None:
+    def __init__(self, cfg: RolloutConfig, model_dir: str, dtype: str, seed: int, max_lora_rank: int | None = None) -> None:
         _prepare_environment(cfg)
         from vllm import LLM
 
@@ -73,7 +78,7 @@ class VLLMEngine:
                             "(gpu_memory_utilization, kv_cache_gib, max_model_len) and free memory.") from None
         self.max_lora_rank = max_lora_rank
         self.shared = internals.SharedWeights()
-        self.lora_request: Any = None
+        self.lora_request: LoRARequest | None = None
         self._lora_ids = 0  # vLLM caches adapters by int id: a new id per push, never a reused one
         self.policy_version = 0
         self.sync_path = ""  # how the last full-weight push was loaded (rollout/_vllm_internals.py)
@@ -152,6 +157,6 @@ class VLLMEngine:
 
 
 @ROLLOUT_BACKENDS.register("vllm")
-def build_vllm(cfg: Any, model_dir: str, dtype: str, device: str, seed: int, model: Any = None,
-               max_lora_rank: int | None = None) -> VLLMEngine:
+def build_vllm(cfg: RolloutConfig, model_dir: str, dtype: str, device: str, seed: int,
+               model: torch.nn.Module | None = None, max_lora_rank: int | None = None) -> VLLMEngine:
     return VLLMEngine(cfg, model_dir, dtype, seed, max_lora_rank)

@@ -10,7 +10,7 @@ The maths lives in trainers/ (advantages.py, grpo_ma.py); this module only wires
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,33 +18,49 @@ from rl.batch import RolloutBatch
 from rl.registries import ADVANTAGES, ALGORITHMS
 from rl.types import MultiAnswerSpec, SamplingParams
 
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+    from trainers.grpo_ma import Layout
 
+
+class Recipe(Protocol):
+    """What an ALGORITHMS entry provides (a class of static methods)."""
+
+    @staticmethod
+    def sampling_params(job: JobConfig, params: SamplingParams) -> SamplingParams: ...
+
+    @staticmethod
+    def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]: ...
+
+
+@ALGORITHMS.register("grpo")
 class GRPOFamily:
     """`name: grpo`: one completion per sample, advantages from `algorithm.advantage` (one per row)."""
 
     @staticmethod
-    def sampling_params(job: Any, params: SamplingParams) -> SamplingParams:
+    def sampling_params(job: JobConfig, params: SamplingParams) -> SamplingParams:
         return params
 
     @staticmethod
-    def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+    def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
         cfg = job.algorithm.advantage
-        return batch.with_advantages(ADVANTAGES.get(cfg.name)(batch.rewards, batch.group_ids, cfg)), {}
+        return batch.with_advantages(ADVANTAGES.entry_for(cfg)(batch.rewards, batch.group_ids, cfg)), {}
 
 
+@ALGORITHMS.register("grpo_ma")
 class GRPOMA:
     """`name: grpo_ma` (arXiv 2509.24494): K thoughts x M answers per prompt (rollout/multi_answer.py),
     per-token advantages for thought and answer tokens (trainers/grpo_ma.py)."""
 
     @staticmethod
-    def sampling_params(job: Any, params: SamplingParams) -> SamplingParams:
+    def sampling_params(job: JobConfig, params: SamplingParams) -> SamplingParams:
         a = job.algorithm
         spec = MultiAnswerSpec(answers_per_thought=a.answers_per_thought, delimiter=a.thought_delimiter,
                                answer_max_new_tokens=a.answer_max_new_tokens)
         return dataclasses.replace(params, group_size=a.thoughts, multi_answer=spec)
 
     @staticmethod
-    def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+    def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
         from trainers import grpo_ma
 
         a = job.algorithm
@@ -55,7 +71,7 @@ class GRPOMA:
         return batch.with_advantages(adv), metrics
 
 
-def layout_of(batch: RolloutBatch) -> Any:
+def layout_of(batch: RolloutBatch) -> Layout:
     """The GRPO-MA segment layout recorded by the two-stage sampler in each row's `sample_meta`."""
     from rollout.multi_answer import META_KEY
     from trainers.grpo_ma import Layout
@@ -65,7 +81,3 @@ def layout_of(batch: RolloutBatch) -> Any:
                   thought_tokens=torch.tensor([m["thought_tokens"] for m in meta], dtype=torch.long),
                   thought_rows=torch.tensor([m["answer"] == 0 for m in meta], dtype=torch.bool),
                   complete=torch.tensor([bool(m["complete"]) for m in meta], dtype=torch.bool))
-
-
-ALGORITHMS.register("grpo")(GRPOFamily)
-ALGORITHMS.register("grpo_ma")(GRPOMA)

@@ -213,7 +213,7 @@ def _checkpoint_bytes(root: Path) -> int:
     return _dir_bytes(newest.path) if newest is not None else 0
 
 
-def _tensor_bytes(obj: Any) -> int:
+def _tensor_bytes(obj: object) -> int:
     """The tensor bytes in nested dicts/lists: a lower bound on a checkpoint's size before the first is written."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()

@@ -9,25 +9,68 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeVar
+
+import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
 from rl.registries import CLUSTERS
-from rl.types import Prompt, SamplingParams
+from rl.types import Learner, Prompt, RolloutWorker, SamplingParams, SyncMode, WeightSync
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+    from rl.config.job import JobConfig, RayCluster
+    from rl.loop.learner import PolicyLearner
+
+    MakeLearner = Callable[[], PolicyLearner]
+    MakeWorker = Callable[[PolicyLearner | None], RolloutWorker]
 
 log = logging.getLogger(__name__)
+
+
+class WorkerGroup(Protocol):
+    """N rollout workers called together: `generate` gives worker i shard i (an empty shard: no call), the other
+    methods go to every worker."""
+
+    size: int
+
+    def generate(self, shards: Sequence[Sequence[Prompt]], params: SamplingParams) -> list[RolloutBatch]:
+        """One batch per non-empty shard, in worker order."""
+        ...
+
+    def load_weights(self, sync: WeightSync, version: int) -> list[float]: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class LocalWorkers:
     """Workers as plain objects in this process."""
 
-    def __init__(self, workers: Sequence[Any]) -> None:
+    def __init__(self, workers: Sequence[RolloutWorker]) -> None:
         self.workers = list(workers)
         self.size = len(self.workers)
 
-    def call_many(self, method: str, args: Sequence[tuple | None]) -> list[Any]:
-        return [None if a is None else getattr(w, method)(*a) for w, a in zip(self.workers, args)]
+    def generate(self, shards: Sequence[Sequence[Prompt]], params: SamplingParams) -> list[RolloutBatch]:
+        return [w.generate(s, params) for w, s in zip(self.workers, shards) if s]
+
+    def load_weights(self, sync: WeightSync, version: int) -> list[float]:
+        return [w.load_weights(sync, version) for w in self.workers]
+
+    def sleep(self) -> None:
+        for w in self.workers:
+            w.sleep()
+
+    def wake(self) -> None:
+        for w in self.workers:
+            w.wake()
 
     def close(self) -> None:
         for w in self.workers:
@@ -35,23 +78,34 @@ class LocalWorkers:
 
 
 class RolloutPool:
-    """N rollout workers behind one `generate`; each worker gets whole prompts (so whole groups)."""
+    """N rollout workers behind one `RolloutWorker`; each worker gets whole prompts (so whole groups)."""
 
-    def __init__(self, workers: Any) -> None:
+    def __init__(self, workers: WorkerGroup) -> None:
         self.workers = workers
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
-        shards = _shard(list(prompts), self.workers.size)
         # Seeds derive from each prompt's id (rollout/engine.py), so sharding does not change the samples.
-        args = [(s, params) if s else None for s in shards]
-        results = [r for r in self.workers.call_many("generate", args) if r is not None]
+        results = self.workers.generate(_shard(list(prompts), self.workers.size), params)
         return results[0] if len(results) == 1 else RolloutBatch.concat(results)
 
-    def broadcast(self, method: str, *args: Any) -> list[Any]:
-        return self.workers.call_many(method, [args] * self.workers.size)
+    def load_weights(self, sync: WeightSync, version: int) -> float:
+        """Every worker serves `sync` as `version`; the slowest worker's seconds."""
+        return max(self.workers.load_weights(sync, version), default=0.0)
+
+    def sleep(self) -> None:
+        self.workers.sleep()
+
+    def wake(self) -> None:
+        self.workers.wake()
+
+    def close(self) -> None:
+        self.workers.close()
 
 
-def _shard(items: list, k: int) -> list[list]:
+T = TypeVar("T")
+
+
+def _shard(items: list[T], k: int) -> list[list[T]]:
     per, extra = divmod(len(items), k)
     out, start = [], 0
     for i in range(k):
@@ -62,102 +116,170 @@ def _shard(items: list, k: int) -> list[list]:
 
 
 class Placement:
-    """What a cluster builder returns: a learner handle, a rollout pool, and a closer."""
+    """What a cluster builder returns: a learner, a rollout pool, and a closer."""
 
-    def __init__(self, learner: Any, rollout: RolloutPool, close: Callable[[], None]) -> None:
+    def __init__(self, learner: Learner, rollout: RolloutPool, close: Callable[[], None]) -> None:
         self.learner, self.rollout, self.close = learner, rollout, close
 
 
 @CLUSTERS.register("local")
-def place_local(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[Any], Any]) -> Placement:
+def place_local(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker) -> Placement:
     learner = make_learner()
     workers = LocalWorkers([make_worker(learner)])
     return Placement(learner, RolloutPool(workers), workers.close)
 
 
 # ----- Ray -----------------------------------------------------------------------------------
-class _ActorHost:
-    """A Ray actor that builds one object (learner or rollout worker) and forwards calls to it."""
+# The actors host the objects and forward typed calls to them: `actor.generate.remote(...)`, never a method name.
+class LearnerHost:
+    """The learner's actor (processes named `ray::LearnerHost`): builds the learner and exposes its methods."""
 
-    def __init__(self, factory: Callable[[], Any], threads: int) -> None:
-        import torch
-
+    def __init__(self, factory: Callable[[], Learner], threads: int) -> None:
         torch.set_num_threads(threads)
-        self.obj = factory()
+        self.learner = factory()
 
-    def call(self, name: str, *args: Any) -> Any:
-        return getattr(self.obj, name)(*args)
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.learner.train_step(batch)
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.learner.logprobs(batch)
+
+    def weights(self, mode: SyncMode) -> WeightSync:
+        return self.learner.weights(mode)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.learner.checkpoint_state()
+
+    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
+        self.learner.load_checkpoint_state(weights, trainer_state)
+
+    def export(self, out_dir: str) -> None:
+        self.learner.export(out_dir)
 
 
+class RolloutHost:
+    """A rollout worker's actor (processes named `ray::RolloutHost`): builds the worker and exposes its methods."""
 
-class LearnerHost(_ActorHost):
-    """The learner's actor (a distinct class so its processes are named `ray::LearnerHost`)."""
+    def __init__(self, factory: Callable[[], RolloutWorker], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.worker = factory()
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+        return self.worker.generate(prompts, params)
+
+    def load_weights(self, sync: WeightSync, version: int) -> float:
+        return self.worker.load_weights(sync, version)
+
+    def sleep(self) -> None:
+        self.worker.sleep()
+
+    def wake(self) -> None:
+        self.worker.wake()
+
+    def close(self) -> None:
+        self.worker.close()
 
 
-class RolloutHost(_ActorHost):
-    """A rollout worker's actor (processes named `ray::RolloutHost`)."""
+class RemoteLearner:
+    """The `Learner` in a LearnerHost actor, called synchronously with a timeout: a dead or hung actor never
+    hangs us, it ends the run with a clear error (the last checkpoint stays)."""
+
+    def __init__(self, ray: ModuleType, actor: ActorHandle, timeout_s: float) -> None:
+        self._ray, self._actor, self._timeout_s = ray, actor, timeout_s
+
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        return self._call("train_step", lambda: self._actor.train_step.remote(batch))
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return self._call("logprobs", lambda: self._actor.logprobs.remote(batch))
+
+    def weights(self, mode: SyncMode) -> WeightSync:
+        return self._call("weights", lambda: self._actor.weights.remote(mode))
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self._call("checkpoint_state", lambda: self._actor.checkpoint_state.remote())
+
+    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
+        self._call("load_checkpoint_state", lambda: self._actor.load_checkpoint_state.remote(weights, trainer_state))
+
+    def export(self, out_dir: str) -> None:
+        self._call("export", lambda: self._actor.export.remote(out_dir))
+
+    def _call(self, method: str, issue: Callable[[], ObjectRef]) -> Any:
+        """`issue()`'s result; `method` names the call in the error only."""
+        try:
+            return self._ray.get(issue(), timeout=self._timeout_s)
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError) as exc:
+            raise UserError(f"the learner actor died or did not answer {method}() within "
+                            f"{self._timeout_s:.0f}s ({type(exc).__name__}). The run directory holds the "
+                            "last checkpoint: continue with `rl train --resume RUN_DIR`.") from None
 
 
-class _RemoteHandle:
-    """Calls a hosted object's methods synchronously with a timeout: a dead or hung actor never hangs us."""
-
-    def __init__(self, ray: Any, actor: Any, timeout_s: float, what: str) -> None:
-        self._ray, self._actor, self._timeout_s, self._what = ray, actor, timeout_s, what
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            try:
-                return self._ray.get(self._actor.call.remote(name, *args), timeout=self._timeout_s)
-            except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError) as exc:
-                raise UserError(f"the {self._what} actor died or did not answer {name}() within "
-                                f"{self._timeout_s:.0f}s ({type(exc).__name__}). The run directory holds the "
-                                "last checkpoint: continue with `rl train --resume RUN_DIR`.") from None
-
-        return call
+RemoteCall = Callable[["ActorHandle"], "ObjectRef"]
+"""One call on one RolloutHost actor, e.g. `lambda actor: actor.sleep.remote()`."""
 
 
 class RayWorkers:
-    """Rollout-worker actors. A worker that dies (or exceeds the call timeout) is replaced by a new
-    one, which first receives the newest weights, and its share of the call is issued again."""
+    """Rollout-worker actors (a `WorkerGroup`). A worker that dies (or exceeds the call timeout) is replaced by
+    a new one, which first receives the newest weights, and its share of the call is issued again."""
 
-    def __init__(self, ray: Any, spawn: Callable[[], Any], size: int, timeout_s: float) -> None:
+    def __init__(self, ray: ModuleType, spawn: Callable[[], ActorHandle], size: int, timeout_s: float) -> None:
         self.ray, self._spawn, self.size, self.timeout_s = ray, spawn, size, timeout_s
         self.actors = [spawn() for _ in range(size)]
         self.restarts = 0
-        self._last_load: tuple | None = None
+        self._last_sync: tuple[WeightSync, int] | None = None
 
-    def call_many(self, method: str, args: Sequence[tuple | None]) -> list[Any]:
-        refs = [None if a is None else actor.call.remote(method, *a) for actor, a in zip(self.actors, args)]
-        results = [self._result(i, ref, method, args[i]) for i, ref in enumerate(refs)]
-        if method == "load":
-            self._last_load = args[0]
-        return results
+    def generate(self, shards: Sequence[Sequence[Prompt]], params: SamplingParams) -> list[RolloutBatch]:
+        calls = [_generate_call(s, params) if s else None for s in shards]
+        return [r for r in self._call_each(calls, "generate") if r is not None]
 
-    def _result(self, index: int, ref: Any, method: str, args: tuple | None) -> Any:
-        if ref is None:
+    def load_weights(self, sync: WeightSync, version: int) -> list[float]:
+        seconds = self._call_each([lambda actor: actor.load_weights.remote(sync, version)] * self.size,
+                                  "load_weights")
+        self._last_sync = (sync, version)
+        return seconds
+
+    def sleep(self) -> None:
+        self._call_each([lambda actor: actor.sleep.remote()] * self.size, "sleep")
+
+    def wake(self) -> None:
+        self._call_each([lambda actor: actor.wake.remote()] * self.size, "wake")
+
+    def _call_each(self, calls: Sequence[RemoteCall | None], what: str) -> list[Any]:
+        """Issue every worker's call first (they run in parallel), then collect them in order."""
+        refs = [None if c is None else c(actor) for actor, c in zip(self.actors, calls)]
+        return [self._result(i, ref, calls[i], what) for i, ref in enumerate(refs)]
+
+    def _result(self, index: int, ref: ObjectRef | None, call: RemoteCall | None, what: str) -> Any:
+        if ref is None or call is None:
             return None
         errors = (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError)
         try:
             return self.ray.get(ref, timeout=self.timeout_s)
         except errors as exc:
             log.warning("rollout worker %d failed in %s() (%s); restarting it and re-issuing its prompts",
-                        index, method, type(exc).__name__)
+                        index, what, type(exc).__name__)
             self._restart(index)
-            return self.ray.get(self.actors[index].call.remote(method, *args), timeout=self.timeout_s)
+            return self.ray.get(call(self.actors[index]), timeout=self.timeout_s)
 
     def _restart(self, index: int) -> None:
         self.ray.kill(self.actors[index])
         self.actors[index] = self._spawn()
         self.restarts += 1
-        if self._last_load is not None:
-            self.ray.get(self.actors[index].call.remote("load", *self._last_load), timeout=self.timeout_s)
+        if self._last_sync is not None:
+            sync, version = self._last_sync
+            self.ray.get(self.actors[index].load_weights.remote(sync, version), timeout=self.timeout_s)
 
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
 
 
-def _init_ray(ray: Any, cfg: Any) -> None:
+def _generate_call(shard: Sequence[Prompt], params: SamplingParams) -> RemoteCall:
+    return lambda actor: actor.generate.remote(shard, params)
+
+
+def _init_ray(ray: ModuleType, cfg: RayCluster) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RLPOST", "TRANSFORMERS_", "VLLM_"))}
@@ -170,9 +292,8 @@ def _init_ray(ray: Any, cfg: Any) -> None:
 
 
 @CLUSTERS.register("ray")
-def place_ray(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[Any], Any]) -> Placement:
+def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker) -> Placement:
     import ray
-    import torch
 
     cfg = job.cluster
     _init_ray(ray, cfg)
@@ -188,5 +309,5 @@ def place_ray(job: Any, make_learner: Callable[[], Any], make_worker: Callable[[
         workers.close()
         ray.kill(learner_actor)
 
-    learner = _RemoteHandle(ray, learner_actor, cfg.call_timeout_s, "learner")
+    learner = RemoteLearner(ray, learner_actor, cfg.call_timeout_s)
     return Placement(learner, RolloutPool(workers), close)

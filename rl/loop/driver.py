@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rl.loop import steps
 from rl.loop.checkpoint import latest_intact_checkpoint
@@ -27,8 +27,12 @@ from rl.loop.runtime import build_run
 from rl.loop.shutdown import graceful_shutdown
 from rl.swarm.node import build_swarm
 
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+    from rl.loop.runtime import RunParts
 
-def train_job(job: Any) -> int:
+
+def train_job(job: JobConfig) -> int:
     run_dir = Path(job.resolved_run_dir)
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already holds checkpoints of a run. Continue it with "
@@ -50,7 +54,7 @@ def resume_job(run_dir: str, overrides: Sequence[str] = ()) -> int:
     return run(job, path, checkpoint=ckpt.path)
 
 
-def run(job: Any, run_dir: Path, checkpoint: Path | None) -> int:
+def run(job: JobConfig, run_dir: Path, checkpoint: Path | None) -> int:
     parts = build_run(job)
     try:
         start = steps.restore(parts, checkpoint) if checkpoint else 0
@@ -66,7 +70,7 @@ def run(job: Any, run_dir: Path, checkpoint: Path | None) -> int:
     return 0
 
 
-def loop(parts: Any, run_dir: Path, logger: MetricsLogger, start: int) -> int:
+def loop(parts: RunParts, run_dir: Path, logger: MetricsLogger, start: int) -> int:
     job = parts.job
     pipeline = steps.RolloutPipeline(parts)
     swarm = build_swarm(job)  # SAPO (swarm: null -> a no-op)

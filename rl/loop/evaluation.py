@@ -11,18 +11,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
-from rl.types import Prompt, SamplingParams
+from rl.types import Prompt, RolloutWorker, SamplingParams, Scorer
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+
+Record = dict[str, object]
+"""One evaluated sample as written to `<report>.samples.jsonl` (prompt_id, mode, completion, reward, correct)."""
 
 CORRECT_AT = 1.0
 
 
-def _score(scorer: Any, batch: RolloutBatch, primary: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _score(scorer: Scorer, batch: RolloutBatch, primary: str) -> tuple[torch.Tensor, torch.Tensor]:
     result = scorer.score(batch)
     first = torch.nan_to_num(result.components[primary], nan=0.0)
     return result.total, first >= CORRECT_AT
@@ -51,8 +57,8 @@ def report_ks(samples: int, asked: Sequence[int] | None) -> list[int]:
     return sorted({1, *asked})
 
 
-def evaluate(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any,
-             seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate(rollout: RolloutWorker, scorer: Scorer, prompts: Sequence[Prompt], job: JobConfig,
+             seed: int = 0) -> tuple[dict[str, object], list[Record]]:
     """Greedy and (if job.eval.samples > 1) sampled completions of `prompts`; returns (report, per-sample records)."""
     if not prompts:
         raise UserError("the env has no held-out prompts to evaluate; raise env.test_size.")
@@ -61,7 +67,7 @@ def evaluate(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any,
     samples = job.eval.samples
     greedy = rollout.generate(prompts, SamplingParams(1, max_new, stop=tuple(job.rollout.stop), seed=seed, greedy=True))
     total, correct = _score(scorer, greedy, primary)
-    report: dict[str, Any] = {
+    report: dict[str, object] = {
         "n": len(prompts), "accuracy": float(correct.double().mean()), "reward_mean": float(total.double().mean()),
         "length_mean": float(greedy.completion_lengths.float().mean()), "samples": samples,
     }
@@ -73,8 +79,8 @@ def evaluate(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any,
     return report, records
 
 
-def _sampled(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any, n: int, ks: Sequence[int], seed: int,
-             primary: str, max_new: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _sampled(rollout: RolloutWorker, scorer: Scorer, prompts: Sequence[Prompt], job: JobConfig, n: int,
+             ks: Sequence[int], seed: int, primary: str, max_new: int, records: list[Record]) -> dict[str, float]:
     """n sampled completions per prompt; pass@k for each k in `ks` from all n of them."""
     params = SamplingParams(n, max_new, temperature=job.eval.temperature, top_p=job.rollout.top_p,
                             top_k=job.rollout.top_k, stop=tuple(job.rollout.stop), seed=seed + 1)
@@ -88,7 +94,7 @@ def _sampled(rollout: Any, scorer: Any, prompts: Sequence[Prompt], job: Any, n: 
     return {**passes, "sampled_reward_mean": float(total.double().mean())}
 
 
-def write_report(report: dict[str, Any], records: list[dict[str, Any]], out: str | Path) -> Path:
+def write_report(report: Mapping[str, object], records: Sequence[Record], out: str | Path) -> Path:
     """The report as JSON at `out` and the per-sample records beside it (`<stem>.samples.jsonl`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.models import load_causal_lm, load_tokenizer
+from rl.types import FullWeights, LoraFiles, SharedModel, SyncMode, WeightSync
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
 
 
 def pick_device(requested: str) -> str:
@@ -22,10 +26,10 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-class Learner:
-    """Owns the trainable policy; `train_step`, weight export for sync, checkpoint state."""
+class PolicyLearner:
+    """Owns the trainable policy; `train_step`, weight export for sync, checkpoint state (a `rl.types.Learner`)."""
 
-    def __init__(self, job: Any, model_dir: str) -> None:
+    def __init__(self, job: JobConfig, model_dir: str) -> None:
         from trainers import adapters
         from trainers.policy import PolicyTrainer
 
@@ -51,24 +55,31 @@ class Learner:
         return self.trainer._batch_logprobs(self.model, batch)
 
     # ----- weight sync -----------------------------------------------------------------------
-    def sync_payload(self, want_lora: bool) -> dict[str, Any]:
-        """What the rollout side needs to match this policy.
+    def weights(self, mode: SyncMode) -> WeightSync:
+        """What the rollout side needs to match this policy in sync `mode` (rl/loop/weights.py `sync_mode`)."""
+        build: dict[SyncMode, Callable[[], WeightSync]] = {
+            "shared": SharedModel, "full": self._full_weights, "lora": self._lora_files}
+        return build[mode]()
 
-        `lora`: the adapter in PEFT-LoRA form as file bytes (exact; hot-loadable by vLLM), when the
-        adapter has an exact LoRA form and the engine wants it; otherwise merged full weights.
-        """
-        if want_lora and self.job.adapter is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                if self._adapters.lora_form(self.model, tmp):
-                    return {"kind": "lora", "files": {p.name: p.read_bytes() for p in Path(tmp).iterdir()}}
+    def _full_weights(self) -> FullWeights:
+        """Merged full weights on CPU (the adapter merged out of place)."""
         if self.job.adapter is None:
             weights = {k: v.detach() for k, v in self.model.state_dict().items()}
         else:
             weights = self._adapters.merged_state_dict(self.model)
-        return {"kind": "full", "tensors": {k: v.to("cpu") for k, v in weights.items()}}
+        return FullWeights({k: v.to("cpu") for k, v in weights.items()})
+
+    def _lora_files(self) -> LoraFiles:
+        """The adapter in its exact PEFT-LoRA form as file bytes (hot-loadable by vLLM)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.job.adapter is None or not self._adapters.lora_form(self.model, tmp):
+                raise ValueError(f"sync mode 'lora' for adapter {self.job.adapter!r}, which has no exact LoRA form "
+                                 "(trainers.adapters.lora_form_rank and lora_form disagree)")
+            return LoraFiles({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
 
     # ----- checkpoints -----------------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(the policy's weights, or only the adapter's, on CPU; the trainer's state dict)."""
         if self.job.adapter is None:
             weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         else:

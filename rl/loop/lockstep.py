@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rl.loop import steps
 from rl.config import dump_job
@@ -22,9 +22,13 @@ from rl.loop.runtime import build_run
 from rl.swarm.node import SwarmNode
 from rl.swarm.transports import reset_memory_board
 
+if TYPE_CHECKING:
+    from rl.batch import RolloutBatch
+    from rl.config.job import JobConfig
+
 
 class LockstepNode:
-    def __init__(self, job: Any) -> None:
+    def __init__(self, job: JobConfig) -> None:
         self.job = job
         self.run_dir = Path(job.resolved_run_dir)
         if (self.run_dir / "metrics.jsonl").exists():
@@ -35,7 +39,7 @@ class LockstepNode:
         self.pipeline = steps.RolloutPipeline(self.parts)
         self.swarm = SwarmNode(job)
         self.logger = MetricsLogger(self.run_dir, job, job.trainer.max_steps)
-        self._batch: Any = None
+        self._batch: RolloutBatch | None = None  # this round's scored own batch, from generate() to train()
         self._metrics: dict[str, float] = {}
 
     def generate(self, step: int) -> None:
@@ -69,7 +73,7 @@ class LockstepNode:
         self.parts.close()
 
 
-def run_lockstep(jobs: Sequence[Any], leave_after: dict[int, int] | None = None) -> list[Path]:
+def run_lockstep(jobs: Sequence[JobConfig], leave_after: dict[int, int] | None = None) -> list[Path]:
     """Run the nodes' jobs (all `swarm.transport: memory` on one board) in lock-step; their run dirs.
 
     leave_after: {node index: step} - that node stops after the step (a peer leaving the swarm).

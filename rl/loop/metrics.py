@@ -9,16 +9,19 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
 
 console = Console(stderr=True)
 BAR_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("loss", "loss"), ("time/step_s", "s/step"))
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; null says "not measured / not finite"
     return value
@@ -27,7 +30,7 @@ def _clean(value: Any) -> Any:
 class MetricsLogger:
     """Appends one JSON object per step to metrics.jsonl and mirrors it to wandb and the progress bar."""
 
-    def __init__(self, run_dir: str | Path, job: Any, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, job: JobConfig, total_steps: int, start_step: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
@@ -47,7 +50,7 @@ class MetricsLogger:
         keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -75,7 +78,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
-def _start_wandb(job: Any, run_dir: Path) -> Any:
+def _start_wandb(job: JobConfig, run_dir: Path) -> Any:
     cfg = job.logging.wandb
     if cfg.mode == "disabled":
         return None

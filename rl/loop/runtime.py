@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from rl.loop.cluster import Placement
+from rl.loop.cluster import Placement, RolloutPool
 from rl.models import load_tokenizer, resolve_model
 from rl.registries import CLUSTERS, ENVS
 from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
-from rl.types import Env, Scorer
+from rl.types import Env, Learner, Scorer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rl.config.job import JobConfig
 
 
 @dataclass
 class RunParts:
-    job: Any
+    job: JobConfig
     model_dir: str
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     env: Env
     sampler: PromptSampler | CurriculumSampler
     scorer: Scorer
     placement: Placement
 
     @property
-    def learner(self) -> Any:
+    def learner(self) -> Learner:
         return self.placement.learner
 
     @property
-    def rollout(self) -> Any:
+    def rollout(self) -> RolloutPool:
         return self.placement.rollout
 
     def close(self) -> None:
@@ -35,36 +40,33 @@ class RunParts:
         self.scorer.close()
 
 
-def build_env(job: Any, tokenizer: Any) -> Env:
-    return ENVS.get(job.env.name)(job.env, tokenizer, job.seed)
+def build_env(job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Env:
+    return ENVS.entry_for(job.env)(job.env, tokenizer, job.seed)
 
 
-def build_scorer(job: Any) -> Scorer:
+def build_scorer(job: JobConfig) -> Scorer:
     from rewards.scoring import build_scorer as build
 
     return build(job.rewards, job.shaping)
 
 
-def shares_learner_model(job: Any) -> bool:
-    """The local HF engine samples with the learner's own model in sync mode: no copy, no sync."""
-    return job.sampler_is_learner
+def build_placement(job: JobConfig, model_dir: str) -> Placement:
+    from rl.loop.learner import PolicyLearner
+    from rl.loop.weights import sync_mode
+    from rl.loop.worker import EngineWorker
 
+    def make_learner() -> PolicyLearner:
+        return PolicyLearner(job, model_dir)
 
-def build_placement(job: Any, model_dir: str) -> Placement:
-    from rl.loop.learner import Learner
-    from rl.loop.worker import RolloutWorker
-
-    def make_learner() -> Learner:
-        return Learner(job, model_dir)
-
-    def make_worker(learner: Any) -> RolloutWorker:
-        shared = learner.model if (learner is not None and shares_learner_model(job)) else None
-        return RolloutWorker(job, model_dir, shared_model=shared)
+    def make_worker(learner: PolicyLearner | None) -> EngineWorker:
+        # In sync mode "shared" the local HF engine samples with the learner's own model: no copy, no sync.
+        shared = learner.model if (learner is not None and sync_mode(job) == "shared") else None
+        return EngineWorker(job, model_dir, shared_model=shared)
 
     return CLUSTERS.get(job.cluster.name)(job, make_learner, make_worker)
 
 
-def build_run(job: Any) -> RunParts:
+def build_run(job: JobConfig) -> RunParts:
     model_dir = resolve_model(job.model.path, job.model.cache_dir)
     tokenizer = load_tokenizer(model_dir)
     env = build_env(job, tokenizer)

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import torch
 
+from rl.batch import RolloutBatch
 from rl.types import Prompt
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+
+
+class Curriculum(Protocol):
+    """What a CURRICULA entry builds (e.g. envs.curriculum.PCLValueModel): it keeps `count` of a candidate pool,
+    learns from each scored batch, and checkpoints its own state (the checkpoint's curriculum.pt)."""
+
+    def select(self, pool: Sequence[Prompt], count: int) -> tuple[list[Prompt], dict[str, float]]: ...
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class PromptSampler:
     """Walks seeded permutations of the train prompts; `state_dict()` makes resume exact."""
+
+    curriculum: Curriculum | None = None
+    """Uniform sampling has no curriculum."""
 
     def __init__(self, prompts: Sequence[Prompt], seed: int) -> None:
         if not prompts:
@@ -52,11 +72,12 @@ class CurriculumSampler:
     """A curriculum on top of the uniform sampler: each `next(m)` draws `pool_factor * m` candidates from the
     seeded permutations (so the epoch cursor counts candidates, selected or not) and lets the curriculum keep m.
 
-    The curriculum (e.g. envs.curriculum.PCLValueModel) provides `select(pool, m) -> (prompts, metrics)`,
-    `update(scored_batch) -> metrics`, `state_dict()` and `load_state_dict()`.
+    The curriculum (a `Curriculum`, e.g. envs.curriculum.PCLValueModel) selects, learns and checkpoints.
     """
 
-    def __init__(self, uniform: PromptSampler, curriculum: Any, pool_factor: int) -> None:
+    curriculum: Curriculum
+
+    def __init__(self, uniform: PromptSampler, curriculum: Curriculum, pool_factor: int) -> None:
         self.uniform, self.curriculum, self.pool_factor = uniform, curriculum, pool_factor
         self._metrics: dict[str, float] = {}
 
@@ -75,7 +96,7 @@ class CurriculumSampler:
         self.uniform.load_state_dict(state)
 
 
-def build_sampler(job: Any, prompts: Sequence[Prompt], model_dir: str) -> PromptSampler | CurriculumSampler:
+def build_sampler(job: JobConfig, prompts: Sequence[Prompt], model_dir: str) -> PromptSampler | CurriculumSampler:
     """`curriculum: null` samples uniformly; a named curriculum (rl.registries.CURRICULA) selects from a pool."""
     uniform = PromptSampler(prompts, job.seed)
     if job.curriculum is None:

@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from types import FrameType
+from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -16,7 +17,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested: str | None = None
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested is not None:
             print(f"\n{name} again: exiting now; the last complete checkpoint is kept.", file=sys.stderr)

@@ -4,56 +4,63 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from rl.loop.checkpoint import MANIFEST, load_checkpoint
 from rl.errors import UserError
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+    from rl.loop.cluster import RolloutPool
+    from rl.loop.learner import PolicyLearner
+    from rl.types import Env, Scorer
 
 
 def _is_checkpoint(target: str) -> bool:
     return (Path(target) / MANIFEST).is_file()
 
 
-def _checkpoint_job(path: str, overrides: list[str] | None = None) -> Any:
+def _checkpoint_job(path: str, overrides: list[str] | None = None) -> JobConfig:
     from rl.config import load_job
 
     return load_job(str(Path(path) / "config.yaml"), overrides or [])
 
 
-def learner_from_checkpoint(path: str) -> Any:
-    """A `Learner` holding a checkpoint's policy (its own job config decides model and adapter)."""
-    from rl.loop.learner import Learner
+def learner_from_checkpoint(path: str) -> PolicyLearner:
+    """A learner holding a checkpoint's policy (its own job config decides model and adapter)."""
+    from rl.loop.learner import PolicyLearner
     from rl.models import resolve_model
 
     job = _checkpoint_job(path)
     payload = load_checkpoint(path)
-    learner = Learner(job, resolve_model(job.model.path, job.model.cache_dir))
+    learner = PolicyLearner(job, resolve_model(job.model.path, job.model.cache_dir))
     learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
     return learner
 
 
 @contextmanager
-def policy_for_target(target: str, job: Any) -> Iterator[tuple[Any, Any, Any]]:
+def policy_for_target(target: str, job: JobConfig) -> Iterator[tuple[RolloutPool, Scorer, Env]]:
     """(rollout pool, scorer, env) for evaluating TARGET with `job`'s env, rewards and sampling."""
     from rl.loop.cluster import LocalWorkers, RolloutPool
     from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env, build_scorer
-    from rl.loop.worker import RolloutWorker
+    from rl.loop.weights import sync_mode
+    from rl.loop.worker import EngineWorker
 
     if _is_checkpoint(target):
         learner = learner_from_checkpoint(target)
         model_dir = learner.model_dir
         eval_job = job.model_copy(update={"adapter": learner.job.adapter, "model": learner.job.model})
-        if job.rollout.backend == "hf":
-            worker = RolloutWorker(eval_job, model_dir, shared_model=learner.model)
+        if job.rollout.backend == "hf":  # samples with the checkpoint's policy itself, whatever the job's mode
+            worker = EngineWorker(eval_job, model_dir, shared_model=learner.model)
         else:
-            worker = RolloutWorker(eval_job, model_dir)
-            worker.load(learner.sync_payload(worker.wants_lora), version=1)
+            worker = EngineWorker(eval_job, model_dir)
+            worker.load_weights(learner.weights(sync_mode(eval_job)), version=1)
     elif Path(target).is_dir() and not (Path(target) / "config.json").is_file():
         raise UserError(f"{target} is neither a checkpoint (no {MANIFEST}) nor a model directory (no config.json).")
     else:
         model_dir = resolve_model(target, job.model.cache_dir)
-        worker = RolloutWorker(job.model_copy(update={"adapter": None}), model_dir)
+        worker = EngineWorker(job.model_copy(update={"adapter": None}), model_dir)
     tokenizer = load_tokenizer(model_dir)
     scorer = build_scorer(job)
     try:

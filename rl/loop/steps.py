@@ -7,18 +7,26 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.loop.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from rl.loop.evaluation import evaluate, write_report
+from rl.loop.weights import sync_mode
 from rl.registries import ALGORITHMS
 from rl.types import SamplingParams
 
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+    from rl.loop.runtime import RunParts
 
-def sampling_params(job: Any, step: int) -> SamplingParams:
+SamplerState = Mapping[str, Any]
+"""A prompt sampler's `state_dict()` (epoch and cursor), saved with each checkpoint."""
+
+
+def sampling_params(job: JobConfig, step: int) -> SamplingParams:
     """Per-step sampling with a seed derived from (job seed, step): a resumed run draws the same samples."""
     r = job.rollout
     params = SamplingParams(group_size=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -26,16 +34,11 @@ def sampling_params(job: Any, step: int) -> SamplingParams:
     return ALGORITHMS.get(job.algorithm.name).sampling_params(job, params)
 
 
-def sync_rollout(parts: Any, version: int) -> float:
+def sync_rollout(parts: RunParts, version: int) -> float:
     """Make every rollout worker sample from the learner's current weights; returns seconds."""
-    from rl.loop.runtime import shares_learner_model
-
-    if shares_learner_model(parts.job):
-        payload = None  # the engine samples with the learner's own model
-    else:
-        payload = parts.learner.sync_payload(parts.job.rollout.backend == "vllm")
+    sync = parts.learner.weights(sync_mode(parts.job))
     start = time.perf_counter()
-    parts.rollout.broadcast("load", payload, version)
+    parts.rollout.load_weights(sync, version)
     return time.perf_counter() - start
 
 
@@ -43,16 +46,16 @@ class RolloutPipeline:
     """Sync: generate then train. Async: step n+1 is generated while step n trains (one version behind);
     batches older than `max_staleness` versions are dropped, counted, and regenerated."""
 
-    def __init__(self, parts: Any) -> None:
+    def __init__(self, parts: RunParts) -> None:
         self.parts = parts
         self.job = parts.job
         self.sampler_state = parts.sampler.state_dict()
         self.is_async = self.job.trainer.mode == "async"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.is_async else None
-        self._pending: Future | None = None
+        self._pending: Future[tuple[RolloutBatch, dict[str, float], SamplerState]] | None = None
         self.stale_dropped = 0
 
-    def _generate(self, step: int) -> tuple[RolloutBatch, dict[str, float], dict[str, Any]]:
+    def _generate(self, step: int) -> tuple[RolloutBatch, dict[str, float], SamplerState]:
         prompts = self.parts.sampler.next(self.job.rollout.prompts_per_step)
         cursor, selection = self.parts.sampler.state_dict(), self.parts.sampler.last_metrics()
         start = time.perf_counter()
@@ -99,7 +102,7 @@ def _nanmean(v: torch.Tensor) -> float:
     return float(v.mean()) if v.numel() else math.nan
 
 
-def score(parts: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+def score(parts: RunParts, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
     """Rewards for every sample; samples whose group must be dropped (on_error: drop_group) are removed."""
     start = time.perf_counter()
     result = parts.scorer.score(batch)
@@ -125,30 +128,30 @@ def varied_group_share(batch: RolloutBatch) -> float:
     return varied / max(len(bounds), 1)
 
 
-def update_curriculum(parts: Any, batch: RolloutBatch) -> dict[str, float]:
+def update_curriculum(parts: RunParts, batch: RolloutBatch) -> dict[str, float]:
     """PCL: the value model learns from this step's prompts and their mean rewards under the policy that
     generated them (after the policy step, as in the paper); nothing for uniform sampling."""
-    curriculum = getattr(parts.sampler, "curriculum", None)
+    curriculum = parts.sampler.curriculum
     return curriculum.update(batch) if curriculum is not None and batch.num_samples else {}
 
 
-def advantages(job: Any, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
     """The batch with [N] or [N, T] advantages, by `algorithm.name` (rl/loop/algorithms.py), and its metrics."""
     return ALGORITHMS.get(job.algorithm.name).advantages(job, batch)
 
 
-def train(parts: Any, batch: RolloutBatch) -> dict[str, float]:
+def train(parts: RunParts, batch: RolloutBatch) -> dict[str, float]:
     if batch.num_samples == 0:
         return {"train/skipped_empty": 1.0}
     start = time.perf_counter()
     sleep = parts.job.rollout.backend == "vllm" and parts.job.rollout.vllm.sleep_between_steps
     if sleep:
-        parts.rollout.broadcast("sleep")
+        parts.rollout.sleep()
     try:
         metrics = dict(parts.learner.train_step(batch))
     finally:
         if sleep:
-            parts.rollout.broadcast("wake")
+            parts.rollout.wake()
     metrics["time/train_s"] = time.perf_counter() - start
     return metrics
 
@@ -165,7 +168,7 @@ def due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and (step % every == 0 or step == max_steps)
 
 
-def evaluate_at(parts: Any, run_dir: Path, step: int) -> dict[str, float]:
+def evaluate_at(parts: RunParts, run_dir: Path, step: int) -> dict[str, float]:
     job = parts.job
     prompts = list(parts.env.test_prompts())[: job.eval.num_prompts]
     report, records = evaluate(parts.rollout, parts.scorer, prompts, job, seed=job.seed)
@@ -174,17 +177,17 @@ def evaluate_at(parts: Any, run_dir: Path, step: int) -> dict[str, float]:
     return {f"eval/{k}": float(v) for k, v in report.items() if isinstance(v, (int, float)) and k != "step"}
 
 
-def save(parts: Any, run_dir: Path, step: int, sampler_state: Mapping[str, Any]) -> Path:
+def save(parts: RunParts, run_dir: Path, step: int, sampler_state: SamplerState) -> Path:
     weights, trainer_state = parts.learner.checkpoint_state()
     state = {"step": step, "policy_version": step, "sampler": dict(sampler_state), "job": parts.job.name}
-    curriculum = getattr(parts.sampler, "curriculum", None)
+    curriculum = parts.sampler.curriculum
     return save_checkpoint(run_dir, step, weights=weights, trainer_state=trainer_state, state=state,
                            config_yaml=(Path(run_dir) / "config.yaml").read_text(),
                            keep_last=parts.job.trainer.keep_last,
                            curriculum_state=curriculum.state_dict() if curriculum is not None else None)
 
 
-def restore(parts: Any, path: Path) -> int:
+def restore(parts: RunParts, path: Path) -> int:
     """Load a checkpoint into the learner, sampler and RNGs; push its weights to the rollout side."""
     payload = load_checkpoint(path)
     parts.learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
@@ -196,8 +199,8 @@ def restore(parts: Any, path: Path) -> int:
     return step
 
 
-def restore_curriculum(parts: Any, state: Mapping[str, Any] | None) -> None:
-    curriculum = getattr(parts.sampler, "curriculum", None)
+def restore_curriculum(parts: RunParts, state: Mapping[str, Any] | None) -> None:
+    curriculum = parts.sampler.curriculum
     if curriculum is None:
         return
     if state is None:  # e.g. a curriculum added on resume: its value model starts untrained
@@ -206,7 +209,7 @@ def restore_curriculum(parts: Any, state: Mapping[str, Any] | None) -> None:
     curriculum.load_state_dict(state)
 
 
-def print_summary(run_dir: Path, job: Any, last_step: int) -> None:
+def print_summary(run_dir: Path, job: JobConfig, last_step: int) -> None:
     """Before/after held-out accuracy when both evaluations exist, and where things were written."""
     before, after = Path(run_dir) / "eval" / "step_0.json", Path(run_dir) / "eval" / f"step_{last_step}.json"
     lines = [f"run finished at step {last_step}: {run_dir}"]

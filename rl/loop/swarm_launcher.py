@@ -16,12 +16,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rl.errors import UserError
 
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
 
-def node_overrides(job: Any, overrides: Sequence[str], i: int) -> list[str]:
+
+def node_overrides(job: JobConfig, overrides: Sequence[str], i: int) -> list[str]:
     return [*overrides, f"swarm.node_id=node{i}", f"seed={job.seed + i}",
             f"run_dir={Path(job.resolved_run_dir) / f'node{i}'}"]
 
@@ -42,7 +45,7 @@ def launch(job_ref: str, overrides: Sequence[str], nodes: int) -> int:
     return runner(job_ref, job, list(overrides), nodes)
 
 
-def _run_lockstep(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+def _run_lockstep(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     from rl.config import load_job
     from rl.loop.lockstep import run_lockstep
 
@@ -53,7 +56,7 @@ def _run_lockstep(job_ref: str, job: Any, overrides: list[str], nodes: int) -> i
     return 0
 
 
-def _run_processes(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     from urllib.parse import urlparse
 
     from rl.swarm.hub import Hub
@@ -94,7 +97,7 @@ class NodeHost:
         return train_job(load_job(job_ref, overrides))
 
 
-def _run_ray(job_ref: str, job: Any, overrides: list[str], nodes: int) -> int:
+def _run_ray(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     import os
 
     from rl.swarm.ray_transport import ensure_ray, exchange_actor, kill_exchange

@@ -6,29 +6,34 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
 
 from rl.batch import RolloutBatch
-from rl.types import Prompt, SamplingParams
+from rl.loop.weights import sync_mode
+from rl.types import FullWeights, LoraFiles, Prompt, RolloutEngine, SamplingParams, SharedModel, WeightSync
+
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
 
 
-class RolloutWorker:
-    """Wraps an engine built from the job; `shared_model` lets the local HF engine sample with the
-    learner's own model (no copy and no weight sync: the same weights by construction)."""
+class EngineWorker:
+    """Wraps an engine built from the job (a `rl.types.RolloutWorker`); `shared_model` lets the local HF engine
+    sample with the learner's own model (no copy and no weight sync: the same weights by construction)."""
 
-    def __init__(self, job: Any, model_dir: str, shared_model: Any = None) -> None:
+    def __init__(self, job: JobConfig, model_dir: str, shared_model: torch.nn.Module | None = None) -> None:
         from rollout.engine import build_engine
+        from trainers.adapters import lora_form_rank
 
         self.job = job
         self.shared = shared_model is not None
-        self.engine = build_engine(job.rollout, model_dir, dtype=job.model.dtype, device="auto", seed=job.seed,
-                                   model=shared_model, max_lora_rank=_lora_rank(job))
+        # A vLLM engine serves LoRA only when started for it, up to the adapter's LoRA-form rank.
+        max_lora_rank = lora_form_rank(job.adapter) if sync_mode(job) == "lora" else None
+        self.engine: RolloutEngine = build_engine(job.rollout, model_dir, dtype=job.model.dtype, device="auto",
+                                                  seed=job.seed, model=shared_model, max_lora_rank=max_lora_rank)
         self.version = 0
         self._adapter_dir: Path | None = None  # the LoRA folder the engine serves now (see _serve)
-
-    @property
-    def wants_lora(self) -> bool:
-        return self.job.rollout.backend == "vllm" and _lora_rank(self.job) is not None
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         if params.multi_answer is not None:  # GRPO-MA: thoughts, then answers per thought, on any engine
@@ -37,24 +42,30 @@ class RolloutWorker:
             return generate_multi_answer(self.engine, prompts, params)
         return self.engine.generate(prompts, params)
 
-    def load(self, payload: Mapping[str, Any] | None, version: int) -> float:
-        """Apply a learner's sync payload; returns seconds spent."""
+    def load_weights(self, sync: WeightSync, version: int) -> float:
+        """Serve the learner's `sync` as policy `version` from now on; returns seconds spent."""
         start = time.perf_counter()
         self.version = version
-        if payload is None:
-            self.engine.policy_version = version
-        elif payload["kind"] == "lora":
-            folder = _write_adapter(payload["files"], version)
-            try:
-                self.engine.push_lora(str(folder), version)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)  # not served: the previous adapter stays in use
-                raise
-            self._serve(folder)
-        else:
-            self.engine.push_weights(payload["tensors"].items(), version)
-            self._serve(None)  # full weights carry the policy now
+        match sync:
+            case SharedModel():  # the engine samples with the learner's own model: only the version moves
+                self.engine.policy_version = version
+            case LoraFiles(files=files):
+                self._load_lora(files, version)
+            case FullWeights(tensors=tensors):
+                self.engine.push_weights(tensors.items(), version)
+                self._serve(None)  # full weights carry the policy now
+            case _:
+                raise TypeError(f"not a WeightSync: {type(sync).__name__}")
         return time.perf_counter() - start
+
+    def _load_lora(self, files: Mapping[str, bytes], version: int) -> None:
+        folder = _write_adapter(files, version)
+        try:
+            self.engine.push_lora(str(folder), version)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # not served: the previous adapter stays in use
+            raise
+        self._serve(folder)
 
     def _serve(self, folder: Path | None) -> None:
         """Record the adapter folder the engine serves from now on and delete the one it served before.
@@ -69,10 +80,10 @@ class RolloutWorker:
 
     def sleep(self) -> None:
         """Free the engine's accelerator memory while the learner trains (vLLM on GPU; no-op otherwise)."""
-        getattr(self.engine, "sleep", lambda: None)()
+        self.engine.sleep()
 
     def wake(self) -> None:
-        getattr(self.engine, "wake", lambda: None)()
+        self.engine.wake()
 
     def close(self) -> None:
         try:
@@ -91,14 +102,3 @@ def _write_adapter(files: Mapping[str, bytes], version: int) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
-
-
-def _lora_rank(job: Any) -> int | None:
-    """The LoRA rank the vLLM engine must accept when the adapter is served as LoRA, else None."""
-    adapter = job.adapter
-    if adapter is None or job.rollout.backend != "vllm":
-        return None
-    # RoSA's sparse part and Bone's `bat` variant have no exact LoRA form: they are pushed merged.
-    if adapter.name == "rosa" or (adapter.name == "bone" and adapter.variant == "bat"):
-        return None
-    return int(adapter.r)

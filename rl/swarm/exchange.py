@@ -63,7 +63,7 @@ class SharedRollout:
         return json.dumps(self.to_dict(), allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def json_safe(value: Any) -> bool:
+def json_safe(value: object) -> bool:
     """A meta value a peer can carry: a finite scalar, or a short list of them."""
     if isinstance(value, (list, tuple)):
         return len(value) <= MAX_META_ITEMS and all(json_safe(v) and not isinstance(v, (list, tuple)) for v in value)

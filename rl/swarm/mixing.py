@@ -12,15 +12,18 @@ logprobs (rl/swarm/node.py), which makes them the old policy: ratio 1, mismatch 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from envs.base import render_prompt, stable_id
 from rl.batch import RolloutBatch
 from rollout.engine import Sample, build_batch
 from rl.swarm.exchange import SharedRollout
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def _completion_ids(tokenizer: Any, text: str, finish_reason: str, max_new_tokens: int) -> tuple[list[int], str]:
+
+def _completion_ids(tokenizer: PreTrainedTokenizerBase, text: str, finish_reason: str, max_new_tokens: int) -> tuple[list[int], str]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) >= max_new_tokens:
         return ids[:max_new_tokens], "length"
@@ -29,7 +32,7 @@ def _completion_ids(tokenizer: Any, text: str, finish_reason: str, max_new_token
     return ids, finish_reason
 
 
-def external_batch(rollouts: Sequence[SharedRollout], tokenizer: Any, max_new_tokens: int, max_prompt_tokens: int,
+def external_batch(rollouts: Sequence[SharedRollout], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, max_prompt_tokens: int,
                    policy_version: int) -> tuple[RolloutBatch | None, int]:
     """(a RolloutBatch with one group per rollout, number of rollouts whose prompt is too long here)."""
     samples, too_long = [], 0

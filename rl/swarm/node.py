@@ -22,7 +22,7 @@ import random
 import socket
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,25 +33,29 @@ from rl.swarm.pool import ExternalPool
 from rl.swarm.transports import Transport, build_transport
 from rl.swarm.validation import REASONS, Limits, Rejected, parse_message
 
+if TYPE_CHECKING:
+    from rl.config.job import JobConfig
+    from rl.loop.runtime import RunParts  # the loop calls this stage with its parts; no import at run time
+
 POLL_S = 0.05
 
 
 class NoSwarm:
     """`swarm: null`: the step trains on its own batch, unchanged."""
 
-    def exchange(self, parts: Any, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def exchange(self, parts: RunParts, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         return batch, {}
 
     def close(self) -> None:
         pass
 
 
-def build_swarm(job: Any, transport: Transport | None = None) -> Any:
+def build_swarm(job: JobConfig, transport: Transport | None = None) -> NoSwarm | SwarmNode:
     return NoSwarm() if job.swarm is None else SwarmNode(job, transport)
 
 
 class SwarmNode:
-    def __init__(self, job: Any, transport: Transport | None = None) -> None:
+    def __init__(self, job: JobConfig, transport: Transport | None = None) -> None:
         self.job, self.cfg = job, job.swarm
         self.node_id = self.cfg.node_id or f"{socket.gethostname()}-{os.getpid()}"[:64].replace(" ", "_")
         self.transport = transport or build_transport(self.cfg.transport, self.cfg.max_message_bytes)
@@ -98,7 +102,7 @@ class SwarmNode:
             self.collect()
 
     # ----- 3 + 4. mix ------------------------------------------------------------------------
-    def mix(self, parts: Any, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def mix(self, parts: RunParts, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         start = time.perf_counter()
         local = mixing.first_groups(batch, self.cfg.local)
         self._wait_for(self.cfg.external)
@@ -119,7 +123,7 @@ class SwarmNode:
         metrics["time/swarm_s"] = time.perf_counter() - start
         return mixed, metrics
 
-    def _external(self, parts: Any, version: int, step: int) -> tuple[RolloutBatch | None, dict[str, float]]:
+    def _external(self, parts: RunParts, version: int, step: int) -> tuple[RolloutBatch | None, dict[str, float]]:
         """Up to J re-tokenised, re-scored external groups with this learner's logprobs."""
         rng = random.Random(f"{self.job.seed}:{self.node_id}:{step}")
         kept: list[RolloutBatch] = []
@@ -149,7 +153,7 @@ class SwarmNode:
             stats["swarm/claimed_reward_gap"] = float((torch.tensor(claimed) - ext.rewards).abs().mean())
         return ext, stats
 
-    def _rescore(self, parts: Any, ext: RolloutBatch) -> RolloutBatch | None:
+    def _rescore(self, parts: RunParts, ext: RolloutBatch) -> RolloutBatch | None:
         """This node's own reward functions (and weights, shaping) decide the reward; the sender's claim does not."""
         result = parts.scorer.score(ext)
         ext = ext.with_rewards(result.total, result.components)
@@ -164,7 +168,7 @@ class SwarmNode:
         return sum(t >= recent for t in self.peer_seen.values())
 
     # ----- the driver's entry point -------------------------------------------------------------
-    def exchange(self, parts: Any, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def exchange(self, parts: RunParts, batch: RolloutBatch, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         published = self.publish(batch, step)
         mixed, metrics = self.mix(parts, batch, step)
         return mixed, {**published, **metrics}
@@ -173,6 +177,6 @@ class SwarmNode:
         self.transport.close()
 
 
-def ext_pad(parts: Any) -> int:
+def ext_pad(parts: RunParts) -> int:
     tok = parts.tokenizer
     return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))

@@ -13,11 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rl.errors import UserError
 from rl.registries import SWARM_TRANSPORTS
 from rl.swarm.hub import MAX_PAGE, Board
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+    from rl.config import swarm as config
 
 log = logging.getLogger(__name__)
 NAMESPACE = "rlpost-swarm"
@@ -38,7 +46,7 @@ class SwarmExchange:
         return self.board.since(cursor, limit)
 
 
-def ensure_ray(address: str | None) -> Any:
+def ensure_ray(address: str | None) -> ModuleType:
     import ray
 
     if not ray.is_initialized():
@@ -52,7 +60,7 @@ def ensure_ray(address: str | None) -> Any:
     return ray
 
 
-def exchange_actor(ray: Any, name: str) -> Any:
+def exchange_actor(ray: ModuleType, name: str) -> ActorHandle:
     """The named exchange actor, created if no node has created it yet."""
     cls = ray.remote(num_cpus=0, max_concurrency=16)(SwarmExchange)
     return cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
@@ -60,12 +68,12 @@ def exchange_actor(ray: Any, name: str) -> Any:
 
 @SWARM_TRANSPORTS.register("ray")
 class RayTransport:
-    def __init__(self, cfg: Any, max_message_bytes: int = 1_000_000) -> None:
+    def __init__(self, cfg: config.RayTransport, max_message_bytes: int = 1_000_000) -> None:
         self.ray = ensure_ray(cfg.address)
         self.name, self.timeout_s = cfg.exchange, cfg.timeout_s
-        self.actor: Any = exchange_actor(self.ray, self.name)
+        self.actor: ActorHandle = exchange_actor(self.ray, self.name)
         self.cursor, self.errors, self._broken = 0, 0, False
-        self._last_publish: Any = None
+        self._last_publish: ObjectRef | None = None
 
     def publish(self, messages: Sequence[bytes]) -> None:
         if not messages:

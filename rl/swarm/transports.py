@@ -18,11 +18,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 from urllib.parse import urlparse
 
 from rl.registries import SWARM_TRANSPORTS
 from rl.swarm.hub import MAX_PAGE, Board, Hub
+
+if TYPE_CHECKING:
+    from rl.config import swarm as config  # its section classes share the transports' names
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def build_transport(cfg: Any, max_message_bytes: int) -> Transport:
+def build_transport(cfg: config.SwarmTransportConfig, max_message_bytes: int) -> Transport:
     return SWARM_TRANSPORTS.get(cfg.name)(cfg, max_message_bytes)
 
 
@@ -59,7 +62,7 @@ def reset_memory_board(name: str) -> None:
 
 @SWARM_TRANSPORTS.register("memory")
 class MemoryTransport:
-    def __init__(self, cfg: Any, max_message_bytes: int = 1_000_000) -> None:
+    def __init__(self, cfg: config.MemoryTransport, max_message_bytes: int = 1_000_000) -> None:
         self.board = memory_board(cfg.board)
         self.cursor = 0
         self.errors = 0
@@ -87,7 +90,7 @@ class HttpTransport:
 
     QUEUE = 256  # messages waiting to be sent; more are dropped (and counted) rather than block a step
 
-    def __init__(self, cfg: Any, max_message_bytes: int = 1_000_000) -> None:
+    def __init__(self, cfg: config.HttpTransport, max_message_bytes: int = 1_000_000) -> None:
         self.url, self.timeout_s = cfg.url.rstrip("/"), cfg.timeout_s
         self.max_response_bytes = MAX_PAGE * (max_message_bytes + 64) + 1024
         self.hub = _try_serve(self.url, max_message_bytes) if cfg.serve else None

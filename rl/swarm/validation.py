@@ -11,10 +11,13 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from rl.batch import FINISH_REASONS
 from rl.swarm.exchange import FORMAT, MAX_META_ITEMS, SharedRollout, json_safe
+
+if TYPE_CHECKING:
+    from rl.config.swarm import SwarmConfig
 
 REASONS = ("oversized", "malformed", "schema", "nonfinite", "too_long", "duplicate", "expired")
 FIELDS = {"format": str, "node_id": str, "rollout_id": str, "round": int, "question": str, "completions": list,
@@ -36,7 +39,7 @@ class Limits:
     max_text_chars: int = 20_000
 
     @classmethod
-    def of(cls, swarm_cfg: Any) -> "Limits":
+    def of(cls, swarm_cfg: SwarmConfig) -> "Limits":
         return cls(swarm_cfg.max_message_bytes, swarm_cfg.max_completions, swarm_cfg.max_text_chars)
 
 
@@ -64,7 +67,7 @@ def parse_message(data: bytes, limits: Limits) -> SharedRollout:
     return _check(obj, limits)
 
 
-def _check(obj: Any, limits: Limits) -> SharedRollout:
+def _check(obj: object, limits: Limits) -> SharedRollout:
     if not isinstance(obj, dict) or set(obj) != set(FIELDS):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise Rejected("schema", f"keys {keys}")
@@ -92,7 +95,7 @@ def _check(obj: Any, limits: Limits) -> SharedRollout:
     return SharedRollout(**{k: v for k, v in obj.items() if k != "format"})
 
 
-def _check_meta(meta: Mapping[str, Any], limits: Limits) -> None:
+def _check_meta(meta: Mapping[str, object], limits: Limits) -> None:
     if len(meta) > MAX_META_ITEMS or not all(isinstance(k, str) and len(k) <= 64 for k in meta):
         raise Rejected("schema", "meta keys")
     if "question" in meta:

@@ -10,15 +10,37 @@ The API the rest of the project uses:
     merged_state_dict(model, only_adapted) -> merged full weights, base-model names, computed out of place
     lora_form(model, out_dir)              -> True after writing a PEFT LoRA dir vLLM can hot-load (exact forms)
     lora_rank(model)                       -> the rank lora_form writes, or None when there is no LoRA form
+    lora_form_rank(cfg)                    -> the same from the config alone (before any model exists)
     export_merged(model, tokenizer, dir)   -> a plain Hugging Face model directory
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from peft import LoraConfig, MissConfig
+
 from trainers.adapters.core import (ADAPTER_NAME, AdapterSchedule, adapter_state_dict, apply_adapter, disable_adapter,
                                     is_adapted, load_adapter_state_dict, peft_config, schedule_for)
 from trainers.adapters.export import export_merged, lora_form, lora_rank, merged_state_dict
+from trainers.adapters.paca import PacaConfig
+
+if TYPE_CHECKING:
+    from rl.config.adapters import AdapterConfig
 
 __all__ = ["ADAPTER_NAME", "AdapterSchedule", "apply_adapter", "schedule_for", "disable_adapter", "is_adapted",
            "peft_config", "adapter_state_dict", "load_adapter_state_dict", "merged_state_dict", "lora_form",
-           "lora_rank", "export_merged"]
+           "lora_rank", "lora_form_rank", "export_merged"]
+
+
+def lora_form_rank(cfg: AdapterConfig | None) -> int | None:
+    """The rank of the exact PEFT-LoRA form `lora_form` writes for adapter `cfg` (what a vLLM engine's
+    max_lora_rank must cover), or None when it has none (no adapter, RoSA, Bone `bat`): then the rollout side
+    gets merged full weights. Decided on the PEFT config, by the same rule as `lora_rank(model)`."""
+    if cfg is None:
+        return None
+    config = peft_config(cfg)
+    exact = isinstance(config, (LoraConfig, PacaConfig))
+    if exact or (isinstance(config, MissConfig) and config.init_weights != "bat"):
+        return int(config.r)
+    return None

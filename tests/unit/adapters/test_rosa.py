@@ -234,16 +234,16 @@ def _learner_batch(vocab: int, rows: int = 4, prompt: int = 3, completion: int =
 
 
 def test_learner_restart_clears_the_adam_moments(tiny_model_dir):
-    """Through the real Learner and PolicyTrainer steps (the trainer's own AdamW): after the step whose hook
+    """Through the real PolicyLearner and PolicyTrainer steps (the trainer's own AdamW): after the step whose hook
     chooses the mask, the restarted parameters have no Adam history, and the next step starts it afresh."""
     from rl.config.job import JobConfig
-    from rl.loop.learner import Learner
+    from rl.loop.learner import PolicyLearner
 
     job = JobConfig.model_validate({
         "model": {"path": tiny_model_dir}, "trainer": {"device": "cpu", "lr": 1e-3, "max_steps": 4},
         "adapter": {"name": "rosa", "r": 4, "alpha": 8, "density": 0.01, "warmup_steps": 1,
                     "grad_collection_steps": 1, "restart_after_mask": True, "target_modules": ["q_proj", "v_proj"]}})
-    learner = Learner(job, tiny_model_dir)
+    learner = PolicyLearner(job, tiny_model_dir)
     optimizer = learner.trainer.optimizer
     params = restarted_parameters(learner.model)
     batch = _learner_batch(learner.model.config.vocab_size)

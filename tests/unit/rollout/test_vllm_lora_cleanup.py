@@ -9,9 +9,10 @@ import torch
 from common import prompts_for
 
 from rl.config import load_job
-from rl.loop.learner import Learner
+from rl.loop.learner import PolicyLearner
+from rl.loop.weights import sync_mode
 from rl.types import SamplingParams
-from rl.loop.worker import RolloutWorker
+from rl.loop.worker import EngineWorker
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 JOB = ["rollout.backend=vllm", "adapter={name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"]
@@ -24,7 +25,7 @@ def _adapter_dirs(root: Path) -> list[Path]:
     return sorted(root.glob("rlpost-lora-*"))
 
 
-def _new_adapter(learner: Learner, seed: int) -> None:
+def _new_adapter(learner: PolicyLearner, seed: int) -> None:
     """Nonzero, seed-specific LoRA B matrices: each version is a different policy."""
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +34,7 @@ def _new_adapter(learner: Learner, seed: int) -> None:
                 p.normal_(0, 0.5)
 
 
-def _max_diff(learner: Learner, batch) -> float:
+def _max_diff(learner: PolicyLearner, batch) -> float:
     mask = batch.loss_mask
     assert int(mask.sum()) > 0
     return float((learner.logprobs(batch) - batch.sampling_logprobs).abs()[mask].max())
@@ -42,15 +43,15 @@ def _max_diff(learner: Learner, batch) -> float:
 def test_lora_pushes_keep_only_the_served_adapter(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a private temp dir: count only our folders
     job = load_job("tiny", JOB)
-    learner = Learner(job, tiny_model_dir)
-    worker = RolloutWorker(job, tiny_model_dir)
+    learner = PolicyLearner(job, tiny_model_dir)
+    worker = EngineWorker(job, tiny_model_dir)
     prompts = prompts_for(tiny_model_dir, count=2)
     params = SamplingParams(group_size=2, max_new_tokens=6, temperature=1.0, seed=1)
     try:
-        assert worker.wants_lora
+        assert sync_mode(job) == "lora"
         for version in range(1, 5):
             _new_adapter(learner, version)
-            worker.load(learner.sync_payload(worker.wants_lora), version)
+            worker.load_weights(learner.weights("lora"), version)
             assert len(_adapter_dirs(tmp_path)) == 1, _adapter_dirs(tmp_path)
             if version == 2:  # the engine has loaded (and so cached) an adapter before its folder goes
                 worker.generate(prompts, params)
@@ -62,10 +63,10 @@ def test_lora_pushes_keep_only_the_served_adapter(tiny_model_dir, tmp_path, monk
         previous = _max_diff(learner, batch)
         print(f"engine vs learner, max |diff|: newest adapter {newest:.2e}, previous adapter {previous:.2e}")
         assert newest < SAME_POLICY < previous
-        worker.load(learner.sync_payload(False), 5)  # full weights replace the adapter: no folder is needed
+        worker.load_weights(learner.weights("full"), 5)  # full weights replace the adapter: no folder is needed
         assert _adapter_dirs(tmp_path) == []
         _new_adapter(learner, 6)
-        worker.load(learner.sync_payload(worker.wants_lora), 6)
+        worker.load_weights(learner.weights("lora"), 6)
         assert len(_adapter_dirs(tmp_path)) == 1
     finally:
         worker.close()
