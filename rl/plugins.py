@@ -32,7 +32,7 @@ def load_object(import_path: str, what: str) -> object:
     target, attr = split_import_path(import_path)
     module = _load_file(target, what) if target.endswith(".py") else _import(target, import_path, what)
     if not hasattr(module, attr):
-        raise UserError(f"{what} {import_path!r}: {target} has no function {attr!r}; check the name after the colon.")
+        raise UserError(f"{what} {import_path!r}: {target} defines no {attr!r}; check the name after the colon.")
     return getattr(module, attr)
 
 

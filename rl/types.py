@@ -105,7 +105,7 @@ class Env(Protocol):
     def test_prompts(self) -> Sequence[Prompt]: ...
 
 
-EnvFactory = Callable[[BaseModel, "PreTrainedTokenizerBase", int], Env]
+EnvFactory = Callable[..., Env]
 """What the ENVS registry holds: `factory(env_config, tokenizer, seed) -> Env` (a class works)."""
 
 

@@ -66,7 +66,7 @@ def test_a_relative_file_path_is_resolved_and_written_absolute(user_env, monkeyp
 
 
 @pytest.mark.parametrize(("attr", "problem"), [
-    ("Missing", "has no function 'Missing'"),
+    ("Missing", "defines no 'Missing'"),
     ("two_arguments", r"must accept \(cfg, tokenizer, seed\)"),
     ("NOT_CALLABLE", "is a int, not a function or class"),
 ])

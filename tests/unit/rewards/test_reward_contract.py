@@ -88,7 +88,7 @@ def test_user_file_reward_loaded_by_path_gives_weighted_total_and_components(use
 
 
 def test_bad_reward_paths_and_names_are_user_errors(tmp_path, user_file):
-    with pytest.raises(UserError, match="no function 'missing'"):
+    with pytest.raises(UserError, match="defines no 'missing'"):
         build_scorer([RewardConfig(import_path=f"{user_file}:missing")], ShapingConfig())
     broken = tmp_path / "broken.py"
     broken.write_text("def f(:\n")

@@ -146,7 +146,7 @@ def test_a_custom_loss_and_advantage_load_from_a_file(user_file):
 
 @pytest.mark.parametrize("import_path, problem", [
     ("no_such_file.py:my_loss", "custom code file not found"),
-    ("{file}:not_there", "has no attribute 'not_there'"),
+    ("{file}:not_there", "defines no 'not_there'"),
     ("{file}:two_arguments", "must accept (logp, old_logp, adv, mask, cfg)"),
 ])
 def test_a_bad_custom_loss_is_a_user_error_at_algorithm_loss(user_file, import_path, problem):
