@@ -7,7 +7,8 @@ first), so held-out accuracy measures generalisation, not memorisation.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from envs.base import render_prompt, stable_id
 from rl.registries import ENVS

@@ -9,7 +9,8 @@ an answer against `meta["numbers"]` and `meta["target"]`.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from envs.base import render_prompt, stable_id
 from rl.registries import ENVS

@@ -16,9 +16,10 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from envs.base import render_prompt, stable_id
 from rl.errors import UserError

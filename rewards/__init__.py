@@ -18,9 +18,10 @@ once with `@batched_reward` (`fn(prompts, completions, **fields_as_lists) -> lis
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 F = TypeVar("F", bound=Callable)
 

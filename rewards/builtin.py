@@ -12,7 +12,8 @@ import operator
 import re
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rewards import RewardOutput
 from rl.registries import REWARDS

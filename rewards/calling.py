@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Awaitable, Callable, Iterable, Literal, Mapping, Sequence, Union, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Literal, Union, cast
 
 from rewards import normalise
 
-Scores = tuple[Union[float, None], dict[str, float]]
+Scores = tuple[float | None, dict[str, float]]
 """(total or None when the reward does not apply, {component: value})."""
 Outcome = Union[tuple[Literal["ok"], Scores], tuple[Literal["error"], str]]
 """One sample's result: its scores, or the cause of the failure."""

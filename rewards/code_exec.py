@@ -22,8 +22,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from rewards import RewardOutput
 from rl.registries import REWARDS

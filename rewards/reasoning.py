@@ -11,7 +11,7 @@ finds that this alone trains math reasoning nearly as well as a correctness rewa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rewards import RewardOutput
 from rl.registries import REWARDS

@@ -27,9 +27,10 @@ values are aligned with the tokens they score, so `loss_mask` selects both.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class RolloutBatch:
         return len(self.group_bounds())
 
     # ----- validation ----------------------------------------------------------------------
-    def validate(self) -> "RolloutBatch":
+    def validate(self) -> RolloutBatch:
         """Check every invariant of the contract; raise ValueError naming the broken one."""
         n, t = self.input_ids.shape if self.input_ids.dim() == 2 else (-1, -1)
         _check(self.input_ids.dim() == 2 and self.input_ids.dtype == torch.long, "input_ids must be [N, T] long")
@@ -140,21 +141,21 @@ class RolloutBatch:
             _check(self.ref_logprobs.shape == (n, t), "ref_logprobs must be [N, T]")
 
     # ----- functional updates --------------------------------------------------------------
-    def replace(self, **changes: Any) -> "RolloutBatch":  # any of the fields, each its own type
+    def replace(self, **changes: Any) -> RolloutBatch:  # any of the fields, each its own type
         return dataclasses.replace(self, **changes)
 
     def with_rewards(self, rewards: torch.Tensor,
-                     components: Mapping[str, torch.Tensor] | None = None) -> "RolloutBatch":
+                     components: Mapping[str, torch.Tensor] | None = None) -> RolloutBatch:
         return self.replace(rewards=rewards.float(), reward_components=dict(components or {}))
 
-    def with_advantages(self, advantages: torch.Tensor) -> "RolloutBatch":
+    def with_advantages(self, advantages: torch.Tensor) -> RolloutBatch:
         return self.replace(advantages=advantages.float())
 
-    def with_ref_logprobs(self, ref_logprobs: torch.Tensor) -> "RolloutBatch":
+    def with_ref_logprobs(self, ref_logprobs: torch.Tensor) -> RolloutBatch:
         return self.replace(ref_logprobs=ref_logprobs.float())
 
     # ----- selection, sharding, concatenation ----------------------------------------------
-    def select(self, rows: Sequence[int] | torch.Tensor) -> "RolloutBatch":
+    def select(self, rows: Sequence[int] | torch.Tensor) -> RolloutBatch:
         """The given rows (in order), trimmed to the longest remaining sequence."""
         idx = torch.as_tensor(list(rows) if not isinstance(rows, torch.Tensor) else rows, dtype=torch.long)
         keep = [int(i) for i in idx]
@@ -174,7 +175,7 @@ class RolloutBatch:
             advantages=take(self.advantages), ref_logprobs=take(self.ref_logprobs),
         )
 
-    def split_by_groups(self, k: int) -> list["RolloutBatch"]:
+    def split_by_groups(self, k: int) -> list[RolloutBatch]:
         """Split into at most `k` shards of whole groups, as even in group count as possible."""
         if k < 1:
             raise ValueError("split_by_groups needs k >= 1")
@@ -191,7 +192,7 @@ class RolloutBatch:
         return shards
 
     @staticmethod
-    def concat(batches: Sequence["RolloutBatch"], pad_token_id: int = 0) -> "RolloutBatch":
+    def concat(batches: Sequence[RolloutBatch], pad_token_id: int = 0) -> RolloutBatch:
         """Stack batches row-wise (padding to the widest); group ids are renumbered to stay distinct.
 
         The result's `policy_version` is the oldest one (the conservative choice for staleness).

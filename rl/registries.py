@@ -8,7 +8,8 @@ variants to these names).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rl.plugins import load_callable, load_object
 from rl.registry import Registry

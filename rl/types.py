@@ -12,9 +12,10 @@ The loop (rl/loop/) wires the packages together through these; `rollout`, `rewar
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Literal, Mapping, Protocol, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, Union
 
 import torch
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ from pydantic import BaseModel
 from rl.batch import RolloutBatch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    pass
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ Why a decode loop of our own instead of `model.generate`:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,7 +46,7 @@ class HFEngine:
 
     @classmethod
     def from_config(cls, rollout_cfg: RolloutConfig, model_dir: str, dtype: str, device: str, seed: int,
-                    model: torch.nn.Module | None = None, max_lora_rank: int | None = None) -> "HFEngine":
+                    model: torch.nn.Module | None = None, max_lora_rank: int | None = None) -> HFEngine:
         """The registry's factory. `seed` is unused: every `generate` call carries its own seed."""
         if model is None:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -125,7 +126,7 @@ class _Decoded:
     reasons: list[str]      # R finish reasons
 
 
-def _decode(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, sampler: "_Sampler", stopper: "_Stopper",
+def _decode(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, sampler: _Sampler, stopper: _Stopper,
             max_new: int) -> _Decoded:
     """Decode up to max_new tokens for R left-padded prompts ids [R, P] with a KV cache.
 

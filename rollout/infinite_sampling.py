@@ -30,7 +30,8 @@ import hashlib
 import heapq
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 

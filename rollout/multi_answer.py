@@ -19,7 +19,7 @@ and leaves its rows out of the answer normalisation (ALGORITHMS.md §3.5).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -32,7 +32,7 @@ class Normalisers:
     constant_length: float
 
     @staticmethod
-    def of(mask: torch.Tensor, constant_length: float) -> "Normalisers":
+    def of(mask: torch.Tensor, constant_length: float) -> Normalisers:
         """Counts of a whole mini-batch's `mask [B, T]` (B rows, each one sequence)."""
         return Normalisers(tokens=float(mask.sum()), sequences=float(mask.shape[0]),
                            constant_length=float(constant_length))

@@ -18,7 +18,8 @@ Worked example (ppo_clip, eps_low = 0.2, eps_high = 0.28), one token with A = +1
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,7 +29,7 @@ from rl.types import Objective, Stats
 if TYPE_CHECKING:
     from rl.config.algorithm import GSPOLoss, GSPOTokenLoss, PPOClipLoss, ReinforceLoss
 
-__all__ = ["Stats", "ppo_clip", "gspo", "gspo_token", "reinforce"]  # Stats: re-exported from rl.types
+__all__ = ["Stats", "gspo", "gspo_token", "ppo_clip", "reinforce"]  # Stats: re-exported from rl.types
 
 # GSPO reference code (verl core_algos.compute_policy_loss_gspo) clamps log s <= 10 before exp:
 # a sequence ratio of e^10 is already far outside any clip range, and exp would overflow in bf16.

@@ -6,7 +6,7 @@ trainers/aggregation.py the accumulated gradient does not depend on it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

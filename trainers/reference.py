@@ -11,7 +11,8 @@ object with a `logprobs(batch)` method.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 

@@ -35,10 +35,10 @@ from benchmarks._report import emit, spread
 
 def sample_pools(job, prompts: int, thoughts: int, pool: int, seed: int):
     """(rewards [P, thoughts, pool] with incomplete thoughts at 0, mean thought tokens, mean answer tokens)."""
-    from rl.models import load_tokenizer, resolve_model
-    from rl.loop.runtime import build_env
-    from rl.types import MultiAnswerSpec, SamplingParams
     from rewards.cot import answer_after
+    from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
+    from rl.types import MultiAnswerSpec, SamplingParams
     from rollout.engine import build_engine
     from rollout.multi_answer import META_KEY, generate_multi_answer
 

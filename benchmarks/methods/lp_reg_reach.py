@@ -51,7 +51,7 @@ def reach(logp: torch.Tensor, proxy: torch.Tensor) -> list[dict]:
         sel = order[: max(2, int(len(logp) * frac))]
         k = kept[sel]
         ratio = (proxy[sel][k] - logp[sel][k]).exp()
-        rows.append({"fraction": frac, "selected": int(len(sel)), "kept_share": round(float(k.float().mean()), 4),
+        rows.append({"fraction": frac, "selected": len(sel), "kept_share": round(float(k.float().mean()), 4),
                      "proxy_over_pi_mean": round(float(ratio.mean()), 4) if k.any() else None,
                      "proxy_over_pi_max": round(float(ratio.max()), 4) if k.any() else None})
     return rows
@@ -66,8 +66,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
     from rollout.engine import build_engine
 
     job = load_job(args.job)
@@ -79,7 +79,7 @@ def main() -> None:
     prompts = list(build_env(job, load_tokenizer(model_dir)).train_prompts())[:args.prompts]
     for t in args.temperatures:
         logp, proxy = sample_and_score(engine, job, prompts, t, args.seed)
-        result["by_temperature"][str(t)] = {"tokens": int(len(logp)),
+        result["by_temperature"][str(t)] = {"tokens": len(logp),
                                             "filtered_share": round(float((proxy <= -1e3).float().mean()), 4),
                                             "bottom": reach(logp, proxy)}
     engine.close()

@@ -92,9 +92,9 @@ def measure_rollout_filtering(args: argparse.Namespace) -> dict:
     """Seconds to generate groups for the (k-1)*m extra pool prompts with the job's engine and sampling
     settings: what a rollout-based filter spends per step before it can choose."""
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
     from rl.loop.steps import sampling_params
+    from rl.models import load_tokenizer, resolve_model
     from rollout.engine import build_engine
 
     job = load_job("pcl", [f"model.path={args.model}", f"rollout.prompts_per_step={args.prompts}",
@@ -120,8 +120,8 @@ def measure_selection(args: argparse.Namespace) -> dict:
     and one prompt per forward (for comparison)."""
     import envs.curriculum as pcl
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
 
     job = load_job("pcl", [f"model.path={args.model}", f"seed={args.seed}"])
     model_dir = resolve_model(job.model.path)

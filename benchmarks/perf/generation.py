@@ -20,8 +20,8 @@ from benchmarks._report import emit
 
 def workload(model_dir: str, prompts: int) -> list:
     from rl.config import load_job
-    from rl.models import load_tokenizer
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer
 
     job = load_job("quickstart", ["adapter=null"])
     return list(build_env(job, load_tokenizer(model_dir)).train_prompts())[:prompts]

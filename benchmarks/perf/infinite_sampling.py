@@ -62,8 +62,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     import torch
 
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
     from rl.types import SamplingParams
     from rollout.engine import build_engine
 
@@ -110,8 +110,8 @@ def run_paired(args: argparse.Namespace) -> dict:
     import torch
 
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
     from rl.types import SamplingParams
     from rollout.engine import build_engine
 

@@ -156,8 +156,8 @@ def thread_env(s: Settings) -> dict[str, str]:
 def prepare(s: Settings, work: Path, arms: list[str]) -> dict[str, Any]:
     """Resolve rlpost's job and build TRL's trainer; check both against `s`; write TRL's spec. Times nothing."""
     from rl.config import load_job
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env
+    from rl.models import load_tokenizer, resolve_model
 
     job = load_job("quickstart", job_overrides(s, work / "probe"))
     model_dir = str(resolve_model(job.model.path, job.model.cache_dir))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, get_args
+from typing import get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -20,7 +21,7 @@ from pydantic_core import ErrorDetails
 from rl.config.job import JobConfig
 from rl.errors import UserError
 
-__all__ = ["JobConfig", "load_job", "builtin_jobs", "apply_overrides", "dump_job", "validate_job"]
+__all__ = ["JobConfig", "apply_overrides", "builtin_jobs", "dump_job", "load_job", "validate_job"]
 
 
 def builtin_jobs() -> dict[str, Path]:

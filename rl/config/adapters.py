@@ -6,7 +6,7 @@ RoSA r(n+m) + int(density·m·n); PaCA r·m. So PaCA at r=2k matches LoRA at r=k
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -88,4 +88,4 @@ class PaCAAdapter(_AdapterCommon):
     """`functional` never writes W0 (safe); `fused` writes s·P into W before each forward (one GEMM)."""
 
 
-AdapterConfig = Annotated[Union[LoRAAdapter, BoneAdapter, RoSAAdapter, PaCAAdapter], Field(discriminator="name")]
+AdapterConfig = Annotated[LoRAAdapter | BoneAdapter | RoSAAdapter | PaCAAdapter, Field(discriminator="name")]

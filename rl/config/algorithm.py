@@ -42,7 +42,7 @@ class CustomAdvantage(CustomSection):
     registry_name = "ADVANTAGES"
 
 
-AdvantageConfig = Annotated[Union[GRPOAdvantage, DrGRPOAdvantage, RLOOAdvantage, CustomAdvantage],
+AdvantageConfig = Annotated[GRPOAdvantage | DrGRPOAdvantage | RLOOAdvantage | CustomAdvantage,
                             Field(discriminator="name")]
 
 
@@ -148,7 +148,7 @@ class CustomLoss(CustomSection, LossSection):
     registry_name = "LOSSES"
 
 
-LossConfig = Annotated[Union[PPOClipLoss, GSPOLoss, GSPOTokenLoss, ReinforceLoss, LpRegLoss, RapidLoss, CustomLoss],
+LossConfig = Annotated[PPOClipLoss | GSPOLoss | GSPOTokenLoss | ReinforceLoss | LpRegLoss | RapidLoss | CustomLoss,
                        Field(discriminator="name")]
 
 
@@ -326,7 +326,7 @@ class GRPOMAAlgorithm(Section):
     correction: MismatchCorrection = Field(default_factory=MismatchCorrection)
 
     @model_validator(mode="after")
-    def _segment_weights_need(self) -> "GRPOMAAlgorithm":
+    def _segment_weights_need(self) -> GRPOMAAlgorithm:
         if self.aggregation.name != "seq_mean_token_sum":
             raise ValueError("grpo_ma folds the paper's per-segment token means into its per-token advantages; "
                              "set algorithm.aggregation: {name: seq_mean_token_sum} (the default)")
@@ -341,6 +341,5 @@ def _algorithm_name(value: object) -> str:
     return _variant_name(value, "grpo")
 
 
-AnyAlgorithmConfig = Annotated[Union[Annotated[AlgorithmConfig, Tag("grpo")],
-                                     Annotated[GRPOMAAlgorithm, Tag("grpo_ma")]],
+AnyAlgorithmConfig = Annotated[Annotated[AlgorithmConfig, Tag("grpo")] | Annotated[GRPOMAAlgorithm, Tag("grpo_ma")],
                                Discriminator(_algorithm_name)]

@@ -64,7 +64,7 @@ class CustomSection(Section):
         return resolve_import_path(v, info, "custom code file")
 
     @model_validator(mode="after")
-    def _loads(self) -> "CustomSection":
+    def _loads(self) -> CustomSection:
         from rl import registries
         from rl.errors import UserError
 

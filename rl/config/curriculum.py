@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -39,4 +39,4 @@ class PCLCurriculum(Section):
     """`sigmoid` keeps predictions in (0, 1) (0/1 rewards, as in the paper); `none` for other reward scales."""
 
 
-CurriculumConfig = Annotated[Union[PCLCurriculum], Field(discriminator="name")]
+CurriculumConfig = Annotated[PCLCurriculum, Field(discriminator="name")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -89,7 +89,7 @@ class CustomEnv(CustomSection, _EnvCommon):
     registry_name: ClassVar[str] = "ENVS"
 
 
-EnvConfig = Annotated[Union[ArithmeticEnv, CountdownEnv, DatasetEnv, CustomEnv], Field(discriminator="name")]
+EnvConfig = Annotated[ArithmeticEnv | CountdownEnv | DatasetEnv | CustomEnv, Field(discriminator="name")]
 
 
 class RewardConfig(Section):
@@ -112,7 +112,7 @@ class RewardConfig(Section):
     """Address-space limit of an isolated reward's worker process."""
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RewardConfig":
+    def _one_source(self) -> RewardConfig:
         if (self.name is None) == (self.import_path is None):
             raise ValueError("give exactly one of `name` (a built-in reward) or `import_path` (your function)")
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -83,7 +83,7 @@ class RayCluster(Section):
     """Limit on every remote call; a call that exceeds it is treated as a dead worker."""
 
 
-ClusterConfig = Annotated[Union[LocalCluster, RayCluster], Field(discriminator="name")]
+ClusterConfig = Annotated[LocalCluster | RayCluster, Field(discriminator="name")]
 
 
 class WandbConfig(Section):
@@ -115,7 +115,7 @@ class EvalConfig(Section):
     """null = rollout.max_new_tokens."""
 
     @model_validator(mode="after")
-    def _k_within_samples(self) -> "EvalConfig":
+    def _k_within_samples(self) -> EvalConfig:
         if self.k and (self.samples < 2 or max(self.k) > self.samples):
             raise ValueError(f"eval.k={self.k} needs at least {max(2, max(self.k))} sampled completions per "
                              f"prompt, but eval.samples={self.samples}; raise eval.samples (rl eval --samples N) "
@@ -149,7 +149,7 @@ class JobConfig(Section):
     """SAPO: share rollouts with a swarm of nodes and train on I local + J external ones; null = off."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobConfig":
+    def _consistent(self) -> JobConfig:
         if not self.rewards:
             raise ValueError("rewards: give at least one reward")
         if self.rollout.vllm.sleep_between_steps and self.trainer.mode == "async":
@@ -160,14 +160,14 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _swarm_fits(self) -> "JobConfig":
+    def _swarm_fits(self) -> JobConfig:
         if self.swarm is not None and self.swarm.local > self.rollout.prompts_per_step:
             raise ValueError(f"swarm.local={self.swarm.local} exceeds rollout.prompts_per_step="
                              f"{self.rollout.prompts_per_step} (the local groups generated per step); lower it")
         return self
 
     @model_validator(mode="after")
-    def _resolve_algorithm(self) -> "JobConfig":
+    def _resolve_algorithm(self) -> JobConfig:
         """Write out the algorithm keys that depend on other sections (`correction.level: auto`, Dr.GRPO's
         C = null), so RUN_DIR/config.yaml shows what runs and a resume validates to the same job."""
         algo = self.algorithm

@@ -69,7 +69,7 @@ class RolloutConfig(Section):
     infinite_sampling: InfiniteSamplingOptions = Field(default_factory=InfiniteSamplingOptions)
 
     @model_validator(mode="after")
-    def _vllm_has_no_budget(self) -> "RolloutConfig":
+    def _vllm_has_no_budget(self) -> RolloutConfig:
         if self.backend == "vllm" and self.infinite_sampling.memory_budget_mb is not None:
             raise ValueError("rollout.infinite_sampling.memory_budget_mb is for backend: hf; vLLM's KV memory is "
                              "set by rollout.vllm.kv_cache_gib (CPU) or gpu_memory_utilization (GPU)")

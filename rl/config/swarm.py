@@ -3,7 +3,7 @@ other nodes and train on I local + J external rollouts per step. null (the defau
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -42,7 +42,7 @@ class RayTransport(Section):
     timeout_s: float = Field(2.0, gt=0)
 
 
-SwarmTransportConfig = Annotated[Union[MemoryTransport, HttpTransport, RayTransport], Field(discriminator="name")]
+SwarmTransportConfig = Annotated[MemoryTransport | HttpTransport | RayTransport, Field(discriminator="name")]
 
 
 class SwarmConfig(Section):
@@ -75,7 +75,7 @@ class SwarmConfig(Section):
     """A question or completion longer than this is rejected."""
 
     @model_validator(mode="after")
-    def _trains_on_something(self) -> "SwarmConfig":
+    def _trains_on_something(self) -> SwarmConfig:
         if self.local + self.external == 0:
             raise ValueError("swarm.local + swarm.external must be at least 1 (rollouts trained on per step)")
         return self

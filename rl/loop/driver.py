@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from rl.loop import steps
-from rl.loop.checkpoint import latest_intact_checkpoint
 from rl.config import dump_job, load_job
 from rl.errors import UserError
+from rl.loop import steps
+from rl.loop.checkpoint import latest_intact_checkpoint
 from rl.loop.metrics import MetricsLogger, plot_run
 from rl.loop.runtime import build_run
 from rl.loop.shutdown import graceful_shutdown

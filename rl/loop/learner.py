@@ -7,8 +7,9 @@ Local mode holds it directly; `cluster: ray` hosts it in an actor and calls the 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 

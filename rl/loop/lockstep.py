@@ -11,12 +11,13 @@ built and stepped with the same pieces as rl/loop/driver.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from rl.loop import steps
 from rl.config import dump_job
 from rl.errors import UserError
+from rl.loop import steps
 from rl.loop.metrics import MetricsLogger
 from rl.loop.runtime import build_run
 from rl.swarm.node import SwarmNode

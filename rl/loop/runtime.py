@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rl.loop.cluster import Placement, RolloutPool
+from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.models import load_tokenizer, resolve_model
 from rl.registries import CLUSTERS, ENVS
-from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.types import Env, Learner, Scorer
 
 if TYPE_CHECKING:

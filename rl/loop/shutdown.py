@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from rl.loop.checkpoint import MANIFEST, load_checkpoint
 from rl.errors import UserError
+from rl.loop.checkpoint import MANIFEST, load_checkpoint
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
@@ -42,10 +43,10 @@ def learner_from_checkpoint(path: str) -> PolicyLearner:
 def policy_for_target(target: str, job: JobConfig) -> Iterator[tuple[RolloutPool, Scorer, Env]]:
     """(rollout pool, scorer, env) for evaluating TARGET with `job`'s env, rewards and sampling."""
     from rl.loop.cluster import LocalWorkers, RolloutPool
-    from rl.models import load_tokenizer, resolve_model
     from rl.loop.runtime import build_env, build_scorer
     from rl.loop.weights import sync_mode
     from rl.loop.worker import EngineWorker
+    from rl.models import load_tokenizer, resolve_model
 
     if _is_checkpoint(target):
         learner = learner_from_checkpoint(target)

@@ -19,8 +19,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
 MAX_PAGE = 256  # messages per GET
@@ -70,7 +70,7 @@ def _handler(board: Board, max_message_bytes: int) -> type[BaseHTTPRequestHandle
             self.end_headers()
             self.wfile.write(data)
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             if urlparse(self.path).path != "/messages":
                 return self._reply(404, {"error": "not found"})
             length = int(self.headers.get("Content-Length") or -1)
@@ -84,7 +84,7 @@ def _handler(board: Board, max_message_bytes: int) -> type[BaseHTTPRequestHandle
                 return self._reply(400, {"error": "body must be UTF-8"})
             self._reply(200, {"seq": board.post(body)})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             url = urlparse(self.path)
             if url.path == "/health":
                 return self._reply(200, {"messages": len(board)})

@@ -12,12 +12,13 @@ logprobs (rl/swarm/node.py), which makes them the old policy: ratio 1, mismatch 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from envs.base import render_prompt, stable_id
 from rl.batch import RolloutBatch
-from rollout.engine import Sample, build_batch
 from rl.swarm.exchange import SharedRollout
+from rollout.engine import Sample, build_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

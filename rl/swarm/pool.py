@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from rl.swarm.exchange import SharedRollout
 from rl.swarm.validation import Rejected

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from rl.batch import FINISH_REASONS
 from rl.swarm.exchange import FORMAT, MAX_META_ITEMS, SharedRollout, json_safe
@@ -39,7 +40,7 @@ class Limits:
     max_text_chars: int = 20_000
 
     @classmethod
-    def of(cls, swarm_cfg: SwarmConfig) -> "Limits":
+    def of(cls, swarm_cfg: SwarmConfig) -> Limits:
         return cls(swarm_cfg.max_message_bytes, swarm_cfg.max_completions, swarm_cfg.max_text_chars)
 
 
@@ -72,7 +73,7 @@ def _check(obj: object, limits: Limits) -> SharedRollout:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise Rejected("schema", f"keys {keys}")
     for key, kind in FIELDS.items():
-        if not isinstance(obj[key], kind) or isinstance(obj[key], bool) and kind is not bool:
+        if not isinstance(obj[key], kind) or (isinstance(obj[key], bool) and kind is not bool):
             raise Rejected("schema", f"{key} must be {kind}")
     if obj["format"] != FORMAT or not ID.match(obj["node_id"]) or not ID.match(obj["rollout_id"]) or obj["round"] < 0:
         raise Rejected("schema", "format, node_id, rollout_id or round")

@@ -3,9 +3,8 @@ GRPO-MA's figures, K*M samples per prompt, and a resolved config that round-trip
 
 import math
 
-from helpers import metrics, rl
-
 import yaml
+from helpers import metrics, rl
 
 
 def test_grpo_ma_tiny_run_logs_its_metrics(tmp_path):

@@ -4,8 +4,8 @@
 import json
 
 import pytest
-
 from helpers import metrics, rl
+
 from rl.config import load_job
 from rl.loop.lockstep import run_lockstep
 

@@ -19,15 +19,16 @@ case at sync 1 with 3.7e-1.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from rl.loop import driver, steps
 from rl.config import load_job
+from rl.loop import driver, steps
 from rl.loop.metrics import MetricsLogger
 from rl.loop.runtime import build_run
 

@@ -20,17 +20,39 @@ from typing import TYPE_CHECKING
 
 from peft import LoraConfig, MissConfig
 
-from trainers.adapters.core import (ADAPTER_NAME, AdapterSchedule, adapter_state_dict, apply_adapter, disable_adapter,
-                                    is_adapted, load_adapter_state_dict, peft_config, schedule_for)
+from trainers.adapters.core import (
+    ADAPTER_NAME,
+    AdapterSchedule,
+    adapter_state_dict,
+    apply_adapter,
+    disable_adapter,
+    is_adapted,
+    load_adapter_state_dict,
+    peft_config,
+    schedule_for,
+)
 from trainers.adapters.export import export_merged, lora_form, lora_rank, merged_state_dict
 from trainers.adapters.paca import PacaConfig
 
 if TYPE_CHECKING:
     from rl.config.adapters import AdapterConfig
 
-__all__ = ["ADAPTER_NAME", "AdapterSchedule", "apply_adapter", "schedule_for", "disable_adapter", "is_adapted",
-           "peft_config", "adapter_state_dict", "load_adapter_state_dict", "merged_state_dict", "lora_form",
-           "lora_rank", "lora_form_rank", "export_merged"]
+__all__ = [
+    "ADAPTER_NAME",
+    "AdapterSchedule",
+    "adapter_state_dict",
+    "apply_adapter",
+    "disable_adapter",
+    "export_merged",
+    "is_adapted",
+    "load_adapter_state_dict",
+    "lora_form",
+    "lora_form_rank",
+    "lora_rank",
+    "merged_state_dict",
+    "peft_config",
+    "schedule_for",
+]
 
 
 def lora_form_rank(cfg: AdapterConfig | None) -> int | None:

@@ -8,11 +8,19 @@ project's own PEFT tuners (rosa.py, paca.py), so PEFT's `get_peft_model`, `disab
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, TypeGuard
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, TypeGuard
 
 import torch
-from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    MissConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 from rl.registries import ADAPTERS
 from trainers.adapters.paca import PacaConfig
@@ -62,7 +70,7 @@ def paca_config(cfg: PaCAAdapter) -> PacaConfig:
                       task_type="CAUSAL_LM")
 
 
-def _rosa_schedule(model: torch.nn.Module, cfg: RoSAAdapter, optimizer: Optional[torch.optim.Optimizer]
+def _rosa_schedule(model: torch.nn.Module, cfg: RoSAAdapter, optimizer: torch.optim.Optimizer | None
                    ) -> RosaSchedule:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.accumulator_dtype]
     return RosaSchedule(model, cfg.warmup_steps, cfg.grad_collection_steps, cfg.density, cfg.grad_accumulation,
@@ -90,8 +98,8 @@ def apply_adapter(model: torch.nn.Module, cfg: AdapterConfig | None) -> torch.nn
     return get_peft_model(model, peft_config(cfg), adapter_name=ADAPTER_NAME)
 
 
-def schedule_for(model: torch.nn.Module, cfg: AdapterConfig | None, optimizer: Optional[torch.optim.Optimizer]
-                 ) -> Optional[AdapterSchedule]:
+def schedule_for(model: torch.nn.Module, cfg: AdapterConfig | None, optimizer: torch.optim.Optimizer | None
+                 ) -> AdapterSchedule | None:
     """The adapter's per-optimizer-step hook object, or None (full fine-tuning, LoRA, Bone, PaCA).
 
     `optimizer` is the one that trains `model`: a schedule may change its state (RoSA's restart clears the

@@ -10,8 +10,9 @@ inverts a matrix, so the training weights are never written here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, convert_to_lora
@@ -147,7 +148,7 @@ def lora_form(model: torch.nn.Module, out_dir: str) -> bool:
     return bool(writer and writer(model, config, out_dir))
 
 
-def lora_rank(model: torch.nn.Module) -> Optional[int]:
+def lora_rank(model: torch.nn.Module) -> int | None:
     """The rank `lora_form` writes (what a vLLM engine's max_lora_rank must cover), or None if no LoRA form."""
     if not is_adapted(model):
         return None

@@ -15,7 +15,7 @@ Departures from the authors' code (§4.2), each on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +36,13 @@ class PacaConfig(PeftConfig):
 
     r: int = field(default=8, metadata={"help": "columns trained per targeted linear"})
     paca_alpha: float = field(default=8.0, metadata={"help": "s = paca_alpha / r"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    target_modules: list[str] | str | None = field(default=None)
+    exclude_modules: list[str] | str | None = field(default=None)
     mode: Literal["functional", "fused"] = field(default="functional")
     bias: str = field(default="none")
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    layers_to_transform: list[int] | int | None = field(default=None)
+    layers_pattern: list[str] | str | None = field(default=None)
+    modules_to_save: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +60,7 @@ class PacaFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: torch.Tensor,
                 w0_cols: torch.Tensor, idx: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
         x_cols = x[..., idx]  # [..., r]
         if fused:  # weight already holds s·P in columns idx
@@ -72,7 +72,7 @@ class PacaFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_cols, p, w0_cols, idx = ctx.saved_tensors
         if ctx.needs_input_grad[1]:
             raise RuntimeError("PaCA keeps W0 frozen; set requires_grad=False on the base weight")
@@ -168,7 +168,7 @@ class PacaLayer(nn.Module, BaseTunerLayer):
         return names[0]
 
     # ----- PEFT's tuner-layer interface -------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W[:, idx] ← s·P (the columns are replaced, not added to, so one adapter at a time)."""
         for adapter in check_adapters_to_merge(self, adapter_names):
             if self.merged_adapters:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +43,12 @@ class RosaConfig(PeftConfig):
     use_rslora: bool = field(default=False)
     density: float = field(default=0.003, metadata={"help": "nnz = int(density * m * n) per layer"})
     impl: str = field(default="gather", metadata={"help": "reference | gather | sampled"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    target_modules: list[str] | str | None = field(default=None)
+    exclude_modules: list[str] | str | None = field(default=None)
     bias: str = field(default="none")
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    layers_to_transform: list[int] | int | None = field(default=None)
+    layers_pattern: list[str] | str | None = field(default=None)
+    modules_to_save: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,7 +82,7 @@ class RosaSpAdd(torch.autograd.Function):
     """y = x (W0 + S)ᵀ + b with S = scatter(values, idx); W0 frozen. x [..., n] -> y [..., m]."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], values: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
                 idx: torch.Tensor, how: str) -> torch.Tensor:
         w_eff = weight.flatten().index_add(0, idx, values.to(weight.dtype)).view_as(weight)  # temporary [m, n]
         y = F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -91,7 +91,7 @@ class RosaSpAdd(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, values, idx = ctx.saved_tensors
         if ctx.needs_input_grad[1]:
             raise RuntimeError("RoSA keeps W0 frozen; set requires_grad=False on the base weight")
@@ -127,7 +127,7 @@ class RosaLayer(nn.Module, BaseTunerLayer):
         self.rosa_r: dict[str, int] = {}
         self.rosa_scaling: dict[str, float] = {}
         self.impl: str = config.impl
-        self.probe: Optional[torch.Tensor] = None  # dense zero delta whose .grad is dL/dW (mask collection)
+        self.probe: torch.Tensor | None = None  # dense zero delta whose .grad is dL/dW (mask collection)
         self._ready_cache: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -205,7 +205,7 @@ class RosaLayer(nn.Module, BaseTunerLayer):
             delta += dense_sparse(self.rosa_spa_values[adapter].float(), self.rosa_spa_idx[adapter], shape)
         return delta
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):
             weight = self.base_layer.weight
             with torch.no_grad():

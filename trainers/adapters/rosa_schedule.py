@@ -20,7 +20,8 @@ counts towards the next collection step.
 
 from __future__ import annotations
 
-from typing import Iterator, Literal, Optional
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
@@ -29,7 +30,7 @@ from trainers.adapters.rosa import RosaLayer
 GradAccumulation = Literal["mean_squared", "mean"]
 
 
-def accumulate(running: Optional[torch.Tensor], grad: torch.Tensor, count: int, mode: GradAccumulation,
+def accumulate(running: torch.Tensor | None, grad: torch.Tensor, count: int, mode: GradAccumulation,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Running mean over collection steps of G² (`mean_squared`, the empirical diagonal Fisher) or G.
 
@@ -58,7 +59,7 @@ class RosaSchedule:
     def __init__(self, model: torch.nn.Module, warmup_steps: int, collection_steps: int, density: float,
                  mode: GradAccumulation = "mean_squared", restart: bool = False,
                  accumulator_dtype: torch.dtype = torch.float32, adapter: str = "default",
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
         """`optimizer`: the one that steps `model`'s adapter; required with `restart` (its state is cleared)."""
         if restart and optimizer is None:
             raise ValueError("RoSA restart_after_mask must clear the restarted adapters' optimizer state: build the "

@@ -6,8 +6,9 @@ zero-padding path (64 % 48 ≠ 0, 176 % 48 ≠ 0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_testlib import (CASES, adapted, adapted_layers, base_key, build_lm, logits, randomise_adapter, tokens,
-                             train_step)
+from adapter_testlib import (
+    CASES,
+    adapted,
+    adapted_layers,
+    base_key,
+    build_lm,
+    logits,
+    randomise_adapter,
+    tokens,
+    train_step,
+)
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.miss import MissLayer

@@ -7,8 +7,17 @@ import json
 import peft
 import pytest
 import torch
-from adapter_testlib import (CASES, TARGETS, adapted, adapted_layers, base_key, build_lm, logits, randomise_adapter,
-                             tokens)
+from adapter_testlib import (
+    CASES,
+    TARGETS,
+    adapted,
+    adapted_layers,
+    base_key,
+    build_lm,
+    logits,
+    randomise_adapter,
+    tokens,
+)
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM

@@ -62,7 +62,7 @@ def test_only_partial_activations_are_saved(mode):
 def test_indices_are_unique_in_range_persistent_and_seeded():
     layer = paca_linear()
     idx = layer.paca_idx[A]
-    assert idx.numel() == R and idx.unique().numel() == R and 0 <= int(idx.min()) and int(idx.max()) < N
+    assert idx.numel() == R and idx.unique().numel() == R and int(idx.min()) >= 0 and int(idx.max()) < N
     assert any(k.endswith("paca_idx.default") for k in layer.state_dict())
     assert torch.equal(paca_linear(seed=0).paca_idx[A], idx)
     assert not torch.equal(paca_linear(seed=1).paca_idx[A], idx)

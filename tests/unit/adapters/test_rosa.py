@@ -216,7 +216,7 @@ def test_restart_needs_the_optimizer():
         schedule_for(apply_adapter(build_lm(), cfg), cfg, None)
 
 
-def _learner_batch(vocab: int, rows: int = 4, prompt: int = 3, completion: int = 5) -> "RolloutBatch":
+def _learner_batch(vocab: int, rows: int = 4, prompt: int = 3, completion: int = 5) -> RolloutBatch:
     from rl.batch import RolloutBatch
 
     g = torch.Generator().manual_seed(0)

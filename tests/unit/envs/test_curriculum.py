@@ -7,12 +7,12 @@ import torch
 
 from envs.curriculum import PCLValueModel, group_mean_rewards, select_closest
 from rl.batch import RolloutBatch
-from rl.loop.checkpoint import load_checkpoint, save_checkpoint
 from rl.config import load_job
-from rl.models import load_tokenizer
+from rl.loop.checkpoint import load_checkpoint, save_checkpoint
 from rl.loop.runtime import build_env
 from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.loop.steps import varied_group_share
+from rl.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 
 from rl.config import load_job
 from rl.errors import UserError
-from rl.models import load_tokenizer
 from rl.loop.runtime import build_env
+from rl.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,14 @@ import pytest
 import torch
 
 import rl.loop.checkpoint as ckpt
-from rl.loop.checkpoint import (CheckpointError, latest_intact_checkpoint, list_checkpoints, load_checkpoint,
-                           save_checkpoint, verify_checkpoint)
+from rl.loop.checkpoint import (
+    CheckpointError,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 
 def save(run_dir, step, value, keep_last=5, **kw):

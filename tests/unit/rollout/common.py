@@ -6,8 +6,8 @@ import torch
 
 from rl.batch import RolloutBatch
 from rl.config import load_job
-from rl.models import load_tokenizer
 from rl.loop.runtime import build_env
+from rl.models import load_tokenizer
 
 
 def prompts_for(model_dir: str, job: str = "tiny", count: int = 4, overrides: tuple[str, ...] = ()):

@@ -11,8 +11,8 @@ from common import prompts_for
 from rl.config import load_job
 from rl.loop.learner import PolicyLearner
 from rl.loop.weights import sync_mode
-from rl.types import SamplingParams
 from rl.loop.worker import EngineWorker
+from rl.types import SamplingParams
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 JOB = ["rollout.backend=vllm", "adapter={name: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"]

@@ -9,10 +9,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from rl.batch import RolloutBatch  # noqa: E402
-from rl.config.algorithm import GRPOAdvantage  # noqa: E402
-from trainer_testlib import build_batch  # noqa: E402
-from trainers.advantages import grpo  # noqa: E402
+from trainer_testlib import build_batch
+
+from rl.batch import RolloutBatch
+from rl.config.algorithm import GRPOAdvantage
+from trainers.advantages import grpo
 
 
 @pytest.fixture

@@ -7,8 +7,14 @@ import torch
 
 from rl.config.algorithm import PPOClipLoss, SeqMeanTokenSum
 from trainers.aggregation import Normalisers, seq_mean_token_sum
-from trainers.grpo_ma import (Layout, answer_advantages, diagnostics, per_token_advantages, segment_masks,
-                              thought_advantages)
+from trainers.grpo_ma import (
+    Layout,
+    answer_advantages,
+    diagnostics,
+    per_token_advantages,
+    segment_masks,
+    thought_advantages,
+)
 from trainers.losses import ppo_clip
 
 

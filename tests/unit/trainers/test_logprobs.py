@@ -1,8 +1,8 @@
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from trainer_testlib import build_batch, build_lm
+
 from trainers.logprobs import token_logprobs
 
 

@@ -2,13 +2,20 @@ import math
 
 import pytest
 import torch
+from trainer_testlib import build_batch, build_lm
 
 from rl.config.algorithm import GSPOLoss, GSPOTokenLoss, PPOClipLoss, ReinforceLoss, SeqMeanTokenMean, TokenMean
 from trainers.aggregation import Normalisers, seq_mean_token_mean, token_mean
-from trainers.losses import (gspo, gspo_token, kl_penalty, mismatch_kl, mismatch_weights, ppo_clip, reinforce,
-                             sequence_log_ratio)
-
-from trainer_testlib import build_batch, build_lm
+from trainers.losses import (
+    gspo,
+    gspo_token,
+    kl_penalty,
+    mismatch_kl,
+    mismatch_weights,
+    ppo_clip,
+    reinforce,
+    sequence_log_ratio,
+)
 
 MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # uneven lengths 3 and 2
 NORM = Normalisers.of(MASK, constant_length=4)

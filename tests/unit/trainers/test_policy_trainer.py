@@ -3,11 +3,11 @@ import io
 
 import pytest
 import torch
+from trainer_testlib import assert_same_updates, build_lm, record_updates
 
 from rl.config.adapters import LoRAAdapter
 from rl.config.algorithm import AlgorithmConfig
 from rl.config.job import TrainerConfig
-from trainer_testlib import assert_same_updates, build_lm, record_updates
 from trainers.logprobs import token_logprobs
 from trainers.policy import NonFiniteError, PolicyTrainer
 from trainers.reference import AdapterDisabledReference, FrozenCopyReference
@@ -252,9 +252,10 @@ def test_learning_rate_schedule_and_weight_decay_groups():
 @pytest.mark.slow
 def test_a_step_on_smollm2_raises_logprob_of_positive_completions(smollm2_dir):
     """Arithmetic prompts with right (advantage > 0) and wrong (< 0) answers, full fine-tuning, one step."""
+    from trainer_testlib import chat_batch
+
     from rl.config.algorithm import GRPOAdvantage
     from rl.models import load_causal_lm, load_tokenizer
-    from trainer_testlib import chat_batch
     from trainers.advantages import grpo
 
     tokenizer = load_tokenizer(smollm2_dir)

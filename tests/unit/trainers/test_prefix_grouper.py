@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from trainer_testlib import assert_same_updates, build_lm, chat_batch, record_updates
 
 import trainers.prefix_grouper as pg
 from rl.batch import RolloutBatch
@@ -11,7 +12,6 @@ from rl.config.adapters import LoRAAdapter
 from rl.config.algorithm import AlgorithmConfig
 from rl.config.job import TrainerConfig
 from rl.errors import UserError
-from trainer_testlib import assert_same_updates, build_lm, chat_batch, record_updates
 from trainers.logprobs import token_logprobs
 from trainers.microbatch import micro_batches
 from trainers.policy import PolicyTrainer

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from rl.loop import steps
 from rl.config import load_job
+from rl.loop import steps
 from rl.loop.runtime import build_run
 from rl.swarm.exchange import SharedRollout
 from rl.swarm.node import SwarmNode
