@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peft import LoraConfig, MissConfig
-
 from trainers.adapters.core import (
     ADAPTER_NAME,
     AdapterSchedule,
@@ -31,8 +29,7 @@ from trainers.adapters.core import (
     peft_config,
     schedule_for,
 )
-from trainers.adapters.export import export_merged, lora_form, lora_rank, merged_state_dict
-from trainers.adapters.paca import PacaConfig
+from trainers.adapters.export import export_merged, lora_form, lora_form_rank_of, lora_rank, merged_state_dict
 
 if TYPE_CHECKING:
     from rl.config.adapters import AdapterConfig
@@ -59,10 +56,4 @@ def lora_form_rank(cfg: AdapterConfig | None) -> int | None:
     """The rank of the exact PEFT-LoRA form `lora_form` writes for adapter `cfg` (what a vLLM engine's
     max_lora_rank must cover), or None when it has none (no adapter, RoSA, Bone `bat`): then the rollout side
     gets merged full weights. Decided on the PEFT config, by the same rule as `lora_rank(model)`."""
-    if cfg is None:
-        return None
-    config = peft_config(cfg)
-    exact = isinstance(config, (LoraConfig, PacaConfig))
-    if exact or (isinstance(config, MissConfig) and config.init_weights != "bat"):
-        return int(config.r)
-    return None
+    return None if cfg is None else lora_form_rank_of(peft_config(cfg))

@@ -150,9 +150,12 @@ def lora_form(model: torch.nn.Module, out_dir: str) -> bool:
 
 def lora_rank(model: torch.nn.Module) -> int | None:
     """The rank `lora_form` writes (what a vLLM engine's max_lora_rank must cover), or None if no LoRA form."""
-    if not is_adapted(model):
-        return None
-    config = model.peft_config[ADAPTER_NAME]
+    return lora_form_rank_of(model.peft_config[ADAPTER_NAME]) if is_adapted(model) else None
+
+
+def lora_form_rank_of(config: PeftConfig) -> int | None:
+    """The rank of the exact LoRA form of an adapter with this PEFT config, or None (RoSA; Bone `bat`, whose
+    ΔW depends on W0 itself). The one rule behind `lora_rank(model)` and `lora_form_rank(job config)`."""
     exact = isinstance(config, (LoraConfig, PacaConfig))
     if exact or (isinstance(config, MissConfig) and config.init_weights != "bat"):
         return int(config.r)
