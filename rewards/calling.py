@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Literal, Union, cast
+from typing import Literal, cast
 
 from rewards import normalise
 
 Scores = tuple[float | None, dict[str, float]]
 """(total or None when the reward does not apply, {component: value})."""
-Outcome = Union[tuple[Literal["ok"], Scores], tuple[Literal["error"], str]]
+Outcome = tuple[Literal["ok"], Scores] | tuple[Literal["error"], str]
 """One sample's result: its scores, or the cause of the failure."""
 
 

@@ -20,7 +20,7 @@ def answer_after(prompt: str, completion: str, answer: object = None, delimiter:
     """
     if answer is None:
         return None
-    head, sep, tail = completion.partition(delimiter)
+    _, sep, tail = completion.partition(delimiter)
     found = NUMBER.search(tail.replace(",", "")) if sep else None
     try:
         return 1.0 if found and float(found.group()) == float(str(answer).replace(",", "")) else 0.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -209,7 +209,7 @@ class LoraFiles:
     files: Mapping[str, bytes]
 
 
-WeightSync = Union[SharedModel, FullWeights, LoraFiles]
+WeightSync = SharedModel | FullWeights | LoraFiles
 
 
 # ----- the loop's two roles (local objects and Ray handles both satisfy these) ---------------------

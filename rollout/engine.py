@@ -43,7 +43,8 @@ class Sample:
     finish_reason: str
 
 
-def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, pad_token_id: int, policy_version: int) -> RolloutBatch:
+def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, pad_token_id: int,
+                policy_version: int) -> RolloutBatch:
     """Right-padded `[prompt][completion][pad]` rows (N = len(samples), T = longest row).
 
     loss_mask [N, T] is True on completion tokens; sampling_logprobs [N, T] holds each completion token's

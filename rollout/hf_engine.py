@@ -34,8 +34,8 @@ class HFEngine:
     """Samples with a transformers causal LM. Given the learner's own model (local sync mode) it needs
     no weight sync; otherwise it holds its own copy, updated in place by `push_weights`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 64, max_prompt_tokens: int = 512,
-                 infinite: InfiniteSampler | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 64,
+                 max_prompt_tokens: int = 512, infinite: InfiniteSampler | None = None) -> None:
         self.model, self.tokenizer, self.infinite = model, tokenizer, infinite
         self.max_batch_size, self.max_prompt_tokens = max_batch_size, max_prompt_tokens
         self.pad_id = tokenizer.pad_token_id

@@ -149,8 +149,8 @@ class SlotBatch:
     def _pad_left(self, extra: int) -> None:
         for layer in self.cache.layers:
             k, v = layer.keys, layer.values
-            layer.keys = torch.cat([k.new_zeros(k.shape[:2] + (extra,) + k.shape[3:]), k], dim=2)
-            layer.values = torch.cat([v.new_zeros(v.shape[:2] + (extra,) + v.shape[3:]), v], dim=2)
+            layer.keys = torch.cat([k.new_zeros((*k.shape[:2], extra, *k.shape[3:])), k], dim=2)
+            layer.values = torch.cat([v.new_zeros((*v.shape[:2], extra, *v.shape[3:])), v], dim=2)
         self.mask = torch.cat([self.mask.new_zeros((self.rows, extra)), self.mask], dim=1)
 
 
@@ -199,8 +199,8 @@ class SlotDecoder:
     sampler(logits [A, V], ids [A]) -> tokens [A], logprobs [A] draws from each sample's own generator.
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], groups: Sequence[int], group_size: int,
-                 slots: int, max_new: int) -> None:
+    def __init__(self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], groups: Sequence[int],
+                 group_size: int, slots: int, max_new: int) -> None:
         self.prompt_ids, self.groups, self.max_new = prompt_ids, groups, max_new
         n = len(groups)
         self.out = Outputs(torch.full((n, max_new), -1, dtype=torch.long), torch.zeros((n, max_new)),
@@ -226,8 +226,8 @@ class SlotDecoder:
             tok, lp = sampler(logits, torch.tensor(ids))
             self.stats.decode_steps += 1
             self.batch.token[torch.tensor(live, device=self.batch.device)] = tok.to(self.batch.device)
-            for sample, t, l in zip(ids, tok.tolist(), lp.tolist()):
-                self._record(sample, t, l)
+            for sample, t, logprob in zip(ids, tok.tolist(), lp.tolist()):
+                self._record(sample, t, logprob)
             finished = set(self._finished(ids, stopper))
             for r in live:
                 if self.row_sample[r] in finished:
@@ -237,7 +237,8 @@ class SlotDecoder:
         self._finish_stats()
         return self.out
 
-    def _admit(self, row: int, next_sample: Callable[[int], int | None], sampler: TokenSampler, stopper: StopRule) -> bool:
+    def _admit(self, row: int, next_sample: Callable[[int], int | None], sampler: TokenSampler,
+               stopper: StopRule) -> bool:
         """Start the next pending sample in `row`; a sample that stops on its first token never takes the row."""
         while (i := next_sample(row)) is not None:
             state = self.prompts.take(self.groups[i], self.prompt_ids[i])

@@ -51,7 +51,8 @@ class VLLMEngine:
     rollout/engine.py (greedy requests get log_softmax of the raw logits).
     """
 
-    def __init__(self, cfg: RolloutConfig, model_dir: str, dtype: str, seed: int, max_lora_rank: int | None = None) -> None:
+    def __init__(self, cfg: RolloutConfig, model_dir: str, dtype: str, seed: int,
+                 max_lora_rank: int | None = None) -> None:
         _prepare_environment(cfg)
         from vllm import LLM
 

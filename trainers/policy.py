@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from rl.config.job import TrainerConfig
     from trainers.adapters.core import AdapterSchedule
 
-    AnyAlgorithm = Union[AlgorithmConfig, GRPOMAAlgorithm]
+    AnyAlgorithm = AlgorithmConfig | GRPOMAAlgorithm
 
 
 class NonFiniteError(UserError):

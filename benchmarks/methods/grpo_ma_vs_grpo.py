@@ -14,7 +14,8 @@ reported over all steps and over the steps with reward variance only: a step whe
 has a zero gradient, and GRPO has more of them, which alone makes its spikes look larger.
 
     nice -n 15 python -m benchmarks.methods.grpo_ma_vs_grpo --steps 8 --seeds 0 1 2 \\
-        --part-a-from benchmarks/results/grpo_ma_vs_grpo/part_a.json --out benchmarks/results/grpo_ma_vs_grpo/seeds3.json
+        --part-a-from benchmarks/results/grpo_ma_vs_grpo/part_a.json \\
+        --out benchmarks/results/grpo_ma_vs_grpo/seeds3.json
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ only in the loss, run with the same reduced overrides; prints both `policy/entro
 
     python -m benchmarks.methods.lp_reg_entropy --steps 10 --prompts 2 --max-new-tokens 16 --work-dir /tmp/lr_ent
     python -m benchmarks.methods.lp_reg_entropy --work-dir /tmp/lr_ent --collect-only     # runs already there
-    python -m benchmarks.methods.lp_reg_entropy --steps 36 --set rollout.temperature=1.0 --sequential --work-dir /tmp/t1 \
-        --lp-set algorithm.loss.neg_fraction=0.25                                 # an override for the lp_reg arm only
+    python -m benchmarks.methods.lp_reg_entropy --steps 36 --set rollout.temperature=1.0 --sequential \
+        --work-dir /tmp/t1 --lp-set algorithm.loss.neg_fraction=0.25              # an override for the lp_reg arm only
 
 Entropy is the learner's mean per-token entropy of the full next-token distribution over the step's
 completion tokens (at the sampling temperature), logged by the trainer before its update.
@@ -13,6 +13,7 @@ completion tokens (at the sampling temperature), logged by the trainer before it
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -42,7 +43,7 @@ def thirds(values: list[float]) -> list[float]:
     """Means of the first, middle and last third of a curve (where entropy collapse shows)."""
     n = len(values)
     cuts = [0, n // 3, 2 * n // 3, n]
-    return [sum(values[a:b]) / max(b - a, 1) for a, b in zip(cuts, cuts[1:])]
+    return [sum(values[a:b]) / max(b - a, 1) for a, b in itertools.pairwise(cuts)]
 
 
 def run_arms(args: argparse.Namespace, work: Path, repo: Path) -> None:
@@ -95,7 +96,8 @@ def main() -> None:
                                           for a, c in curves.items()},
               "entropy_last_common_step": {a: c[common - 1]["policy/entropy"] if common else None
                                            for a, c in curves.items()},
-              "entropy_mean_by_third": {a: thirds([r["policy/entropy"] for r in c[:common]]) for a, c in curves.items()},
+              "entropy_mean_by_third": {a: thirds([r["policy/entropy"] for r in c[:common]])
+                                        for a, c in curves.items()},
               "protected_frac_mean": sum(protected) / max(common, 1),
               "reward_mean_by_third": {a: thirds([r["reward/mean"] for r in c[:common]]) for a, c in curves.items()}}
     emit(result, args.out)

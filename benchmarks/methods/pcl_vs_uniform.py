@@ -1,6 +1,7 @@
 """PCL (arXiv 2510.01135) vs uniform prompt sampling on arithmetic of mixed difficulty (built-in job `pcl`).
 
-    nice -n 15 python -m benchmarks.methods.pcl_vs_uniform --steps 12 --out benchmarks/results/pcl_vs_uniform/result.json
+    nice -n 15 python -m benchmarks.methods.pcl_vs_uniform --steps 12 \\
+        --out benchmarks/results/pcl_vs_uniform/result.json
 
 Runs the real CLI twice on the same job and seed: `curriculum: null` (uniform) and `curriculum: pcl`, then
 compares what PCL is for:
@@ -41,13 +42,13 @@ def start_arm(name: str, curriculum: str, args: argparse.Namespace) -> subproces
            "logging.progress=false", "logging.wandb.mode=disabled", f"model.path={args.model}",
            f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
            f"rollout.max_new_tokens={args.tokens}"]
-    log = open(Path(args.work) / f"{name}.log", "w")
     # Each arm gets its share of the cores: two processes that both spin up an OpenMP pool over every core
     # slow each other down several times over (measured here: 65-80 s per
     # 64 x 12-token rollout that way, against 9-11 s for the quickstart's 32 x 32 tokens run alone).
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    with open(Path(args.work) / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -112,7 +113,8 @@ def measure_rollout_filtering(args: argparse.Namespace) -> dict:
         engine.generate(chosen, sampling_params(job, r + 1))
         seconds.append(time.perf_counter() - start)
     engine.close()
-    return {"extra_pool_prompts": extra, "generate_extra_s": seconds, "generate_extra_s_mean": statistics.fmean(seconds)}
+    return {"extra_pool_prompts": extra, "generate_extra_s": seconds,
+            "generate_extra_s_mean": statistics.fmean(seconds)}
 
 
 def measure_selection(args: argparse.Namespace) -> dict:

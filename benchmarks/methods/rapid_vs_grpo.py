@@ -2,8 +2,9 @@
 against on-policy GRPO (one inference batch per update), on the same job, machine and number of updates.
 
     python -m benchmarks.methods.rapid_vs_grpo                       # tiny job, 96 updates per arm, both arms at once
-    python -m benchmarks.methods.rapid_vs_grpo --updates 48 --target 0.3 --out benchmarks/results/rapid_vs_grpo/result.json
-    python -m benchmarks.methods.rapid_vs_grpo --arms "" --work-dir DIR --targets 0.65 0.75   # re-read runs already in DIR
+    python -m benchmarks.methods.rapid_vs_grpo --updates 48 --target 0.3 \\
+        --out benchmarks/results/rapid_vs_grpo/result.json
+    python -m benchmarks.methods.rapid_vs_grpo --arms "" --work-dir DIR --targets 0.65 0.75  # re-read runs in DIR
 
 Both arms run the real CLI (`rl train`) on the tiny job with the same seed, learning rate, group size and
 samples per update (`--prompts` prompts x group); they differ only in how data is generated and used:
@@ -19,6 +20,7 @@ Prints one JSON object (also written to --out).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -35,12 +37,12 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
               "trainer.eval_before_train=true", f"eval.num_prompts={args.eval_prompts}",
               "logging.wandb.mode=disabled", "logging.progress=false", "algorithm.aggregation.name=token_mean"]
     if arm == "grpo":
-        return common + [f"rollout.prompts_per_step={args.prompts}", f"trainer.max_steps={args.updates}",
-                         f"trainer.eval_every_steps={h}", "algorithm.loss.name=ppo_clip"]
-    return common + [f"rollout.prompts_per_step={args.prompts * h}", f"trainer.max_steps={args.updates // h}",
-                     f"trainer.mini_batches={h}", "trainer.eval_every_steps=1",
-                     # the whole section: a job's ppo_clip keys (clip_low, ...) are not keys of the rapid loss
-                     f"algorithm.loss={{name: rapid, behaviour_logprobs: {args.behaviour}}}"]
+        return [*common, f"rollout.prompts_per_step={args.prompts}", f"trainer.max_steps={args.updates}",
+                f"trainer.eval_every_steps={h}", "algorithm.loss.name=ppo_clip"]
+    return [*common, f"rollout.prompts_per_step={args.prompts * h}", f"trainer.max_steps={args.updates // h}",
+            f"trainer.mini_batches={h}", "trainer.eval_every_steps=1",
+            # the whole section: a job's ppo_clip keys (clip_low, ...) are not keys of the rapid loss
+            f"algorithm.loss={{name: rapid, behaviour_logprobs: {args.behaviour}}}"]
 
 
 def curve(run_dir: Path, updates_per_step: int) -> list[dict]:
@@ -63,7 +65,7 @@ def time_to(points: list[dict], target: float) -> float | None:
 def interpolated_time_to(points: list[dict], target: float) -> float | None:
     """The clock at which the curve, read as straight lines between evaluations, first reaches `target`: less
     at the mercy of where the evaluations happen to fall than the first evaluation at or above it."""
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         if b["eval_reward"] >= target > a["eval_reward"]:
             return round(a["clock_s"] + (target - a["eval_reward"]) / (b["eval_reward"] - a["eval_reward"])
                          * (b["clock_s"] - a["clock_s"]), 2)
@@ -106,8 +108,8 @@ def main() -> None:
     procs = {}
     for arm in [a for a in ("grpo", "rapid") if a in args.arms.split(",")]:
         cmd = [sys.executable, "-m", "rl.cli", "train", args.job, *arm_overrides(arm, args), f"run_dir={work / arm}"]
-        log = open(work / f"{arm}.log", "w")
-        procs[arm] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
+        with open(work / f"{arm}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs[arm] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=repo)
         if args.sequential:
             procs[arm].wait()
     codes = {arm: proc.wait() for arm, proc in procs.items()}

@@ -39,7 +39,9 @@ def node_jobs(args: argparse.Namespace, name: str, local: int, external: int) ->
               f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.prompts_per_step={local}",
               f"swarm.local={local}", f"swarm.external={external}", "swarm.transport.name=memory",
               f"swarm.transport.board=bench-{name}", "logging.progress=false", "logging.wandb.mode=disabled",
-              f"rollout.temperature={args.temperature}"] + ([f"rewards=[{{name: {args.reward}}}]"] if args.reward else []) + ([f"model.path={args.model}"] if args.model else [])
+              f"rollout.temperature={args.temperature}",
+              *([f"rewards=[{{name: {args.reward}}}]"] if args.reward else []),
+              *([f"model.path={args.model}"] if args.model else [])]
     return [load_job(args.job, [*common, f"seed={args.seed + i}", f"swarm.node_id=node{i}",
                               f"run_dir={Path(args.work_dir) / name / f'node{i}'}"]) for i in range(args.nodes)]
 

@@ -124,7 +124,8 @@ def build(spec):
 
 
 def main(mode, spec_path, out_path):
-    spec = json.load(open(spec_path))
+    with open(spec_path) as f:
+        spec = json.load(f)
     spec["settings"]["model_dir"] = spec["model_dir"]
     trainer, model, peft_cfg, timer = build(spec)
     result = {"effective": effective(trainer, model, peft_cfg, spec["settings"]), "pid": os.getpid()}
@@ -133,7 +134,8 @@ def main(mode, spec_path, out_path):
         # mask_truncated_completions=False: every generated token is in the loss mask, so trained = generated
         result.update(step_s=timer.times, reward=timer.rewards, generated_tokens=COUNTER.tokens[:len(timer.times)],
                       trained_tokens=COUNTER.tokens[:len(timer.times)], samples=COUNTER.samples[:len(timer.times)])
-    json.dump(result, open(out_path, "w"))
+    with open(out_path, "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

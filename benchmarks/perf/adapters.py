@@ -106,14 +106,15 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     memory and of their ratios to LoRA in the same repeat (a ratio quoted in README is that median and range)."""
     lora = runs.get("lora")
     rows = []
-    for method, reps in runs.items():
+    for reps in runs.values():
         row = {**reps[0], "repeats": reps, "step_s": spread([r["step_s"] for r in reps])["median"],
                "step_s_spread": spread([r["step_s"] for r in reps]),
                "peak_over_model_mib": spread([r["peak_over_model_mib"] for r in reps])["median"]}
         if lora:
-            row["step_s_vs_lora"] = spread([r["step_s"] / l["step_s"] for r, l in zip(reps, lora)])
-            row["peak_vs_lora"] = spread([r["peak_over_model_mib"] / l["peak_over_model_mib"]
-                                          for r, l in zip(reps, lora) if l["peak_over_model_mib"]] or [float("nan")])
+            row["step_s_vs_lora"] = spread([r["step_s"] / base["step_s"] for r, base in zip(reps, lora)])
+            row["peak_vs_lora"] = spread([r["peak_over_model_mib"] / base["peak_over_model_mib"]
+                                          for r, base in zip(reps, lora) if base["peak_over_model_mib"]]
+                                         or [float("nan")])
         rows.append(row)
     return rows
 
@@ -126,7 +127,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'method':10} {'trainable':>12} {'step_s':>9} {'x LoRA [range]':>18} {'peak MiB':>9} "
              f"{'x LoRA [range]':>18}"]
     for r in rows:
-        lines.append(f"{r['method']:10} {r['trainable_params']:>12,} {r['step_s']:>9.4f} {ratio(r, 'step_s_vs_lora'):>18} "
+        lines.append(f"{r['method']:10} {r['trainable_params']:>12,} {r['step_s']:>9.4f} "
+                     f"{ratio(r, 'step_s_vs_lora'):>18} "
                      f"{r['peak_over_model_mib']:>9.1f} {ratio(r, 'peak_vs_lora'):>18}")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """Infinite Sampling (arXiv 2506.22950) vs full-group and naive micro-group decoding, transformers backend.
 
     python -m benchmarks.perf.infinite_sampling --prompts 2 --repeats 3 \\
-        --out benchmarks/results/infinite_sampling/cpu_repeats3.json   # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
+        --out benchmarks/results/infinite_sampling/cpu_repeats3.json  # SmolLM2-135M, 2 prompts x G=32 x 128 tokens, g=8
     python -m benchmarks.perf.infinite_sampling --model tiny-llama --prompts 2 --group 8 --tokens 16 --slots 2
 
 Arms (each in its own subprocess, so memory figures do not leak between arms):
@@ -42,12 +42,12 @@ ARMS = ("full", "naive", "infinite", "fifo")
 def overrides(arm: str, args: argparse.Namespace) -> list[str]:
     base = ["adapter=null", "rollout.backend=hf"]
     if arm == "full":
-        return base + [f"rollout.hf.max_batch_size={args.group}"]
+        return [*base, f"rollout.hf.max_batch_size={args.group}"]
     if arm == "naive":
-        return base + [f"rollout.hf.max_batch_size={args.slots}"]
+        return [*base, f"rollout.hf.max_batch_size={args.slots}"]
     order = "sjf" if arm == "infinite" else "fifo"
-    return base + ["rollout.infinite_sampling.enabled=true", f"rollout.infinite_sampling.max_concurrent={args.slots}",
-                   f"rollout.infinite_sampling.order={order}"]
+    return [*base, "rollout.infinite_sampling.enabled=true", f"rollout.infinite_sampling.max_concurrent={args.slots}",
+            f"rollout.infinite_sampling.order={order}"]
 
 
 def rss_kib(field: str) -> int:

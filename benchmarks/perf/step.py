@@ -34,8 +34,9 @@ def run(job: str, backend: str, steps: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "rl.cli", "train", job, f"rollout.backend={backend}", f"trainer.max_steps={steps}",
            f"run_dir={run_dir}", "trainer.eval_before_train=false", "trainer.eval_every_steps=0",
            "trainer.save_every_steps=0", "logging.wandb.mode=disabled", "logging.progress=false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / f"{job}-{backend}.log", "w"))
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
+    with open(work / f"{job}-{backend}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{job}/{backend} failed; see {work / f'{job}-{backend}.log'}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]

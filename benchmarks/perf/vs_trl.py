@@ -96,7 +96,8 @@ def job_overrides(s: Settings, run_dir: Path) -> list[str]:
     return [f"run_dir={run_dir}", f"model.path={s.model}", f"model.dtype={s.dtype}", f"seed={s.seed}",
             f"adapter={{name: lora, r: {s.lora_r}, alpha: {s.lora_alpha}, dropout: {s.lora_dropout}, "
             f"target_modules: [{targets}]}}",
-            "rollout.backend=hf", f"rollout.group_size={s.group_size}", f"rollout.prompts_per_step={s.prompts_per_step}",
+            "rollout.backend=hf", f"rollout.group_size={s.group_size}",
+            f"rollout.prompts_per_step={s.prompts_per_step}",
             f"rollout.max_new_tokens={s.max_new_tokens}", f"rollout.temperature={s.temperature}",
             f"rollout.top_p={s.top_p}", f"rollout.top_k={-1 if s.top_k is None else s.top_k}", "rollout.stop=[]",
             f"rewards=[{{name: {s.reward}}}]",

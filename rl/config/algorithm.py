@@ -5,7 +5,7 @@ Each variant is selected by its `name`; its fields belong to it alone (ALGORITHM
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
@@ -178,7 +178,7 @@ class ConstantNorm(Section):
     """The constant; null uses rollout.max_new_tokens."""
 
 
-AggregationSection = Union[TokenMean, SeqMeanTokenMean, SeqMeanTokenSum, ConstantNorm]
+AggregationSection = TokenMean | SeqMeanTokenMean | SeqMeanTokenSum | ConstantNorm
 AggregationConfig = Annotated[AggregationSection, Field(discriminator="name")]
 
 

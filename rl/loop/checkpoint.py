@@ -99,7 +99,7 @@ def _write_files(tmp: Path, weights: Mapping[str, torch.Tensor], trainer_state: 
     files = sorted(p.name for p in tmp.iterdir())
     manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for name in files + [MANIFEST]:
+    for name in [*files, MANIFEST]:
         _fsync(tmp / name)
 
 
@@ -137,8 +137,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
         if full:
             raise DiskFullError(_disk_full_message(Path(run_dir), final, needed)) from exc
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier checkpoints "
-                                  f"are intact; fix the cause and continue with `rl train --resume {run_dir}`.") from exc
+            raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier "
+                                  f"checkpoints are intact; fix the cause and continue with "
+                                  f"`rl train --resume {run_dir}`.") from exc
         raise
     prune_checkpoints(root, keep_last)
     return final

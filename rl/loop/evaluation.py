@@ -89,8 +89,9 @@ def _sampled(rollout: RolloutWorker, scorer: Scorer, prompts: Sequence[Prompt], 
     total, correct = _score(scorer, batch, primary)
     right = [int(c.sum()) for c in correct.view(len(prompts), n)]  # correct samples per prompt
     for i in range(batch.num_samples):
-        records.append({"prompt_id": prompts[i // n].prompt_id, "mode": "sampled", "completion": batch.completion_texts[i],
-                        "reward": float(total[i]), "correct": bool(correct[i])})
+        records.append({"prompt_id": prompts[i // n].prompt_id, "mode": "sampled",
+                        "completion": batch.completion_texts[i], "reward": float(total[i]),
+                        "correct": bool(correct[i])})
     passes = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in right) / len(prompts) for k in ks}
     return {**passes, "sampled_reward_mean": float(total.double().mean())}
 

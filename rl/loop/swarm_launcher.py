@@ -63,12 +63,13 @@ def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: in
     from rl.swarm.hub import Hub
 
     url = urlparse(job.swarm.transport.url)
-    hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port, max_message_bytes=job.swarm.max_message_bytes)
+    hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port,
+              max_message_bytes=job.swarm.max_message_bytes)
     print(f"swarm hub at {hub.url}")
     procs = []
     try:
         for i in range(nodes):
-            args = node_overrides(job, overrides, i) + [f"swarm.transport.url={hub.url}", "logging.progress=false"]
+            args = [*node_overrides(job, overrides, i), f"swarm.transport.url={hub.url}", "logging.progress=false"]
             log_path = Path(job.resolved_run_dir) / f"node{i}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w") as log:

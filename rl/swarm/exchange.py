@@ -73,7 +73,8 @@ def json_safe(value: object) -> bool:
     return value is None or isinstance(value, (str, bool, int))
 
 
-def rollouts_from_batch(batch: RolloutBatch, node_id: str, round_: int, model: str = "") -> tuple[list[SharedRollout], int]:
+def rollouts_from_batch(batch: RolloutBatch, node_id: str, round_: int,
+                        model: str = "") -> tuple[list[SharedRollout], int]:
     """One `SharedRollout` per group of a scored batch; (rollouts, groups that cannot be shared).
 
     A group can be shared only if its prompt carries its user message (`meta["question"]`, which every

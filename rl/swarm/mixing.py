@@ -24,17 +24,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def _completion_ids(tokenizer: PreTrainedTokenizerBase, text: str, finish_reason: str, max_new_tokens: int) -> tuple[list[int], str]:
+def _completion_ids(tokenizer: PreTrainedTokenizerBase, text: str, finish_reason: str,
+                    max_new_tokens: int) -> tuple[list[int], str]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) >= max_new_tokens:
         return ids[:max_new_tokens], "length"
     if finish_reason == "stop" and tokenizer.eos_token_id is not None:
-        ids = ids + [int(tokenizer.eos_token_id)]
+        ids = [*ids, int(tokenizer.eos_token_id)]
     return ids, finish_reason
 
 
-def external_batch(rollouts: Sequence[SharedRollout], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, max_prompt_tokens: int,
-                   policy_version: int) -> tuple[RolloutBatch | None, int]:
+def external_batch(rollouts: Sequence[SharedRollout], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                   max_prompt_tokens: int, policy_version: int) -> tuple[RolloutBatch | None, int]:
     """(a RolloutBatch with one group per rollout, number of rollouts whose prompt is too long here)."""
     samples, too_long = [], 0
     for rollout in rollouts:

@@ -11,6 +11,7 @@ the last call within `timeout_s`, and an unreachable peer, hub or exchange only 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -153,10 +154,8 @@ class HttpTransport:
             time.sleep(0.01)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self._outbox.put_nowait(None)
-        except queue.Full:
-            pass
         self._sender.join(timeout=self.timeout_s + 1)
         if self.hub is not None:
             self.hub.close()

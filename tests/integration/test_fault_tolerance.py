@@ -65,7 +65,7 @@ def test_killed_ray_rollout_worker_is_restarted_and_the_run_completes(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait(lambda: _steps_logged(run) >= 2 and len(_rollout_worker_pids()) == 2, proc)
     os.kill(_rollout_worker_pids()[0], signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert "restarting it and re-issuing" in err

@@ -229,7 +229,7 @@ class RosaLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        adapter = [a for a in self.active_adapters if a in self.rosa_spa_values][0]
+        adapter = next(a for a in self.active_adapters if a in self.rosa_spa_values)
         base, values, idx = self.base_layer, self.rosa_spa_values[adapter], self.rosa_spa_idx[adapter]
         sparse = self.spa_ready(adapter) and values.numel() > 0
         if sparse and self.impl != "reference":

@@ -103,7 +103,7 @@ def test_merge_then_unmerge(case):
     model, _ = adapted(case)
     randomise_adapter(model)
     ids = tokens()
-    w0 = {n: l.get_base_layer().weight.detach().clone() for n, l in adapted_layers(model)}
+    w0 = {n: layer.get_base_layer().weight.detach().clone() for n, layer in adapted_layers(model)}
     out_unmerged = logits(model, ids)
     model.merge_adapter()
     assert torch.allclose(logits(model, ids), out_unmerged, atol=1e-5, rtol=0)

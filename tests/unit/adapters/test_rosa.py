@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from adapter_testlib import TARGETS, build_lm, tokens
@@ -11,6 +13,9 @@ from rl.config.adapters import RoSAAdapter
 from trainers.adapters import apply_adapter, schedule_for
 from trainers.adapters.rosa import RosaConfig, RosaLayer
 from trainers.adapters.rosa_schedule import accumulate, make_mask, rosa_layers
+
+if TYPE_CHECKING:
+    from rl.batch import RolloutBatch
 
 A = "default"
 
@@ -156,7 +161,8 @@ def test_mask_follows_the_collected_gradient():
     schedule = schedule_for(model, cfg, None)
     ids = tokens(seed=9)
     model(input_ids=ids, labels=ids).loss.backward()
-    expected = {n: make_mask(l.probe.grad.square(), 0.05) for n, l in model.named_modules() if isinstance(l, RosaLayer)}
+    expected = {n: make_mask(layer.probe.grad.square(), 0.05) for n, layer in model.named_modules()
+                if isinstance(layer, RosaLayer)}
     schedule.before_optimizer_step(model, 0)
     for name, layer in model.named_modules():
         if isinstance(layer, RosaLayer):

@@ -23,7 +23,7 @@ def reachable(numbers):
     for i, j in itertools.permutations(range(len(numbers)), 2):
         rest = [n for k, n in enumerate(numbers) if k not in (i, j)]
         for op in OPS:
-            out |= reachable(rest + [op(numbers[i], numbers[j])])
+            out |= reachable([*rest, op(numbers[i], numbers[j])])
     return out
 
 
@@ -99,5 +99,5 @@ def test_malformed_files_name_file_line_and_column(tiny_tokenizer, tmp_path, nam
 
 def test_too_few_rows_for_the_test_split(tiny_tokenizer, tmp_path):
     path = write_rows(tmp_path / "small.jsonl", [{"prompt": "a", "answer": "1"}])
-    with pytest.raises(UserError, match="lower env.test_size"):
+    with pytest.raises(UserError, match=r"lower env\.test_size"):
         DatasetEnv(DatasetConfig(path=path, test_size=1), tiny_tokenizer, seed=0)

@@ -121,9 +121,9 @@ def test_on_error_zero_drop_group_and_fail(monkeypatch, make_batch, caplog):
     with build_scorer([cfg.model_copy(update={"on_error": "drop_group"})], ShapingConfig()) as scorer:
         assert scorer.score(make_batch(["ok", "ok", "bad", "ok"], groups=[0, 0, 1, 1])).keep.tolist() == \
             [True, True, False, False]
-    with build_scorer([cfg.model_copy(update={"on_error": "fail"})], ShapingConfig()) as scorer:
-        with pytest.raises(UserError, match="reward 'flaky' failed: RuntimeError: boom"):
-            scorer.score(batch)
+    with (build_scorer([cfg.model_copy(update={"on_error": "fail"})], ShapingConfig()) as scorer,
+          pytest.raises(UserError, match="reward 'flaky' failed: RuntimeError: boom")):
+        scorer.score(batch)
 
 
 def test_builtin_reward_kwargs_reach_the_function(make_batch):

@@ -64,7 +64,7 @@ def test_fail_names_the_reward_and_the_cause(tmp_path, make_batch):
     reward = tmp_path / "misbehaving.py"
     reward.write_text(MISBEHAVING)
     cfg = RewardConfig(import_path=f"{reward}:misbehave", on_error="fail")
-    with build_scorer([cfg], ShapingConfig()) as scorer, pytest.raises(UserError, match="'misbehave'.*user bug"):
+    with build_scorer([cfg], ShapingConfig()) as scorer, pytest.raises(UserError, match=r"'misbehave'.*user bug"):
         scorer.score(make_batch(["raise"]))
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,7 +49,7 @@ def test_validate_names_the_broken_invariant(breakage, message):
 
 def test_batch_is_frozen_and_with_returns_new():
     b = make_batch()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         b.rewards = torch.zeros(4)  # type: ignore[misc]
     scored = b.with_rewards(torch.ones(4), {"acc": torch.ones(4)})
     assert b.rewards is None and scored.rewards.tolist() == [1, 1, 1, 1]

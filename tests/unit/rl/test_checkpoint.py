@@ -71,7 +71,7 @@ def test_a_real_full_disk_removes_the_partial_checkpoint_and_keeps_the_previous(
     save(fs, 1, 1.0)
     args = {"weights": {"w": torch.ones(4, 4)}, "trainer_state": {}, "state": {"step": 2}, "config_yaml": "name: t\n",
             **TOO_BIG[writer]}
-    with pytest.raises(CheckpointError, match="(?i)no space left") as raised:
+    with pytest.raises(CheckpointError, match=r"(?i)no space left") as raised:
         save_checkpoint(fs, 2, **args)
     message = str(raised.value)
     assert str(fs) in message and f"rl train --resume {fs}" in message and "step_1 is intact" in message, message

@@ -30,7 +30,7 @@ def test_missing_or_broken_model_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="not a built-in alias"):
         resolve_model("no-such-model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match=r"no config\.json"):
         resolve_model(str(tmp_path / "empty"))
 
 

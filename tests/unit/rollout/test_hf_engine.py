@@ -44,7 +44,8 @@ def test_samples_do_not_depend_on_batching_or_prompt_order(engine, tiny_model_di
         rounds = engine.generate(prompts[::-1], params)
     finally:
         engine.max_batch_size = 64
-    assert whole.completion_texts == rounds.completion_texts[6:] + rounds.completion_texts[3:6] + rounds.completion_texts[:3]
+    texts = rounds.completion_texts
+    assert whole.completion_texts == texts[6:] + texts[3:6] + texts[:3]
 
 
 def test_stop_strings_end_rows_with_reason_stop(engine, tiny_model_dir):
@@ -87,7 +88,8 @@ def test_push_lora_equals_peft_merge_and_does_not_stack(tiny_model_dir, tmp_path
     ids = torch.tensor([[3, 50, 70, 90, 110]])
     base_logits = engine.model(input_ids=ids).logits
     torch.manual_seed(0)
-    peft = get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(load_causal_lm(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:

@@ -40,7 +40,8 @@ def test_tiny_greedy_parity_and_logprobs(tiny_engines, tiny_model_dir):
     assert len(set(a.completion_texts)) > 1
     assert torch.equal(a.input_ids, b.input_ids)
     for temperature in (1.0, 0.8):
-        sampled = vllm.generate(prompts, SamplingParams(group_size=4, max_new_tokens=12, temperature=temperature, seed=3))
+        params = SamplingParams(group_size=4, max_new_tokens=12, temperature=temperature, seed=3)
+        sampled = vllm.generate(prompts, params)
         assert len(set(sampled.completion_texts[:4])) > 1  # n samples of one request differ
         diff = mean_abs_logprob_diff(hf.model, sampled, temperature)
         print(f"vllm vs learner logprobs (tiny, T={temperature}): mean |diff| = {diff:.2e}")
@@ -107,7 +108,8 @@ def _lora_dir(model_dir: str, out: str, rank: int = 8) -> None:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(load_causal_lm(model_dir),
+                           LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -36,7 +36,7 @@ def grads_after_step(batch, micro_batch_tokens, algorithm, **trainer):
     {"loss": {"name": "gspo"}, "aggregation": {"name": "seq_mean_token_mean"}, "kl": {"coef": 0.1},
      "correction": {"level": "sequence", "cap": 5.0}},
     {"loss": {"name": "gspo_token"}, "kl": {"coef": 0.1, "estimator": "k1"}, "correction": {"level": "token"}},
-], ids=AGGREGATIONS + ["gspo+kl+seq_tis", "gspo_token+k1+tis"])
+], ids=[*AGGREGATIONS, "gspo+kl+seq_tis", "gspo_token+k1+tis"])
 def test_gradient_accumulation_one_micro_batch_of_8_equals_8_of_1(uneven_batch, algorithm):
     one, m1 = grads_after_step(uneven_batch, 10_000, algorithm)
     many, m8 = grads_after_step(uneven_batch, 1, algorithm)  # budget below every row: 8 micro-batches of 1

@@ -86,7 +86,7 @@ def test_unbiased_on_a_bandit(baseline, off_policy, scale):
     pi = torch.softmax(theta, 0)
     pi_b = torch.softmax(torch.tensor([0.0, 0.4, -0.2, 0.3, 0.0], dtype=torch.float64), 0) if off_policy else pi
     exact = pi * (reward - (pi * reward).sum())  # grad_theta E_pi[R] for softmax logits
-    groups, G = 100_000, 4
+    groups, G = 100_000, 4  # noqa: N806 - G: the group size, as in the docstring and the paper
     y = torch.multinomial(pi_b, groups * G, replacement=True, generator=g)  # [N]
     ids = torch.arange(groups * G) // G
     logp = torch.log_softmax(theta, 0)[y].unsqueeze(1)  # [N, 1], pi_theta(y)

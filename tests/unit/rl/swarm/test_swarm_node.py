@@ -50,7 +50,8 @@ def node_with_peers(parts, board, rollouts, **swarm):
 
 
 @pytest.mark.parametrize("available, expected_external", [(3, 2), (1, 1), (0, 0)])
-def test_a_step_trains_on_I_local_and_up_to_J_external_groups(parts, available, expected_external):
+def test_a_step_trains_on_I_local_and_up_to_J_external_groups(  # noqa: N802 - I, J: the SAPO paper's symbols
+        parts, available, expected_external):
     node = node_with_peers(parts, f"count{available}", [peer_rollout(i) for i in range(available)])
     local = local_batch(parts)
     mixed, m = node.exchange(parts, local, step=1)
@@ -103,7 +104,7 @@ def test_bad_peer_data_is_rejected_and_counted_and_good_data_still_used(parts):
                peer_rollout(1).encode().replace(b'"rewards":[0.0,1.0]', b'"rewards":[NaN,1.0]'),
                b"x" * (node.cfg.max_message_bytes + 1), peer_rollout(0).encode()]  # the last: a duplicate
     MemoryTransport(node.cfg.transport).publish(garbage)
-    mixed, m = node.exchange(parts, local_batch(parts), step=1)
+    _, m = node.exchange(parts, local_batch(parts), step=1)
     assert m["swarm/external"] == 1 and m["swarm/rejected"] == 5
     assert {k: m[k] for k in m if k.startswith("swarm/rejected/")} == {
         "swarm/rejected/malformed": 1, "swarm/rejected/schema": 1, "swarm/rejected/nonfinite": 1,
