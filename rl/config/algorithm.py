@@ -17,7 +17,7 @@ class GRPOAdvantage(Section):
     """GRPO: (R - group mean) / (group std + eps) (DeepSeekMath, arXiv 2402.03300)."""
 
     name: Literal["grpo"] = "grpo"
-    eps: float = Field(1e-6, gt=0)
+    eps: float = Field(default=1e-6, gt=0)
     """Added to the standard deviation before dividing (verl's value)."""
     std_scope: Literal["group", "batch"] = "group"
     """Divide by the group's std (GRPO) or by the whole batch's std (more robust for small groups)."""
@@ -60,9 +60,9 @@ class PPOClipLoss(LossSection):
     """GRPO's per-token clipped surrogate with DAPO's separate low/high clip ranges."""
 
     name: Literal["ppo_clip"] = "ppo_clip"
-    clip_low: float = Field(0.2, ge=0, le=1)
+    clip_low: float = Field(default=0.2, ge=0, le=1)
     """Lower clip: ratios below 1 - clip_low stop contributing gradient for negative advantages."""
-    clip_high: float = Field(0.28, ge=0)
+    clip_high: float = Field(default=0.28, ge=0)
     """Upper clip: ratios above 1 + clip_high stop contributing gradient for positive advantages."""
 
 
@@ -70,16 +70,16 @@ class GSPOLoss(LossSection):
     """GSPO: sequence-level length-normalised ratio with sequence-level clipping (arXiv 2507.18071)."""
 
     name: Literal["gspo"] = "gspo"
-    clip_low: float = Field(3e-4, ge=0, le=1)
-    clip_high: float = Field(4e-4, ge=0)
+    clip_low: float = Field(default=3e-4, ge=0, le=1)
+    clip_high: float = Field(default=4e-4, ge=0)
 
 
 class GSPOTokenLoss(LossSection):
     """GSPO-token: the sequence ratio with per-token advantages (equals GSPO for constant advantages)."""
 
     name: Literal["gspo_token"] = "gspo_token"
-    clip_low: float = Field(3e-4, ge=0, le=1)
-    clip_high: float = Field(4e-4, ge=0)
+    clip_low: float = Field(default=3e-4, ge=0, le=1)
+    clip_high: float = Field(default=4e-4, ge=0)
 
 
 class ReinforceLoss(LossSection):
@@ -93,23 +93,23 @@ class LpRegLoss(LossSection):
     policy on the lowest-probability negative-advantage tokens. Defaults: the released scripts (Qwen3-14B)."""
 
     name: Literal["lp_reg"] = "lp_reg"
-    clip_low: float = Field(1.0, ge=0, le=1)
+    clip_low: float = Field(default=1.0, ge=0, le=1)
     """Lower clip of the surrogate (released scripts: 1.0, i.e. ratios clipped to [0, 10] with clip_high 9)."""
-    clip_high: float = Field(9.0, ge=0)
+    clip_high: float = Field(default=9.0, ge=0)
     proxy: Literal["min_p", "fixed"] = "min_p"
     """Which tokens the proxy drops as noise: p < min_p * max p (`min_p`) or p < fixed_threshold (`fixed`)."""
-    min_p: float = Field(0.02, gt=0, lt=1)
+    min_p: float = Field(default=0.02, gt=0, lt=1)
     """kappa, relative to the most probable token (released scripts: 0.02)."""
-    fixed_threshold: float = Field(0.01, gt=0, lt=1)
+    fixed_threshold: float = Field(default=0.01, gt=0, lt=1)
     """tau, an absolute probability; used with proxy: fixed."""
     soft_filter: bool = False
     """Filtered logits set to the row's smallest logit instead of -1e4 (the reference's `minp_soft`)."""
-    neg_fraction: float = Field(0.01, ge=0, le=1)
+    neg_fraction: float = Field(default=0.01, ge=0, le=1)
     """rho: the fraction of negative-advantage tokens (lowest current probability) eligible per micro-batch;
     none are when int(count * rho) <= 1 (released: 0.01 for Qwen3-14B, 0.005 for Qwen2.5-32B)."""
-    pos_fraction: float = Field(0.0, ge=0, le=1)
+    pos_fraction: float = Field(default=0.0, ge=0, le=1)
     """The same for positive-advantage tokens (0 in the released scripts)."""
-    coef: float = Field(1.0, ge=0)
+    coef: float = Field(default=1.0, ge=0)
     """beta, the weight of the k3 term (released: 1.0)."""
 
 
@@ -119,14 +119,14 @@ class RapidLoss(LossSection):
     trainer.mini_batches). It computes its own advantage from rewards: algorithm.advantage is not used."""
 
     name: Literal["rapid"] = "rapid"
-    eta: float = Field(2.0, gt=0)
+    eta: float = Field(default=2.0, gt=0)
     """Importance weights are clipped at this value (the paper's 2.0)."""
     baseline: Literal["leave_one_out", "weighted_mean", "self_normalised"] = "leave_one_out"
     """Group value estimate from the other members, (1/(G-1)) sum_{j != i} w_j R_j (unbiased before clipping,
     the paper's claim); or (1/G) sum w R; or sum w R / sum w (both hold the sample's own term)."""
     scale_by_std: bool = False
     """Divide advantages by the group's reward std (GRPO-style); the paper's GRPG does not."""
-    eps: float = Field(1e-6, gt=0)
+    eps: float = Field(default=1e-6, gt=0)
     behaviour_logprobs: Literal["learner", "sampler"] = "learner"
     """pi_b: recomputed by the learner once per step before any update, or the sampler's own log-probs
     (saves a forward pass; exact with the hf backend, which samples with the learner's model). With `sampler`
@@ -174,7 +174,7 @@ class ConstantNorm(Section):
     """Dr.GRPO: sum of masked token losses / (number of sequences x a constant length)."""
 
     name: Literal["constant"] = "constant"
-    max_length: int | None = Field(None, gt=0)
+    max_length: int | None = Field(default=None, gt=0)
     """The constant; null uses rollout.max_new_tokens."""
 
 
@@ -185,7 +185,7 @@ AggregationConfig = Annotated[AggregationSection, Field(discriminator="name")]
 class KLConfig(Section):
     """KL penalty to the reference policy, added to the per-token loss."""
 
-    coef: float = Field(0.0, ge=0)
+    coef: float = Field(default=0.0, ge=0)
     """Coefficient beta; 0 disables the term and loads no reference policy."""
     estimator: Literal["k1", "k3"] = "k3"
     """k1 = log(pi/pi_ref); k3 = pi_ref/pi - log(pi_ref/pi) - 1 (DeepSeekMath, clamped to [-10, 10])."""
@@ -199,7 +199,7 @@ class MismatchCorrection(Section):
     whenever the sampler's weights or kernels can differ from the learner's (trainer.mode: async, cluster: ray,
     rollout.backend: vllm), `none` when the local transformers engine samples with the learner's own model
     (and for rapid with behaviour_logprobs: sampler, whose own weight is the correction)."""
-    cap: float = Field(2.0, gt=0)
+    cap: float = Field(default=2.0, gt=0)
     """Weights are truncated at this value (TIS)."""
 
 
@@ -305,18 +305,18 @@ class GRPOMAAlgorithm(Section):
     """
 
     name: Literal["grpo_ma"] = "grpo_ma"
-    thoughts: int = Field(4, ge=1)
+    thoughts: int = Field(default=4, ge=1)
     """K: thoughts sampled per prompt (rollout.group_size is not used; a prompt yields K x M rows)."""
-    answers_per_thought: int = Field(4, ge=1)
+    answers_per_thought: int = Field(default=4, ge=1)
     """M: answers sampled per thought, each continuing the prompt + thought tokens."""
-    thought_delimiter: str = Field("Answer:", min_length=1)
+    thought_delimiter: str = Field(default="Answer:", min_length=1)
     """The thought ends at (and includes) this text; a thought that never writes it gets reward 0 answers."""
-    answer_max_new_tokens: int = Field(16, ge=1)
+    answer_max_new_tokens: int = Field(default=16, ge=1)
     """Token budget of each answer (rollout.max_new_tokens is the thought's budget)."""
     answer_adv_scope: Literal["global", "per_thought"] = "global"
     """Normalise answer rewards over all K x M answers of the prompt (`global`), or within each
     thought's M answers (`per_thought`: which answer is better given this thought)."""
-    eps: float = Field(1e-6, gt=0)
+    eps: float = Field(default=1e-6, gt=0)
     """Added to standard deviations before dividing."""
     loss: LossConfig = Field(default_factory=PPOClipLoss)
     """ppo_clip or reinforce: the losses that are per-token and positively homogeneous in the advantage (a custom

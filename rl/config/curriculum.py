@@ -19,7 +19,7 @@ class PCLCurriculum(Section):
     rolled out (the paper trains a whole LM + head; see envs/curriculum.py)."""
 
     name: Literal["pcl"] = "pcl"
-    pool_factor: int = Field(4, ge=1)
+    pool_factor: int = Field(default=4, ge=1)
     """Candidates drawn per selected prompt (the paper's k); 1 = no selection (uniform), still trains V."""
     target: float = 0.5
     """Predicted reward to aim for (tau); 0.5 maximises p(1-p) for a 0/1 reward."""
@@ -29,11 +29,11 @@ class PCLCurriculum(Section):
     """Prompt feature: hidden state of the last prompt token, or the mean over prompt tokens."""
     layer: int = -1
     """Hidden layer the features come from (-1: the final, normed one)."""
-    hidden: int = Field(64, ge=1)
+    hidden: int = Field(default=64, ge=1)
     """Width of the MLP head (features -> hidden -> 1)."""
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
     """Adam learning rate of the head."""
-    updates_per_step: int = Field(8, ge=1)
+    updates_per_step: int = Field(default=8, ge=1)
     """Full-batch Adam steps on each step's (prompt, mean reward) pairs."""
     squash: Literal["sigmoid", "none"] = "sigmoid"
     """`sigmoid` keeps predictions in (0, 1) (0/1 rewards, as in the paper); `none` for other reward scales."""

@@ -8,11 +8,17 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rl.config.base import CustomSection, Section, resolve_existing_file, resolve_import_path
 
+Operation = Literal["+", "-", "*"]
+
+
+def _default_operations() -> list[Operation]:
+    return ["+", "-"]
+
 
 class _EnvCommon(Section):
     system_prompt: str | None = None
     """A system message put before every prompt (null: the env's default)."""
-    test_size: int = Field(200, ge=0)
+    test_size: int = Field(default=200, ge=0)
     """Prompts held out for evaluation (never trained on)."""
 
 
@@ -22,21 +28,21 @@ class ArithmeticEnv(_EnvCommon):
     name: Literal["arithmetic"] = "arithmetic"
     digits: Annotated[int, Field(ge=1, le=9)] | list[Annotated[int, Field(ge=1, le=9)]] = 2
     """Digits per operand; a list (e.g. [1, 2, 3]) mixes difficulties in equal shares of each split."""
-    operations: list[Literal["+", "-", "*"]] = Field(default_factory=lambda: ["+", "-"])
-    train_size: int = Field(5000, ge=1)
+    operations: list[Operation] = Field(default_factory=_default_operations)
+    train_size: int = Field(default=5000, ge=1)
 
 
 class CountdownEnv(_EnvCommon):
     """Countdown: combine the given numbers with + - * / to reach the target."""
 
     name: Literal["countdown"] = "countdown"
-    numbers: int = Field(3, ge=2, le=6)
+    numbers: int = Field(default=3, ge=2, le=6)
     """How many numbers are given (the difficulty knob: each must be used exactly once)."""
-    max_number: int = Field(20, ge=2)
+    max_number: int = Field(default=20, ge=2)
     """Numbers are drawn from 1..max_number."""
-    max_target: int = Field(1000, ge=1)
+    max_target: int = Field(default=1000, ge=1)
     """Targets are positive integers up to this (reachable by construction)."""
-    train_size: int = Field(5000, ge=1)
+    train_size: int = Field(default=5000, ge=1)
 
 
 class DatasetEnv(_EnvCommon):
@@ -100,7 +106,7 @@ class RewardConfig(Section):
     import_path: str | None = None
     """`package.module:fn` or `path/to/file.py:fn`."""
     weight: float = 1.0
-    timeout_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
     """Per-call time limit; a call that runs longer gets the `on_error` fallback."""
     on_error: Literal["zero", "drop_group", "fail"] = "zero"
     """What a failing call (raise, hang, NaN, wrong type) gives the sample."""
@@ -108,7 +114,7 @@ class RewardConfig(Section):
     """Run in a worker process; null = yes for user functions, no for built-ins."""
     kwargs: dict[str, object] = Field(default_factory=dict)
     """Extra keyword arguments for the function (its own settings)."""
-    memory_mb: int = Field(4096, ge=64)
+    memory_mb: int = Field(default=4096, ge=64)
     """Address-space limit of an isolated reward's worker process."""
 
     @model_validator(mode="after")
@@ -144,9 +150,9 @@ class ShapingConfig(Section):
     """Clip the total reward to [low, high] (before PAR)."""
     par: bool = False
     """PAR (arXiv 2502.18770): sigmoid(k (r - r_ref)) averaged over reference rewards (`ref_rewards` field)."""
-    par_k: float = Field(1.0, gt=0)
+    par_k: float = Field(default=1.0, gt=0)
     """PAR's sigmoid slope k."""
-    par_max_refs: int | None = Field(None, ge=1)
+    par_max_refs: int | None = Field(default=None, ge=1)
     """Use only the first M reference rewards of each sample (null: all; the paper finds M=1 enough)."""
 
     @field_validator("clip")

@@ -28,21 +28,21 @@ class ModelConfig(Section):
 class TrainerConfig(Section):
     """The learner and the schedule of the run."""
 
-    lr: float = Field(1e-5, gt=0)
-    max_steps: int = Field(50, ge=1)
+    lr: float = Field(default=1e-5, gt=0)
+    max_steps: int = Field(default=50, ge=1)
     """Training steps (one rollout batch each)."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float = Field(1.0, gt=0)
-    ppo_epochs: int = Field(1, ge=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    ppo_epochs: int = Field(default=1, ge=1)
     """Passes over each rollout batch."""
-    mini_batches: int = Field(1, ge=1)
+    mini_batches: int = Field(default=1, ge=1)
     """Optimizer steps per pass (the batch is split by whole groups)."""
-    micro_batch_tokens: int = Field(8192, ge=1)
+    micro_batch_tokens: int = Field(default=8192, ge=1)
     """Token budget per forward/backward; micro-batches are packed up to it."""
-    logprob_chunk_tokens: int = Field(1024, ge=1)
+    logprob_chunk_tokens: int = Field(default=1024, ge=1)
     """Positions whose logits are materialised at once when computing logprobs and entropy."""
     gradient_checkpointing: bool = False
     shared_prefix: bool = False
@@ -50,17 +50,17 @@ class TrainerConfig(Section):
     to [prompt; itself]; same logprobs and gradients as the padded forward, less compute for long prompts.
     Needs sdpa or eager attention and full (not sliding-window) attention."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    save_every_steps: int = Field(10, ge=0)
+    save_every_steps: int = Field(default=10, ge=0)
     """0 disables periodic checkpoints (the last step is always saved)."""
-    keep_last: int = Field(3, ge=1)
-    eval_every_steps: int = Field(0, ge=0)
+    keep_last: int = Field(default=3, ge=1)
+    eval_every_steps: int = Field(default=0, ge=0)
     """0 disables periodic evaluation."""
     eval_before_train: bool = False
     mode: Literal["sync", "async"] = "sync"
     """`async` generates step n+1 while step n trains."""
-    max_staleness: int = Field(1, ge=0)
+    max_staleness: int = Field(default=1, ge=0)
     """Async: samples more than this many policy versions old are dropped."""
-    max_nonfinite_steps: int = Field(3, ge=1)
+    max_nonfinite_steps: int = Field(default=3, ge=1)
     """Consecutive non-finite losses/gradients tolerated (each skipped) before the run stops."""
 
 
@@ -74,12 +74,12 @@ class RayCluster(Section):
     """Rollout workers and learner as Ray actors."""
 
     name: Literal["ray"] = "ray"
-    rollout_workers: int = Field(1, ge=1)
+    rollout_workers: int = Field(default=1, ge=1)
     address: str | None = None
     """An existing cluster (`auto` or host:port); null starts a local one."""
-    num_cpus: int | None = Field(None, ge=1)
+    num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of the local cluster; null = all."""
-    call_timeout_s: float = Field(900.0, gt=0)
+    call_timeout_s: float = Field(default=900.0, gt=0)
     """Limit on every remote call; a call that exceeds it is treated as a dead worker."""
 
 
@@ -102,16 +102,16 @@ class LoggingConfig(Section):
 class EvalConfig(Section):
     """Held-out evaluation."""
 
-    num_prompts: int = Field(200, ge=1)
+    num_prompts: int = Field(default=200, ge=1)
     """Test prompts scored (at most the env's test split)."""
-    samples: int = Field(1, ge=1)
+    samples: int = Field(default=1, ge=1)
     """Sampled completions per prompt, N (besides the greedy one; 1 = greedy only). pass@k is estimated from
     all N (the unbiased estimator of Chen et al. 2021), so pass@k for k < N has less variance than k samples."""
     k: list[Annotated[int, Field(ge=1)]] | None = None
     """The k's of the pass@k reported (pass@1 always); each k <= samples. null = 1, 2, 4, ... below samples,
     and samples itself."""
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
     """null = rollout.max_new_tokens."""
 
     @model_validator(mode="after")
@@ -132,7 +132,7 @@ class JobConfig(Section):
     adapter: AdapterConfig | None = None
     """null = full fine-tuning."""
     env: EnvConfig = Field(default_factory=lambda: {"name": "arithmetic"})  # type: ignore[assignment]
-    rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[list-item]
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[arg-type]
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig | None = None

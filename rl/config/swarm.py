@@ -27,7 +27,7 @@ class HttpTransport(Section):
     """The hub's address."""
     serve: bool = False
     """Start the hub inside this node (listening on the url's host and port) if none answers there."""
-    timeout_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
     """Limit on every request: a slow or dead hub costs a node at most this per step."""
 
 
@@ -39,7 +39,7 @@ class RayTransport(Section):
     """An existing cluster (`auto` or host:port); null = join the one this process is in, or start one."""
     exchange: str = "rlpost-swarm"
     """Name of the exchange actor (nodes with the same name form a swarm)."""
-    timeout_s: float = Field(2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
 
 
 SwarmTransportConfig = Annotated[MemoryTransport | HttpTransport | RayTransport, Field(discriminator="name")]
@@ -48,30 +48,30 @@ SwarmTransportConfig = Annotated[MemoryTransport | HttpTransport | RayTransport,
 class SwarmConfig(Section):
     """This node's part in a SAPO swarm."""
 
-    local: int = Field(4, ge=0)
+    local: int = Field(default=4, ge=0)
     """I: local rollouts (groups = one prompt with its completions) trained on per step; at most
     rollout.prompts_per_step (all generated groups are shared, the first I are trained on)."""
-    external: int = Field(4, ge=0)
+    external: int = Field(default=4, ge=0)
     """J: external rollouts (groups shared by other nodes) trained on per step. When fewer are
     available the step trains on the ones there are (never waits longer than wait_s)."""
-    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     """This node's name in the swarm; null = host name + process id."""
     transport: SwarmTransportConfig = Field(default_factory=MemoryTransport)
     share: bool = True
     """Publish this node's rollouts (false = only consume)."""
-    wait_s: float = Field(0.0, ge=0)
+    wait_s: float = Field(default=0.0, ge=0)
     """Most seconds a step waits for J external rollouts to arrive (0 = take what is there)."""
-    max_age_s: float = Field(600.0, gt=0)
+    max_age_s: float = Field(default=600.0, gt=0)
     """External rollouts older than this (since received) are dropped (hivemind's 600 s expiry)."""
-    pool_size: int = Field(256, ge=1)
+    pool_size: int = Field(default=256, ge=1)
     """Most external rollouts kept waiting to be used (oldest dropped)."""
     skip_uniform_reward: bool = False
     """Do not train on external groups whose re-scored rewards are all equal (zero advantage)."""
-    max_message_bytes: int = Field(1_000_000, ge=1024)
+    max_message_bytes: int = Field(default=1_000_000, ge=1024)
     """A peer's message larger than this is rejected."""
-    max_completions: int = Field(64, ge=1)
+    max_completions: int = Field(default=64, ge=1)
     """A shared rollout with more completions than this is rejected."""
-    max_text_chars: int = Field(20_000, ge=1)
+    max_text_chars: int = Field(default=20_000, ge=1)
     """A question or completion longer than this is rejected."""
 
     @model_validator(mode="after")
