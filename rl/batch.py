@@ -160,19 +160,25 @@ class RolloutBatch:
         idx = torch.as_tensor(list(rows) if not isinstance(rows, torch.Tensor) else rows, dtype=torch.long)
         keep = [int(i) for i in idx]
         width = int(self.attention_mask[idx].sum(1).max()) if len(keep) else 0
-        take = lambda v: None if v is None else (v[idx][:, :width] if v.dim() == 2 else v[idx])  # noqa: E731
+
+        def take(v: torch.Tensor) -> torch.Tensor:
+            return v[idx][:, :width] if v.dim() == 2 else v[idx]
+
+        def take_set(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else take(v)
+
         return RolloutBatch(
             input_ids=take(self.input_ids), attention_mask=take(self.attention_mask),
             loss_mask=take(self.loss_mask), sampling_logprobs=take(self.sampling_logprobs),
             prompt_lengths=take(self.prompt_lengths), group_ids=take(self.group_ids),
             policy_version=self.policy_version,
-            finish_reasons=[self.finish_reasons[i] for i in keep],
-            prompt_texts=[self.prompt_texts[i] for i in keep],
-            completion_texts=[self.completion_texts[i] for i in keep],
-            sample_meta=[self.sample_meta[i] for i in keep],
-            rewards=take(self.rewards),
+            finish_reasons=tuple(self.finish_reasons[i] for i in keep),
+            prompt_texts=tuple(self.prompt_texts[i] for i in keep),
+            completion_texts=tuple(self.completion_texts[i] for i in keep),
+            sample_meta=tuple(self.sample_meta[i] for i in keep),
+            rewards=take_set(self.rewards),
             reward_components={k: take(v) for k, v in self.reward_components.items()},
-            advantages=take(self.advantages), ref_logprobs=take(self.ref_logprobs),
+            advantages=take_set(self.advantages), ref_logprobs=take_set(self.ref_logprobs),
         )
 
     def split_by_groups(self, k: int) -> list[RolloutBatch]:

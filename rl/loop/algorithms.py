@@ -10,17 +10,37 @@ The maths lives in trainers/ (advantages.py, grpo_ma.py); this module only wires
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import torch
 
 from rl.batch import RolloutBatch
+from rl.config.algorithm import AlgorithmConfig, GRPOMAAlgorithm
 from rl.registries import ADVANTAGES, ALGORITHMS
 from rl.types import MultiAnswerSpec, SamplingParams
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from rl.config.job import JobConfig
     from trainers.grpo_ma import Layout
+
+
+SectionT = TypeVar("SectionT", AlgorithmConfig, GRPOMAAlgorithm)
+
+
+def section_of(job: JobConfig, variant: type[SectionT]) -> SectionT:
+    """The job's `algorithm` section as the variant of the recipe it selected (ALGORITHMS is keyed by its name)."""
+    algorithm = job.algorithm
+    if not isinstance(algorithm, variant):
+        raise TypeError(f"algorithm {algorithm.name!r} is not a {variant.__name__} section")
+    return algorithm
+
+
+def rewards_of(batch: RolloutBatch) -> torch.Tensor:
+    """The batch's rewards: advantages are computed from a scored batch (steps.score runs first)."""
+    assert batch.rewards is not None, "advantages of an unscored batch"
+    return batch.rewards
 
 
 class Recipe(Protocol):
@@ -43,8 +63,8 @@ class GRPOFamily:
 
     @staticmethod
     def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
-        cfg = job.algorithm.advantage
-        return batch.with_advantages(ADVANTAGES.entry_for(cfg)(batch.rewards, batch.group_ids, cfg)), {}
+        cfg = section_of(job, AlgorithmConfig).advantage
+        return batch.with_advantages(ADVANTAGES.entry_for(cfg)(rewards_of(batch), batch.group_ids, cfg)), {}
 
 
 @ALGORITHMS.register("grpo_ma")
@@ -54,7 +74,7 @@ class GRPOMA:
 
     @staticmethod
     def sampling_params(job: JobConfig, params: SamplingParams) -> SamplingParams:
-        a = job.algorithm
+        a = section_of(job, GRPOMAAlgorithm)
         spec = MultiAnswerSpec(answers_per_thought=a.answers_per_thought, delimiter=a.thought_delimiter,
                                answer_max_new_tokens=a.answer_max_new_tokens)
         return dataclasses.replace(params, group_size=a.thoughts, multi_answer=spec)
@@ -63,11 +83,11 @@ class GRPOMA:
     def advantages(job: JobConfig, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
         from trainers import grpo_ma
 
-        a = job.algorithm
+        a, rewards = section_of(job, GRPOMAAlgorithm), rewards_of(batch)
         layout = layout_of(batch)
-        adv = grpo_ma.per_token_advantages(batch.rewards, batch.loss_mask, layout, a.thoughts,
+        adv = grpo_ma.per_token_advantages(rewards, batch.loss_mask, layout, a.thoughts,
                                            a.answers_per_thought, a.answer_adv_scope, a.eps)  # [N, T]
-        metrics = grpo_ma.diagnostics(batch.rewards, layout, a.thoughts, a.answers_per_thought, a.eps)
+        metrics = grpo_ma.diagnostics(rewards, layout, a.thoughts, a.answers_per_thought, a.eps)
         return batch.with_advantages(adv), metrics
 
 
@@ -76,7 +96,8 @@ def layout_of(batch: RolloutBatch) -> Layout:
     from rollout.multi_answer import META_KEY
     from trainers.grpo_ma import Layout
 
-    meta = [m[META_KEY] for m in batch.sample_meta]
+    # each row's record, a mapping written by the two-stage sampler (rollout/multi_answer.py)
+    meta = [cast("Mapping[str, object]", m[META_KEY]) for m in batch.sample_meta]
     return Layout(prompt_lengths=batch.prompt_lengths,
                   thought_tokens=torch.tensor([m["thought_tokens"] for m in meta], dtype=torch.long),
                   thought_rows=torch.tensor([m["answer"] == 0 for m in meta], dtype=torch.bool),

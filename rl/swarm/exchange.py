@@ -93,7 +93,7 @@ def rollouts_from_batch(batch: RolloutBatch, node_id: str, round_: int,
         out.append(SharedRollout(
             node_id=node_id, rollout_id=f"{node_id}-{round_}-{g}", round=round_, question=question,
             completions=batch.completion_texts[start:end], finish_reasons=batch.finish_reasons[start:end],
-            rewards=group_rewards or [0.0] * (end - start), model=model, sent_at=now,
+            rewards=tuple(group_rewards or [0.0] * (end - start)), model=model, sent_at=now,
             meta={k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()
                   if k != "question" and json_safe(v)}))
     return out, unshareable

@@ -118,6 +118,7 @@ class Hub:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
+        assert isinstance(host, str), host  # AF_INET: (host, port); typeshed also allows an AF_UNIX bytes path
         return f"http://{host}:{port}"
 
     def close(self) -> None:

@@ -37,7 +37,8 @@ def _completion_ids(tokenizer: PreTrainedTokenizerBase, text: str, finish_reason
 def external_batch(rollouts: Sequence[SharedRollout], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
                    max_prompt_tokens: int, policy_version: int) -> tuple[RolloutBatch | None, int]:
     """(a RolloutBatch with one group per rollout, number of rollouts whose prompt is too long here)."""
-    samples, too_long = [], 0
+    samples: list[Sample] = []
+    too_long = 0
     for rollout in rollouts:
         prompt = render_prompt(tokenizer, rollout.question, None, stable_id("swarm", *rollout.key), rollout.meta)
         if not prompt.token_ids or len(prompt.token_ids) > max_prompt_tokens:

@@ -56,6 +56,8 @@ def build_swarm(job: JobConfig, transport: Transport | None = None) -> NoSwarm |
 
 class SwarmNode:
     def __init__(self, job: JobConfig, transport: Transport | None = None) -> None:
+        if job.swarm is None:
+            raise ValueError("SwarmNode needs the job's swarm section (build_swarm returns NoSwarm without one)")
         self.job, self.cfg = job, job.swarm
         self.node_id = self.cfg.node_id or f"{socket.gethostname()}-{os.getpid()}"[:64].replace(" ", "_")
         self.transport = transport or build_transport(self.cfg.transport, self.cfg.max_message_bytes)
@@ -111,6 +113,7 @@ class SwarmNode:
         if mixed is None:  # local: 0 and no peer rollouts: train on one own group rather than on nothing
             local = mixed = mixing.first_groups(batch, 1)
             stats["swarm/fallback_local"] = 1.0
+        assert mixed is not None, "a scored step batch holds at least one group"
         metrics = {"swarm/local": float(local.num_groups if local is not None else 0),
                    "swarm/external": float(external.num_groups if external is not None else 0),
                    "swarm/local_samples": float(local.num_samples if local is not None else 0),
@@ -148,19 +151,21 @@ class SwarmNode:
             return None, {"swarm/skipped_uniform": float(skipped)}
         ext = kept[0] if len(kept) == 1 else RolloutBatch.concat(kept, pad_token_id=ext_pad(parts))
         ext = ext.replace(sampling_logprobs=parts.learner.logprobs(ext) * ext.loss_mask)
-        stats = {"swarm/external_reward_mean": float(ext.rewards.mean()), "swarm/skipped_uniform": float(skipped)}
+        rewards = ext.rewards
+        assert rewards is not None, "kept batches are rescored"
+        stats = {"swarm/external_reward_mean": float(rewards.mean()), "swarm/skipped_uniform": float(skipped)}
         if len(claimed) == ext.num_samples:
-            stats["swarm/claimed_reward_gap"] = float((torch.tensor(claimed) - ext.rewards).abs().mean())
+            stats["swarm/claimed_reward_gap"] = float((torch.tensor(claimed) - rewards).abs().mean())
         return ext, stats
 
     def _rescore(self, parts: RunParts, ext: RolloutBatch) -> RolloutBatch | None:
         """This node's own reward functions (and weights, shaping) decide the reward; the sender's claim does not."""
         result = parts.scorer.score(ext)
-        ext = ext.with_rewards(result.total, result.components)
-        if not bool(result.keep.all()):
-            rows = torch.nonzero(result.keep).flatten()
-            ext = ext.select(rows) if len(rows) else None
-        return ext
+        scored = ext.with_rewards(result.total, result.components)
+        if bool(result.keep.all()):
+            return scored
+        rows = torch.nonzero(result.keep).flatten()
+        return scored.select(rows) if len(rows) else None
 
     def peers(self) -> int:
         """Peers whose rollouts arrived within max_age_s (live members of the swarm, as seen from here)."""

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from rl.config.swarm import SwarmConfig
 
 REASONS = ("oversized", "malformed", "schema", "nonfinite", "too_long", "duplicate", "expired")
-FIELDS = {"format": str, "node_id": str, "rollout_id": str, "round": int, "question": str, "completions": list,
-          "finish_reasons": list, "rewards": list, "meta": dict, "model": str, "sent_at": (int, float)}
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str, "node_id": str, "rollout_id": str, "round": int, "question": str, "completions": list,
+    "finish_reasons": list, "rewards": list, "meta": dict, "model": str, "sent_at": (int, float)}
 ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
