@@ -147,9 +147,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
-    while exc is not None and exc not in chain:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     return chain
 
 

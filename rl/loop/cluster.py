@@ -296,15 +296,24 @@ def _init_ray(ray: ModuleType, cfg: RayCluster) -> None:
 def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker) -> Placement:
     import ray
 
+    from rl.config.job import RayCluster
+
     cfg = job.cluster
+    if not isinstance(cfg, RayCluster):  # CLUSTERS is keyed by cluster.name: this is the `ray` section
+        raise TypeError(f"cluster {cfg.name!r} is not a RayCluster section")
     _init_ray(ray, cfg)
     threads = torch.get_num_threads()
     # Actors take no Ray CPU slot: torch threads are set explicitly, and the learner and the workers
     # take turns in sync mode, so reserving slots would only stop small machines from scheduling them.
-    learner_actor = ray.remote(num_cpus=0)(LearnerHost).remote(make_learner, threads)
+    # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it returns the handle
+    learner_host = ray.remote(num_cpus=0)(LearnerHost)
+    learner_actor: ActorHandle[LearnerHost] = learner_host.remote(make_learner, threads)  # type: ignore[assignment]
     rollout_host = ray.remote(num_cpus=0)(RolloutHost)
-    workers = RayWorkers(ray, lambda: rollout_host.remote(lambda: make_worker(None), threads),
-                         cfg.rollout_workers, cfg.call_timeout_s)
+
+    def spawn() -> ActorHandle[RolloutHost]:
+        return rollout_host.remote(lambda: make_worker(None), threads)  # type: ignore[return-value]  # as above
+
+    workers = RayWorkers(ray, spawn, cfg.rollout_workers, cfg.call_timeout_s)
 
     def close() -> None:
         workers.close()

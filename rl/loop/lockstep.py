@@ -53,6 +53,7 @@ class LockstepNode:
 
     def train(self, step: int) -> None:
         started = time.perf_counter()
+        assert self._batch is not None, "generate() runs before train() each round"
         batch, swarm_metrics = self.swarm.mix(self.parts, self._batch, step)
         batch, adv_metrics = steps.advantages(self.job, batch)
         train_metrics = steps.train(self.parts, batch)

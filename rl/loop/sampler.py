@@ -47,7 +47,7 @@ class PromptSampler:
         return torch.randperm(len(self.prompts), generator=gen).tolist()
 
     def next(self, count: int) -> list[Prompt]:
-        chosen = []
+        chosen: list[Prompt] = []
         while len(chosen) < count:
             if self.cursor == len(self._order):
                 self.epoch += 1

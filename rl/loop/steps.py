@@ -50,7 +50,7 @@ class RolloutPipeline:
     def __init__(self, parts: RunParts) -> None:
         self.parts = parts
         self.job = parts.job
-        self.sampler_state = parts.sampler.state_dict()
+        self.sampler_state: SamplerState = parts.sampler.state_dict()
         self.is_async = self.job.trainer.mode == "async"
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rollout") if self.is_async else None
         self._pending: Future[tuple[RolloutBatch, dict[str, float], SamplerState]] | None = None
@@ -78,6 +78,7 @@ class RolloutPipeline:
                         "rollout/stale_dropped": float(self.stale_dropped),
                         "rollout/policy_lag": float((step - 1) - batch.policy_version)})
         if step < self.job.trainer.max_steps:
+            assert self._executor is not None, "async mode has its rollout thread"
             self._pending = self._executor.submit(self._generate, step + 1)
         return batch, metrics
 
@@ -124,8 +125,9 @@ def score(parts: RunParts, batch: RolloutBatch) -> tuple[RolloutBatch, dict[str,
 def varied_group_share(batch: RolloutBatch) -> float:
     """Share of groups whose rewards are not all equal: only they get non-zero group-relative advantages
     (the group-level "effective ratio" of PCL, arXiv 2510.01135)."""
-    bounds = batch.group_bounds()
-    varied = sum(bool((batch.rewards[s:e] != batch.rewards[s]).any()) for s, e in bounds)
+    bounds, rewards = batch.group_bounds(), batch.rewards
+    assert rewards is not None, "a scored batch"
+    varied = sum(bool((rewards[s:e] != rewards[s]).any()) for s, e in bounds)
     return varied / max(len(bounds), 1)
 
 

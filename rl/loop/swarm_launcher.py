@@ -17,12 +17,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from rl.errors import UserError
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
+    from rl.config.swarm import HttpTransport, MemoryTransport, RayTransport, SwarmConfig
+
+TransportT = TypeVar("TransportT", "MemoryTransport", "HttpTransport", "RayTransport")
 
 
 def node_overrides(job: JobConfig, overrides: Sequence[str], i: int) -> list[str]:
@@ -46,6 +49,20 @@ def launch(job_ref: str, overrides: Sequence[str], nodes: int) -> int:
     return runner(job_ref, job, list(overrides), nodes)
 
 
+def _swarm(job: JobConfig) -> SwarmConfig:
+    """The job's swarm section (`launch` checked there is one)."""
+    assert job.swarm is not None, "launch rejects a job without a swarm section"
+    return job.swarm
+
+
+def _transport(job: JobConfig, kind: type[TransportT]) -> TransportT:
+    """The job's swarm transport as the variant its runner was picked for (`launch` dispatches on its name)."""
+    transport = _swarm(job).transport
+    if not isinstance(transport, kind):
+        raise TypeError(f"swarm transport {transport.name!r} is not a {kind.__name__}")
+    return transport
+
+
 def _run_lockstep(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     from rl.config import load_job
     from rl.loop.lockstep import run_lockstep
@@ -60,11 +77,12 @@ def _run_lockstep(job_ref: str, job: JobConfig, overrides: list[str], nodes: int
 def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     from urllib.parse import urlparse
 
+    from rl.config.swarm import HttpTransport
     from rl.swarm.hub import Hub
 
-    url = urlparse(job.swarm.transport.url)
+    url = urlparse(_transport(job, HttpTransport).url)
     hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port,
-              max_message_bytes=job.swarm.max_message_bytes)
+              max_message_bytes=_swarm(job).max_message_bytes)
     print(f"swarm hub at {hub.url}")
     procs = []
     try:
@@ -102,10 +120,12 @@ class NodeHost:
 def _run_ray(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
     import os
 
+    from rl.config.swarm import RayTransport
     from rl.swarm.ray_transport import ensure_ray, exchange_actor, kill_exchange
 
-    ray = ensure_ray(job.swarm.transport.address)
-    exchange_actor(ray, job.swarm.transport.exchange)
+    transport = _transport(job, RayTransport)
+    ray = ensure_ray(transport.address)
+    exchange_actor(ray, transport.exchange)
     threads = max(1, (os.cpu_count() or 1) // nodes)
     host = ray.remote(num_cpus=0, max_restarts=0)(NodeHost)
     actors = [host.remote() for _ in range(nodes)]
@@ -122,5 +142,5 @@ def _run_ray(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> 
             print(f"node{i} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             codes[i] = 1
         print(f"node{i} finished ({time.strftime('%H:%M:%S')})")
-    kill_exchange(job.swarm.transport.exchange)
+    kill_exchange(transport.exchange)
     return max(codes.values())
