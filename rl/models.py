@@ -108,7 +108,7 @@ def build_tiny_llama(out: Path) -> None:
         vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+        pad_token_id=tokenizer.pad_token_id, dtype="float32",
     )
     assert len(tokenizer) <= config.vocab_size
     torch.manual_seed(0)
@@ -178,4 +178,4 @@ def load_causal_lm(model_dir: str, dtype: str = "float32", device: str = "cpu") 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a causal LM from {model_dir}: {exc}. Check model.path.") from None
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers wraps `.to` (functools.wraps): read as unbound
