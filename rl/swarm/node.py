@@ -113,7 +113,8 @@ class SwarmNode:
         if mixed is None:  # local: 0 and no peer rollouts: train on one own group rather than on nothing
             local = mixed = mixing.first_groups(batch, 1)
             stats["swarm/fallback_local"] = 1.0
-        assert mixed is not None, "a scored step batch holds at least one group"
+        if mixed is None:  # scoring dropped every group: an empty step, as without a swarm (train skips it)
+            mixed = batch
         metrics = {"swarm/local": float(local.num_groups if local is not None else 0),
                    "swarm/external": float(external.num_groups if external is not None else 0),
                    "swarm/local_samples": float(local.num_samples if local is not None else 0),

@@ -138,6 +138,16 @@ def test_an_external_only_node_without_peers_falls_back_to_one_own_group(parts):
     assert m["swarm/fallback_local"] == 1 and m["swarm/local"] == 1 and mixed.num_groups == 1
 
 
+def test_a_step_whose_groups_were_all_dropped_stays_an_empty_step(parts):
+    """on_error: drop_group can leave no rows; with no peers the node passes the empty batch on (train skips it)."""
+    node = node_with_peers(parts, "empty", [], local=0)
+    scored = local_batch(parts)
+    empty = scored.select(torch.tensor([], dtype=torch.long))
+    mixed, m = node.exchange(parts, empty, step=1)
+    assert mixed.num_samples == 0 and m["swarm/local"] == 0 and m["swarm/external"] == 0
+    assert steps.train(parts, steps.advantages(parts.job, mixed)[0]) == {"train/skipped_empty": 1.0}
+
+
 def test_a_node_alone_with_a_dead_http_hub_keeps_training_without_waiting(parts):
     job = load_job("tiny", ['swarm={local: 2, external: 2, wait_s: 0.3, transport: {name: http, '
                             'url: "http://127.0.0.1:9", timeout_s: 0.2}}', "rewards=[{name: math_answer}]",
