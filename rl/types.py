@@ -181,8 +181,10 @@ class Objective(Generic[LossConfigT]):
     needs_old_logprobs: Callable[[LossConfigT], bool] = _always
 
 
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, BaseModel], torch.Tensor]
-"""What the ADVANTAGES registry holds: `fn(rewards [N], group_ids [N], cfg) -> advantages [N]`."""
+AdvantageFn = Callable[..., torch.Tensor]
+"""What the ADVANTAGES registry holds: `fn(rewards [N], group_ids [N], cfg) -> advantages [N]`; each built-in takes
+its own section class (GRPOAdvantage, ...), which a Callable over a common base cannot say (parameters are
+contravariant), hence `...`; the custom adapter checks the three positional parameters when it loads one."""
 
 
 # ----- weight sync (learner -> rollout workers) ----------------------------------------------------
