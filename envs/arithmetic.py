@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from envs.base import render_prompt, stable_id
@@ -31,7 +32,7 @@ def draw_questions(digits: int, operations: Sequence[str], count: int, rng: rand
     space = (high - low + 1) ** 2 * len(operations)
     count = min(count, space - len(exclude))
     seen: set[tuple[int, str, int]] = set()
-    out = []
+    out: list[tuple[int, str, int]] = []
     while len(out) < count:
         q = (rng.randint(low, high), rng.choice(list(operations)), rng.randint(low, high))
         if q not in seen and q not in exclude:
@@ -46,7 +47,12 @@ def digit_shares(digits: int | Sequence[int]) -> list[tuple[int, Callable[[int],
     if isinstance(digits, int):
         return [(digits, lambda n: n)]
     kinds = list(dict.fromkeys(digits))
-    return [(d, lambda n, i=i: n // len(kinds) + (i < n % len(kinds))) for i, d in enumerate(kinds)]
+    return [(d, partial(_share, i, len(kinds))) for i, d in enumerate(kinds)]
+
+
+def _share(i: int, kinds: int, n: int) -> int:
+    """Difficulty i's part of n prompts split over `kinds` difficulties (the first ones take the remainder)."""
+    return n // kinds + (i < n % kinds)
 
 
 @ENVS.register("arithmetic")

@@ -24,7 +24,9 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | N
     else:  # base models without a template: plain text
         text = (system + "\n\n" if system else "") + user + "\n"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return Prompt(prompt_id=prompt_id, text=text, token_ids=ids, meta={"question": user, **meta})
+    # transformers types apply_chat_template's result as text or ids; tokenize=False returns the text
+    return Prompt(prompt_id=prompt_id, text=text,  # type: ignore[arg-type]
+                  token_ids=ids, meta={"question": user, **meta})
 
 
 def stable_id(*parts: object) -> str:

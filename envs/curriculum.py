@@ -116,6 +116,10 @@ class ValueHead(torch.nn.Module):
     huge dimensions; what tells prompts apart is a small residual that a plain MLP on raw features learns
     slowly. The statistics are buffers, so they are checkpointed with the weights."""
 
+    feature_mean: torch.Tensor   # [H] float64 (buffer)
+    feature_m2: torch.Tensor     # [H] float64 (buffer): sum of squared deviations
+    feature_count: torch.Tensor  # [] float64 (buffer)
+
     def __init__(self, width: int, hidden: int, squash: str, seed: int) -> None:
         super().__init__()
         gen_state = torch.random.get_rng_state()

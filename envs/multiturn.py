@@ -70,7 +70,9 @@ def run_episode(env: MultiTurnEnv, prompt: Prompt, generate_fn: GenerateFn, max_
     """Alternate model turns (`generate_fn`, at most `max_new_tokens` each) and env steps."""
     budget = max_total_tokens if max_total_tokens is not None else max_new_tokens * max_turns
     env.reset(prompt)
-    ids, mask, lps = [], [], []
+    ids: list[int] = []
+    mask: list[bool] = []
+    lps: list[float] = []
     finish, turns = "length", 0
     while turns < max_turns and len(ids) < budget:
         new, new_lps = generate_fn(list(prompt.token_ids) + ids, min(max_new_tokens, budget - len(ids)))
@@ -93,8 +95,10 @@ def run_episode(env: MultiTurnEnv, prompt: Prompt, generate_fn: GenerateFn, max_
 
 
 CALL = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
-OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-       ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+OPS: dict[type[ast.AST], Callable[..., float]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
 MAX_EXPONENT = 64
 
 
@@ -132,7 +136,9 @@ class CalculatorEnv:
         self.calls = 0
 
     def step(self, turn_ids: Sequence[int]) -> StepResult:
-        calls = CALL.findall(self.tokenizer.decode(list(turn_ids), skip_special_tokens=True))
+        text = self.tokenizer.decode(list(turn_ids), skip_special_tokens=True)
+        # transformers types decode's result as str | list[str]; one id list decodes to one str
+        calls = CALL.findall(text)  # type: ignore[arg-type]
         if not calls:
             return StepResult(done=True, info={"calls": self.calls})
         self.calls += 1

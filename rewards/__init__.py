@@ -48,6 +48,7 @@ def normalise(value: object) -> tuple[float | None, dict[str, float]]:
     """(total or None, components) from any accepted return value; RewardError otherwise."""
     if value is None:
         return None, {}
+    total: float | Real
     if isinstance(value, RewardOutput):
         total, parts = value.total, dict(value.components)
     elif isinstance(value, Mapping) and "total" in value:

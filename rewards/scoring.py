@@ -68,13 +68,13 @@ class RewardTerm:
         values = torch.full((n,), math.nan)
         failed = torch.zeros(n, dtype=torch.bool)
         parts: dict[str, torch.Tensor] = {}
-        for i, (status, payload) in enumerate(self.outcomes(batch)):
-            if status != "ok":
-                self.failed(str(payload))
+        for i, outcome in enumerate(self.outcomes(batch)):
+            if outcome[0] != "ok":  # indexing (not unpacking) keeps the ok/error pairing for the type checker
+                self.failed(str(outcome[1]))
                 failed[i] = True
                 values[i] = 0.0
                 continue
-            total, sub = payload
+            total, sub = outcome[1]
             values[i] = math.nan if total is None else total
             for k, v in sub.items():
                 parts.setdefault(k, torch.full((n,), math.nan))[i] = v

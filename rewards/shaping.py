@@ -13,7 +13,7 @@ reward is clipped; references are used as given.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -43,5 +43,6 @@ def shape(total: torch.Tensor, batch: RolloutBatch, cfg: ShapingConfig) -> torch
         if any(not r for r in refs):
             raise UserError("shaping.par needs reference rewards: give each sample a non-empty `ref_rewards` "
                             "list (a dataset column), or turn shaping.par off.")
-        total = par(total, refs, k=cfg.par_k, max_refs=cfg.par_max_refs)
+        # sample_meta values are untyped dataset fields; `par` reads each as a list of numbers (as_tensor checks)
+        total = par(total, cast("list[Sequence[float]]", refs), k=cfg.par_k, max_refs=cfg.par_max_refs)
     return total

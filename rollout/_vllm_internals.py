@@ -67,15 +67,21 @@ class SharedWeights:
             self._buffer = torch.from_file(self.path, shared=True, size=nbytes, dtype=torch.uint8)
 
     @property
+    def buffer(self) -> torch.Tensor:
+        """The mapped file; `plan` maps it before anything reads or writes it."""
+        assert self._buffer is not None, "SharedWeights.plan() maps the buffer first"
+        return self._buffer
+
+    @property
     def counter(self) -> torch.Tensor:
-        return self._buffer[:HEADER].view(torch.int64)
+        return self.buffer[:HEADER].view(torch.int64)
 
     def write(self, unique: list[torch.Tensor]) -> None:
         """Copy each distinct tensor into place (the only copy on this side), publishing it as it lands."""
         offset = HEADER
         for i, t in enumerate(unique):
             nbytes = t.numel() * t.element_size()
-            self._buffer[offset:offset + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+            self.buffer[offset:offset + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
             self.counter[0] = i + 1  # after the copy has returned: the reader may take tensor i now
             offset += nbytes
 
@@ -209,6 +215,13 @@ def _complete_modules(plan: list[Target], tensors: Iterator[tuple[str, torch.Ten
         raise RuntimeError(f"weight sync: {len(pending)} modules never received all their tensors")
 
 
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """`module.<name>`, a parameter here (the plan took it from `named_parameters`)."""
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor), f"{name} of {type(module).__name__} is not a tensor"
+    return value
+
+
 def _refresh(module: torch.nn.Module, weights: list[torch.Tensor], biases: list[torch.Tensor],
              dispatch: Callable[..., None]) -> None:
     """Load one module's new tensors. A packed linear layer gets a temporary weight that vLLM's dispatch packs
@@ -216,8 +229,8 @@ def _refresh(module: torch.nn.Module, weights: list[torch.Tensor], biases: list[
     weight = _stacked(weights)
     if biases:
         bias = _stacked(biases)
-        module.bias.data.copy_(bias)
-    current = module.weight
+        _tensor(module, "bias").data.copy_(bias)
+    current = _tensor(module, "weight")
     if current.numel() == 0:  # packed at start-up: dispatch packs `weight` and empties the parameter again
         module.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
         dispatch(module, remove_weight=True)

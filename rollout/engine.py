@@ -70,8 +70,8 @@ def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, p
         input_ids=input_ids, attention_mask=attention, loss_mask=loss, sampling_logprobs=logprobs,
         prompt_lengths=torch.tensor([len(s.prompt.token_ids) for s in samples], dtype=torch.long),
         group_ids=torch.tensor([s.group for s in samples], dtype=torch.long), policy_version=policy_version,
-        finish_reasons=[s.finish_reason for s in samples], prompt_texts=[s.prompt.text for s in samples],
-        completion_texts=texts, sample_meta=[s.prompt.meta for s in samples],
+        finish_reasons=tuple(s.finish_reason for s in samples), prompt_texts=tuple(s.prompt.text for s in samples),
+        completion_texts=tuple(texts), sample_meta=tuple(s.prompt.meta for s in samples),
     ).validate()
 
 

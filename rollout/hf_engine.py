@@ -23,6 +23,7 @@ from rl.registries import ROLLOUT_BACKENDS
 from rl.types import Prompt, SamplingParams
 from rollout.engine import Sample, build_batch, check_prompts, merge_lora, request_seeds
 from rollout.infinite_sampling import InfiniteSampler
+from rollout.slot_decode import model_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -36,13 +37,19 @@ class HFEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch_size: int = 64,
                  max_prompt_tokens: int = 512, infinite: InfiniteSampler | None = None) -> None:
-        self.model, self.tokenizer, self.infinite = model, tokenizer, infinite
+        self._model: torch.nn.Module | None = model
+        self.tokenizer, self.infinite = tokenizer, infinite
         self.max_batch_size, self.max_prompt_tokens = max_batch_size, max_prompt_tokens
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
         self.context = int(getattr(model.config, "max_position_embeddings", None) or 4096)
         self.policy_version = 0
         self._base: dict[str, torch.Tensor] | None = None  # pre-LoRA weights, kept on the first push_lora
+
+    @property
+    def model(self) -> torch.nn.Module:
+        assert self._model is not None, "the HF engine is closed"
+        return self._model
 
     @classmethod
     def from_config(cls, rollout_cfg: RolloutConfig, model_dir: str, dtype: str, device: str, seed: int,
@@ -114,7 +121,7 @@ class HFEngine:
         """Nothing to restore (see `sleep`)."""
 
     def close(self) -> None:
-        self.model, self._base = None, None
+        self._model, self._base = None, None
 
 
 # ----- decoding --------------------------------------------------------------------------------
@@ -145,7 +152,7 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, 
     done = torch.zeros(r, dtype=torch.bool)           # [R]
     mask = attention.to(device)                       # [A, P + step]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model_config(model))
     logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     next_pos = positions[:, -1] + 1
@@ -160,7 +167,7 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, 
         stale = done[live]                            # finished rows still in the batch
         if int(stale.sum()) * 8 >= len(live):        # compacting copies the cache: only when worth it
             keep = (~stale).nonzero().squeeze(1).to(device)
-            cache.reorder_cache(keep)
+            cache.reorder_cache(keep)  # type: ignore[arg-type]  # a long Tensor is what LongTensor means
             live, tok, mask, next_pos = live[keep.cpu()], tok[keep], mask[keep], next_pos[keep]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -236,7 +243,8 @@ class _Stopper:
 
 def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids from the model's generation config plus the tokenizer's (vLLM stops on both too)."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    generation = model.generation_config
+    ids = getattr(generation, "eos_token_id", None) if generation is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)

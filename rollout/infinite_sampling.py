@@ -37,7 +37,7 @@ import torch
 
 from rl.types import Prompt, SamplingParams
 from rollout.engine import Sample
-from rollout.slot_decode import DecodeStats, SlotDecoder, StopRule, TokenSampler
+from rollout.slot_decode import DecodeStats, SlotDecoder, StopRule, TokenSampler, model_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -174,7 +174,7 @@ class InfiniteSampler:
         if self.cfg.memory_budget_mb is not None:
             max_len = max(len(p.token_ids) for p in prompts) + params.max_new_tokens
             dtype_bytes = next(model.parameters()).element_size()
-            g = min(g, slots_for_budget(model.config, self.cfg.memory_budget_mb, max_len, dtype_bytes))
+            g = min(g, slots_for_budget(model_config(model), self.cfg.memory_budget_mb, max_len, dtype_bytes))
         return g
 
     def generate(self, model: torch.nn.Module, rows: list[tuple[int, Prompt, int]], params: SamplingParams,

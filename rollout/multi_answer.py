@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -27,14 +28,25 @@ from rl.batch import RolloutBatch
 from rl.types import Prompt, RolloutEngine, SamplingParams
 from rollout.engine import Sample, build_batch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 META_KEY = "grpo_ma"
 # Stage 2 draws with its own seed stream so answers never reuse the thoughts' random numbers.
 ANSWER_SEED_OFFSET = 0x5EED
 
 
+@runtime_checkable
+class _WithTokenizer(Protocol):
+    """What stage 2 needs beyond `RolloutEngine`: the tokenizer that decodes the joined rows (hf, vllm have it)."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+
 def thought_params(params: SamplingParams) -> SamplingParams:
     """Stage 1: K = group_size thoughts, stopped at (and including) the delimiter."""
     spec = params.multi_answer
+    assert spec is not None, "thought_params needs params.multi_answer"
     stop = tuple(params.stop) + ((spec.delimiter,) if spec.delimiter not in params.stop else ())
     return dataclasses.replace(params, stop=stop, multi_answer=None)
 
@@ -42,6 +54,7 @@ def thought_params(params: SamplingParams) -> SamplingParams:
 def answer_params(params: SamplingParams) -> SamplingParams:
     """Stage 2: M answers per thought with the answer budget and the user's own stop strings."""
     spec = params.multi_answer
+    assert spec is not None, "answer_params needs params.multi_answer"
     return dataclasses.replace(params, group_size=spec.answers_per_thought, max_new_tokens=spec.answer_max_new_tokens,
                                seed=params.seed + ANSWER_SEED_OFFSET, multi_answer=None)
 
@@ -78,6 +91,7 @@ def generate_multi_answer(engine: RolloutEngine, prompts: Sequence[Prompt], para
             th_ids, th_lps = completion(thoughts, row)
             for a in range(m):
                 if row in answer_row:
+                    assert answers is not None  # answer_row is empty unless stage 2 ran
                     ans_ids, ans_lps = completion(answers, answer_row[row] + a)
                     reason = answers.finish_reasons[answer_row[row] + a]
                 else:
@@ -87,6 +101,7 @@ def generate_multi_answer(engine: RolloutEngine, prompts: Sequence[Prompt], para
                 samples.append(Sample(dataclasses.replace(prompt, meta=meta), g, th_ids + ans_ids,
                                       th_lps + ans_lps, reason))
                 thought_lengths.append(len(th_ids) if a > 0 else 0)
+    assert isinstance(engine, _WithTokenizer), f"{type(engine).__name__} has no tokenizer for GRPO-MA's rows"
     tokenizer = engine.tokenizer
     batch = build_batch(samples, tokenizer, tokenizer.pad_token_id, thoughts.policy_version)
     return batch.replace(loss_mask=_mask_repeated_thoughts(batch, thought_lengths)).validate()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache, PreTrainedTokenizerBase
+    from transformers import DynamicCache, PretrainedConfig, PreTrainedTokenizerBase
 
 TokenSampler = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """`sampler(logits [A, V], ids [A]) -> (tokens [A] long, logprobs [A] f32)` (the HF engine's `_Sampler`)."""
@@ -36,6 +36,28 @@ class StopRule(Protocol):
     stop: list[str]
     window: int
     tokenizer: PreTrainedTokenizerBase
+
+
+class KVLayer(Protocol):
+    """A full-attention layer of a `DynamicCache` once written: its key and value tensors [R, H, W, D] are set."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def kv_layers(cache: DynamicCache) -> list[KVLayer]:
+    # transformers types layers as any cache layer with optional tensors; a causal LM's DynamicCache after a
+    # forward holds full-attention layers with both set (the models rollout serves have no linear attention)
+    return cast("list[KVLayer]", cache.layers)
+
+
+def model_config(model: torch.nn.Module) -> PretrainedConfig:
+    """The transformers config of `model` (a PreTrainedModel, or a PEFT model wrapping one)."""
+    from transformers import PretrainedConfig
+
+    config = model.config
+    assert isinstance(config, PretrainedConfig), f"{type(model).__name__} has no transformers config"
+    return config
 
 
 @dataclass
@@ -74,10 +96,10 @@ def prefill(model: torch.nn.Module, ids: Sequence[int], group_size: int) -> Prom
 
     device = next(model.parameters()).device
     x = torch.tensor([list(ids)], dtype=torch.long, device=device)                     # [1, P]
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model_config(model))
     logits = model(input_ids=x, position_ids=torch.arange(len(ids), device=device)[None], past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]                        # [1, V]
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    kv = [(layer.keys, layer.values) for layer in kv_layers(cache)]
     return PromptState(kv, logits, len(ids), group_size)
 
 
@@ -105,7 +127,7 @@ class SlotBatch:
         if state.length > self.width:
             self._pad_left(state.length - self.width)
         w, p = self.width, state.length
-        for layer, (k, v) in zip(self.cache.layers, state.kv):
+        for layer, (k, v) in zip(self._layers(), state.kv):
             layer.keys[row, :, w - p:] = k[0]
             layer.values[row, :, w - p:] = v[0]
         self.mask[row] = 0
@@ -126,14 +148,14 @@ class SlotBatch:
         """Drop leading columns no live row attends to (a view: the next step's concatenation copies anyway)."""
         cut = min((self.width - self.span[r] for r in live_rows), default=0)
         if cut > 0:
-            for layer in self.cache.layers:
+            for layer in self._layers():
                 layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
             self.mask = self.mask[:, cut:]
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order): used once nothing is pending, so idle rows stop costing compute."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
-        self.cache.reorder_cache(index)
+        self._cache().reorder_cache(index)  # type: ignore[arg-type]  # a long Tensor is what LongTensor means
         self.mask, self.pos, self.token = self.mask[index], self.pos[index], self.token[index]
         self.span = [self.span[r] for r in rows]
         self.rows = len(rows)
@@ -143,11 +165,18 @@ class SlotBatch:
 
         shape = lambda t: (self.rows, t.shape[1], state.length, t.shape[3])  # noqa: E731  [R, H, P, D]
         data = [(k.new_zeros(shape(k)), v.new_zeros(shape(v))) for k, v in state.kv]
-        self.cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        self.cache = DynamicCache(ddp_cache_data=data, config=model_config(self.model))
         self.mask = torch.zeros((self.rows, state.length), dtype=torch.long, device=self.device)
 
+    def _cache(self) -> DynamicCache:
+        assert self.cache is not None, "insert() creates the cache before anything reads it"
+        return self.cache
+
+    def _layers(self) -> list[KVLayer]:
+        return kv_layers(self._cache())
+
     def _pad_left(self, extra: int) -> None:
-        for layer in self.cache.layers:
+        for layer in self._layers():
             k, v = layer.keys, layer.values
             layer.keys = torch.cat([k.new_zeros((*k.shape[:2], extra, *k.shape[3:])), k], dim=2)
             layer.values = torch.cat([v.new_zeros((*v.shape[:2], extra, *v.shape[3:])), v], dim=2)

@@ -9,7 +9,7 @@ import gc
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,7 +22,9 @@ from rollout import _vllm_internals as internals
 from rollout.engine import Sample, build_batch, check_prompts, lora_rank, request_seeds
 
 if TYPE_CHECKING:
+    from vllm import LLM
     from vllm.lora.request import LoRARequest
+    from vllm.outputs import CompletionOutput
 
     from rl.config.rollout import RolloutConfig
 
@@ -44,6 +46,17 @@ def _prepare_environment(cfg: RolloutConfig) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib))
 
 
+def _sampled_logprobs(completion: CompletionOutput) -> tuple[float, ...]:
+    """The sampled tokens' logprobs: `logprobs=0` makes each step's dict hold exactly the sampled token."""
+    steps = completion.logprobs
+    assert steps is not None, "vLLM returned no logprobs for a request that asked for them"
+    logps = []
+    for step, tok in zip(steps, completion.token_ids):
+        assert step is not None, "vLLM returned a step without logprobs for a request that asked for them"
+        logps.append(float(step[tok].logprob))
+    return tuple(logps)
+
+
 class VLLMEngine:
     """An in-process `vllm.LLM`; token ids in, token ids and sampling logprobs out.
 
@@ -59,7 +72,7 @@ class VLLMEngine:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(model_dir)
         self.context = cfg.vllm.max_model_len or min(4096, cfg.max_prompt_tokens + cfg.max_new_tokens)
-        kwargs = dict(model=model_dir, dtype=dtype, enforce_eager=cfg.vllm.enforce_eager, seed=seed,
+        kwargs: dict[str, Any] = dict(model=model_dir, dtype=dtype, enforce_eager=cfg.vllm.enforce_eager, seed=seed,
                       gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, max_model_len=self.context,
                       logprobs_mode="processed_logprobs", enable_sleep_mode=cfg.vllm.sleep_between_steps)
         if not torch.cuda.is_available():
@@ -74,7 +87,7 @@ class VLLMEngine:
             max_lora_rank = internals.engine_lora_rank(max_lora_rank)  # vLLM takes only some ranks (8, 16, ...)
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         try:
-            self.llm = LLM(**kwargs)
+            self._llm: LLM | None = LLM(**kwargs)
         except (RuntimeError, ValueError, OSError) as exc:
             raise UserError(f"the vLLM engine failed to start for {model_dir}: {exc}. Check rollout.vllm settings "
                             "(gpu_memory_utilization, kv_cache_gib, max_model_len) and free memory.") from None
@@ -85,12 +98,18 @@ class VLLMEngine:
         self.policy_version = 0
         self.sync_path = ""  # how the last full-weight push was loaded (rollout/_vllm_internals.py)
 
+    @property
+    def llm(self) -> LLM:
+        assert self._llm is not None, "the vLLM engine is closed"
+        return self._llm
+
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
         check_prompts(prompts, params, self.cfg.max_prompt_tokens, self.context)
-        requests = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]
+        # vLLM marks the other keys NotRequired, which mypy's 3.10 target does not resolve (Python >= 3.11 typing)
+        requests = [TokensPrompt(prompt_token_ids=list(p.token_ids)) for p in prompts]  # type: ignore[typeddict-item]
         # Sample j of a request gets seed + j inside vLLM; the HF engine follows the same rule.
         sampling = [VSamplingParams(n=params.group_size, max_tokens=params.max_new_tokens,
                                     temperature=0.0 if params.greedy else params.temperature,
@@ -102,10 +121,8 @@ class VLLMEngine:
         samples = []
         for g, (prompt, out) in enumerate(zip(prompts, outputs)):
             for c in sorted(out.outputs, key=lambda c: c.index):
-                tokens = tuple(c.token_ids)
-                # logprobs=0: each step's dict holds exactly the sampled token
-                logps = tuple(float(step[tok].logprob) for step, tok in zip(c.logprobs, tokens))
-                samples.append(Sample(prompt, g, tokens, logps, _FINISH.get(c.finish_reason, "abort")))
+                samples.append(Sample(prompt, g, tuple(c.token_ids), _sampled_logprobs(c),
+                                      _FINISH.get(c.finish_reason or "", "abort")))
         return build_batch(samples, self.tokenizer, self.tokenizer.pad_token_id, self.policy_version)
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
@@ -151,7 +168,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop the engine's processes and free its memory (vLLM CPU reserves it up front)."""
         self.shared.close()
-        llm, self.llm = self.llm, None
+        llm, self._llm = self._llm, None
         if llm is not None:
             internals.shutdown(llm)
         del llm

@@ -13,6 +13,8 @@ loss_mask is False.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -20,8 +22,14 @@ from torch.utils.checkpoint import checkpoint
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack returning hidden states, LM head module) of a causal LM, PEFT-wrapped or not.
     The head is called as a module, so a bias or an adapter on it is honoured."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    from transformers import PreTrainedModel
+
+    get_base: Callable[[], torch.nn.Module] | None = getattr(model, "get_base_model", None)  # PEFT's unwrapping
+    base = get_base() if get_base is not None else model
+    assert isinstance(base, PreTrainedModel), f"{type(base).__name__} is not a transformers model"
+    head = base.get_output_embeddings()
+    assert head is not None, f"{type(base).__name__} has no LM head"
+    return base.get_decoder(), head
 
 
 def _chunk_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -42,7 +50,8 @@ def _chunk_scores(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Te
 
 def loss_positions(loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of the positions whose logits score a loss token: token (b, c+1) is scored by (b, c)."""
-    return torch.nonzero(loss_mask[:, 1:], as_tuple=True)
+    rows, cols = torch.nonzero(loss_mask[:, 1:], as_tuple=True)  # one index tensor per dim of the 2-D mask
+    return rows, cols
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -85,7 +85,9 @@ class PolicyTrainer:
         if trainer.shared_prefix:  # fail before any rollout, not at the first forward
             check_supported(model)
         if trainer.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # torch types module attributes as Tensor | Module; an HF model (PEFT forwards it) has this method
+            model.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(name, parameter) of every parameter the optimizer updates (the adapter's only, with one)."""

@@ -35,7 +35,9 @@ class AdapterDisabledReference:
         self.model, self.compute = model, compute
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        with torch.no_grad(), self.model.disable_adapter():
+        # torch types module attributes as Tensor | Module; default_reference picks this class only when the
+        # model has PEFT's `disable_adapter` context manager
+        with torch.no_grad(), self.model.disable_adapter():  # type: ignore[operator]
             return self.compute(self.model, batch)
 
 

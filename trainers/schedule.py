@@ -38,7 +38,7 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainerCo
     if not params:
         raise ValueError("the model has no trainable parameters")
     # foreach kernels: one pass over all parameters instead of a Python loop per tensor.
-    optimizer = torch.optim.AdamW(parameter_groups(params, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+    optimizer = torch.optim.AdamW(parameter_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   foreach=True)
     scheduler = LambdaLR(
         optimizer, lambda u: lr_factor(u, cfg.warmup_steps, total_updates, cfg.lr_schedule))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Literal, Protocol, TypeGuard
 
 import torch
 from peft import (
@@ -43,14 +43,17 @@ class AdapterSchedule(Protocol):
 @ADAPTERS.register("lora")
 def lora_config(cfg: LoRAAdapter) -> LoraConfig:
     """LoRA (arXiv 2106.09685): W0 + (alpha/r) B A, B initialised to zero."""
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+    # PEFT annotates lora_alpha as int but scales by alpha / r: a float alpha is what it computes with
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                      lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 @ADAPTERS.register("bone")
 def bone_config(cfg: BoneAdapter) -> MissConfig:
     """Bone / MiSS (arXiv 2409.15371): PEFT removed BoneConfig; MissConfig(init_weights=True) is Bone."""
-    init = {"bone": True, "bat": "bat", "mini": "mini"}[cfg.variant]
+    inits: dict[str, bool | Literal["bat", "mini"]] = {"bone": True, "bat": "bat", "mini": "mini"}
+    init = inits[cfg.variant]
     return MissConfig(r=cfg.r, mini_r=cfg.mini_r, miss_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                       init_weights=init, task_type="CAUSAL_LM")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, MissConfig, PeftConfig, PeftModel, convert_to_lora
-from peft.tuners.miss import MissLayer
+from peft.tuners.miss import MissLayer, MissLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
@@ -28,8 +28,15 @@ if TYPE_CHECKING:
 
 
 # ----- merged full weights ---------------------------------------------------------------------------
-def _miss_merged(layer: MissLayer, adapter: str) -> torch.Tensor:
-    weight = layer.get_base_layer().weight.detach()
+def _base_weight(layer: BaseTunerLayer) -> torch.Tensor:
+    """The wrapped layer's weight, detached (a tuner layer here wraps an nn.Linear)."""
+    weight = layer.get_base_layer().weight
+    assert isinstance(weight, torch.Tensor), f"{type(layer).__name__} wraps a layer without a weight tensor"
+    return weight.detach()
+
+
+def _miss_merged(layer: MissLinear, adapter: str) -> torch.Tensor:
+    weight = _base_weight(layer)
     if layer.miss_fn == "bat":  # ΔW_ij = W_ij D_i + D_i depends on W0 itself
         return (weight.float() + layer.get_delta_weight(adapter, weight.float().clone()).float()).to(weight.dtype)
     # get_delta_weight_miss returns the *full* weight and may write into its argument: give it a copy
@@ -37,8 +44,10 @@ def _miss_merged(layer: MissLayer, adapter: str) -> torch.Tensor:
 
 
 def _delta_merged(layer: BaseTunerLayer, adapter: str) -> torch.Tensor:
-    weight = layer.get_base_layer().weight.detach()
-    return (weight.float() + layer.get_delta_weight(adapter).detach().float()).to(weight.dtype)
+    weight = _base_weight(layer)
+    # every tuner layer merged this way (LoRA's, RoSA's) defines get_delta_weight; PEFT's base class does not declare it
+    delta = layer.get_delta_weight(adapter)  # type: ignore[attr-defined]
+    return (weight.float() + delta.detach().float()).to(weight.dtype)
 
 
 def _merged_weight(layer: BaseTunerLayer, adapter: str) -> torch.Tensor:
@@ -123,6 +132,7 @@ def paca_lora_state(model: torch.nn.Module) -> tuple[int, dict[str, torch.Tensor
 
 def _paca_as_lora(model: PeftModel, config: PacaConfig, out_dir: str) -> bool:
     rank, tensors = paca_lora_state(model)
+    assert config.target_modules is not None  # PEFT fills it from the model type when the model is adapted
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type="CAUSAL_LM",
                              base_model_name_or_path=config.base_model_name_or_path)
@@ -156,8 +166,8 @@ def lora_rank(model: torch.nn.Module) -> int | None:
 def lora_form_rank_of(config: PeftConfig) -> int | None:
     """The rank of the exact LoRA form of an adapter with this PEFT config, or None (RoSA; Bone `bat`, whose
     ΔW depends on W0 itself). The one rule behind `lora_rank(model)` and `lora_form_rank(job config)`."""
-    exact = isinstance(config, (LoraConfig, PacaConfig))
-    if exact or (isinstance(config, MissConfig) and config.init_weights != "bat"):
+    if isinstance(config, (LoraConfig, PacaConfig)) or (
+            isinstance(config, MissConfig) and config.init_weights != "bat"):
         return int(config.r)
     return None
 

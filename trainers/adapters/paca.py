@@ -36,7 +36,7 @@ class PacaConfig(PeftConfig):
 
     r: int = field(default=8, metadata={"help": "columns trained per targeted linear"})
     paca_alpha: float = field(default=8.0, metadata={"help": "s = paca_alpha / r"})
-    target_modules: list[str] | str | None = field(default=None)
+    target_modules: list[str] | set[str] | str | None = field(default=None)  # a list becomes a set (post-init)
     exclude_modules: list[str] | str | None = field(default=None)
     mode: Literal["functional", "fused"] = field(default="functional")
     bias: str = field(default="none")
@@ -220,9 +220,12 @@ class PacaModel(BaseTuner):
 
     prefix: str = "paca_"
     tuner_layer_cls = PacaLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # PEFT annotates the mapping's values as list[str] but fills this one (LoRA's own) with lists and tuples
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # type: ignore[assignment]
 
-    def _create_and_replace(self, config: PacaConfig, adapter_name: str, target: nn.Module, target_name: str,
+    # PEFT calls a tuner with its own config class only (its LoraModel narrows the argument the same way)
+    def _create_and_replace(self, config: PacaConfig, adapter_name: str,  # type: ignore[override]
+                            target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **kwargs: object) -> None:
         if isinstance(target, PacaLayer):
             raise ValueError("PaCA supports one adapter per model (columns are replaced, not added)")

@@ -43,7 +43,7 @@ class RosaConfig(PeftConfig):
     use_rslora: bool = field(default=False)
     density: float = field(default=0.003, metadata={"help": "nnz = int(density * m * n) per layer"})
     impl: str = field(default="gather", metadata={"help": "reference | gather | sampled"})
-    target_modules: list[str] | str | None = field(default=None)
+    target_modules: list[str] | set[str] | str | None = field(default=None)  # a list becomes a set (post-init)
     exclude_modules: list[str] | str | None = field(default=None)
     bias: str = field(default="none")
     layers_to_transform: list[int] | int | None = field(default=None)
@@ -156,8 +156,9 @@ class RosaLayer(nn.Module, BaseTunerLayer):
         """LoRA back to PEFT's default init (A kaiming, B = 0) and sparse values to 0; the support is kept."""
         with torch.no_grad():
             if adapter in self.rosa_A:
-                nn.init.kaiming_uniform_(self.rosa_A[adapter].weight, a=math.sqrt(5))
-                nn.init.zeros_(self.rosa_B[adapter].weight)
+                lora_a, lora_b = self.lora_pair(adapter)
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+                nn.init.zeros_(lora_b.weight)
             self.rosa_spa_values[adapter].zero_()
 
     def set_mask(self, adapter: str, idx: torch.Tensor) -> None:
@@ -170,6 +171,12 @@ class RosaLayer(nn.Module, BaseTunerLayer):
             self.rosa_spa_ready[adapter].fill_(True)
             values.zero_()
         self._ready_cache[adapter] = True
+
+    def lora_pair(self, adapter: str) -> tuple[nn.Linear, nn.Linear]:
+        """(A [r, n], B [m, r]) of `adapter`: the `nn.Linear` layers `update_layer` put in the ModuleDicts."""
+        lora_a, lora_b = self.rosa_A[adapter], self.rosa_B[adapter]
+        assert isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear)
+        return lora_a, lora_b
 
     def spa_ready(self, adapter: str) -> bool:
         if adapter not in self._ready_cache:  # cached: a .item() per forward would sync the GPU every layer
@@ -199,8 +206,8 @@ class RosaLayer(nn.Module, BaseTunerLayer):
         shape = (self.out_features, self.in_features)
         delta = torch.zeros(shape, device=self.base_layer.weight.device)
         if adapter in self.rosa_A:
-            lora_b, lora_a = self.rosa_B[adapter].weight.float(), self.rosa_A[adapter].weight.float()
-            delta += self.rosa_scaling[adapter] * (lora_b @ lora_a)
+            lora_a, lora_b = self.lora_pair(adapter)
+            delta += self.rosa_scaling[adapter] * (lora_b.weight.float() @ lora_a.weight.float())
         if self.spa_ready(adapter):
             delta += dense_sparse(self.rosa_spa_values[adapter].float(), self.rosa_spa_idx[adapter], shape)
         return delta
@@ -237,13 +244,14 @@ class RosaLayer(nn.Module, BaseTunerLayer):
         else:
             y = base(x, *args, **kwargs)
             if sparse:
-                y = y + F.linear(x, dense_sparse(values, idx, tuple(base.weight.shape)).to(x.dtype))
+                rows, cols = base.weight.shape
+                y = y + F.linear(x, dense_sparse(values, idx, (rows, cols)).to(x.dtype))
         if self.probe is not None:
             y = y + F.linear(x, self.probe.to(x.dtype))
         if adapter in self.rosa_A:
-            lora_a = self.rosa_A[adapter]
+            lora_a, lora_b = self.lora_pair(adapter)
             h = self.rosa_dropout[adapter](x.to(lora_a.weight.dtype))
-            y = y + (self.rosa_B[adapter](lora_a(h)) * self.rosa_scaling[adapter]).to(y.dtype)
+            y = y + (lora_b(lora_a(h)) * self.rosa_scaling[adapter]).to(y.dtype)
         return y
 
     def __repr__(self) -> str:
@@ -255,9 +263,12 @@ class RosaModel(BaseTuner):
 
     prefix: str = "rosa_"
     tuner_layer_cls = RosaLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # PEFT annotates the mapping's values as list[str] but fills this one (LoRA's own) with lists and tuples
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # type: ignore[assignment]
 
-    def _create_and_replace(self, config: RosaConfig, adapter_name: str, target: nn.Module, target_name: str,
+    # PEFT calls a tuner with its own config class only (its LoraModel narrows the argument the same way)
+    def _create_and_replace(self, config: RosaConfig, adapter_name: str,  # type: ignore[override]
+                            target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **kwargs: object) -> None:
         if isinstance(target, RosaLayer):
             raise ValueError("RoSA supports one adapter per model")

@@ -109,6 +109,7 @@ class RosaSchedule:
                 layer.set_mask(self.adapter, idx.to(layer.rosa_spa_idx[self.adapter].device))
                 if self.restart:
                     layer.reset_adapter(self.adapter)
+                    assert self.optimizer is not None  # __init__ refuses restart without one
                     _drop_update(layer, self.optimizer)
         self.collected = 0
 
