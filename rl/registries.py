@@ -1,7 +1,8 @@
 """The project's registries, one per plug-in family.
 
 Each names the modules that hold its built-in entries; those are imported on first lookup only. Built-ins
-register with the decorator (`@LOSSES.register("gspo")`); a family with a config `custom` variant also knows
+register with `REGISTRY.register(name)`, as a decorator (`@ENVS.register("arithmetic")`) or applied to the entry
+(`LOSSES.register("gspo")(Objective(gspo))`); a family with a config `custom` variant also knows
 how to load and check user code named by `import_path` (tests/unit/rl/test_variants.py ties the config
 variants to these names).
 """
