@@ -64,14 +64,56 @@ class TrainerConfig(Section):
     """Consecutive non-finite losses/gradients tolerated (each skipped) before the run stops."""
 
 
-class LocalCluster(Section):
-    """Everything in one process."""
+class ClusterSection(Section):
+    """Keys every placement has: the learner's ranks and the limit on their collectives."""
+
+    learners: int = Field(default=1, ge=1)
+    """Learner ranks: one torch.distributed group (gloo on CPU, NCCL on CUDA) training one FSDP2-sharded policy;
+    each rank takes whole groups of every batch. `local` starts them as processes on this machine; under
+    `torchrun`/`srun` (RANK and WORLD_SIZE set) it must equal WORLD_SIZE; `ray` places them as actors."""
+    collective_timeout_s: float = Field(default=600.0, gt=0)
+    """Limit on every collective between ranks (and on the weight-sync group): a dead or hung rank ends the
+    run with a clear message instead of a hang; the run directory stays resumable."""
+
+
+class LocalCluster(ClusterSection):
+    """Everything on this machine: the driver is learner rank 0 (with the rollout engine); ranks 1..N-1 are
+    processes it starts, or the other processes of a torchrun/srun launch."""
 
     name: Literal["local"] = "local"
 
 
-class RayCluster(Section):
-    """Rollout workers and learner as Ray actors."""
+class Resources(Section):
+    """What one actor asks Ray for."""
+
+    gpus: float = Field(default=0.0, ge=0)
+    """GPUs per actor (Ray sets CUDA_VISIBLE_DEVICES to the ones it grants); 0 on a CPU-only cluster."""
+    cpus: float = Field(default=0.0, ge=0)
+    """Ray CPU slots per actor; 0 lets small machines schedule everything (torch threads are set explicitly)."""
+
+
+class ClusterResources(Section):
+    """Per-actor resources: `learner` for each learner rank, `rollout` for each rollout worker."""
+
+    learner: Resources = Field(default_factory=Resources)
+    rollout: Resources = Field(default_factory=Resources)
+
+
+class WeightSyncConfig(Section):
+    """How weights travel from the learner to the rollout workers (Ray actors)."""
+
+    transport: Literal["collective", "object_store"] = "collective"
+    """`collective`: a torch.distributed group of learner rank 0 and the workers (NCCL on GPU, gloo on CPU),
+    tensors broadcast in size-bounded buckets; `object_store`: pickled through Ray (the fallback)."""
+    bucket_mib: int = Field(default=256, ge=1)
+    """Largest bucket sent at once: bounds the extra memory a sync needs on both sides."""
+    verify: bool = True
+    """After every sync, check the engine's weights against what was sent (per-bucket checksums on both
+    sides); a mismatch stops the run naming the tensor."""
+
+
+class RayCluster(ClusterSection):
+    """Rollout workers and learner ranks as Ray actors (learner ranks packed in one placement group)."""
 
     name: Literal["ray"] = "ray"
     rollout_workers: int = Field(default=1, ge=1)
@@ -79,8 +121,12 @@ class RayCluster(Section):
     """An existing cluster (`auto` or host:port); null starts a local one."""
     num_cpus: int | None = Field(default=None, ge=1)
     """CPUs of the local cluster; null = all."""
+    num_gpus: int | None = Field(default=None, ge=0)
+    """GPUs of the local cluster; null = what Ray detects (logical GPUs can be declared for placement tests)."""
     call_timeout_s: float = Field(default=900.0, gt=0)
     """Limit on every remote call; a call that exceeds it is treated as a dead worker."""
+    resources: ClusterResources = Field(default_factory=ClusterResources)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
 
 
 ClusterConfig = Annotated[LocalCluster | RayCluster, Field(discriminator="name")]
@@ -182,8 +228,10 @@ class JobConfig(Section):
     @property
     def sampler_is_learner(self) -> bool:
         """The local transformers engine samples with the learner's own model in sync mode (no copy, no
-        sync): the sampler's log-probs are the learner's. Async, Ray workers and vLLM sample from copies."""
-        return self.cluster.name == "local" and self.rollout.backend == "hf" and self.trainer.mode == "sync"
+        sync): the sampler's log-probs are the learner's. Async, Ray workers, vLLM and a sharded (N-rank) learner
+        sample from copies."""
+        return (self.cluster.name == "local" and self.cluster.learners == 1 and self.rollout.backend == "hf"
+                and self.trainer.mode == "sync")
 
     @property
     def resolved_run_dir(self) -> str:
