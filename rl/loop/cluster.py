@@ -379,15 +379,12 @@ def _init_ray(ray: ModuleType, cfg: RayCluster) -> None:
                         "Start one with `ray start --head`, or set cluster.address: null for a local one.") from None
 
 
-def _start_learners(ray: ModuleType, job: JobConfig, make_learner: MakeLearner, gang: Gang,
+def _start_learners(ray: ModuleType, job: JobConfig, cfg: RayCluster, make_learner: MakeLearner, gang: Gang,
                     threads: int) -> tuple[RemoteLearner, list[ObjectRef]]:
     """The learner ranks' actors, one per bundle of `gang`, and their `build` calls, issued to every rank at once
     (each blocks in the group's rendezvous until all have arrived): collect them with `gather`."""
-    cfg = job.cluster
     host = ray.remote(LearnerHost)
-    # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it returns the handle
-    actors: list[ActorHandle[LearnerHost]] = [
-        host.options(**gang.options(rank)).remote(threads) for rank in range(cfg.learners)]  # type: ignore[misc]
+    actors = [host.options(**gang.options(rank)).remote(threads) for rank in range(cfg.learners)]
     group = RemoteLearner(ray, actors, cfg.call_timeout_s)
     address, port = group.gather("rendezvous", [actors[0].rendezvous.remote()])[0]
     building = [actor.build.remote(make_learner, rank, cfg.learners, address, port, job.trainer.device,
@@ -419,12 +416,13 @@ def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker
         gangs.append(reserve_rollout(ray, cfg))
         closers.append(gangs[1].remove)
         threads = torch.get_num_threads()
-        learner, building = _start_learners(ray, job, make_learner, gangs[0], threads)
+        learner, building = _start_learners(ray, job, cfg, make_learner, gangs[0], threads)
         closers.append(learner.kill)
         rollout_host = ray.remote(RolloutHost)
 
         def spawn(index: int) -> ActorHandle[RolloutHost]:
-            return rollout_host.options(**gangs[1].options(index)).remote(  # type: ignore[return-value]  # as above
+            # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it is the handle
+            return rollout_host.options(**gangs[1].options(index)).remote(  # type: ignore[return-value]
                 lambda: make_worker(None), threads)
 
         workers = RayWorkers(ray, spawn, cfg.rollout_workers, cfg.call_timeout_s)

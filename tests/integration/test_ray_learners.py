@@ -52,3 +52,49 @@ def test_learner_ranks_are_placed_on_their_gpus_and_a_killed_rank_ends_the_call_
             ray.get(ranks[0].placement.remote(), timeout=TIMEOUT_S)
     finally:
         placement.close()
+
+
+class _AllReduceLearner:
+    """A learner whose every `weights()` is a collective across the ranks, as the sharded learner's calls are."""
+
+    def weights(self, mode):
+        import torch
+        import torch.distributed as dist
+
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        return float(total)
+
+
+class _NoWorker:
+    def close(self):
+        pass
+
+
+def test_a_rank_killed_while_the_others_wait_in_a_collective_ends_the_call_before_its_timeout(ray, tmp_path):
+    """Rank 0 sits in an all-reduce its dead peer never joins (until collective_timeout_s); the call ends at once
+    with the dead rank named, and rank 0 is killed rather than left waiting."""
+    import sys
+
+    from ray import cloudpickle
+
+    from rl.loop.cluster import place_ray
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
+    collective_s = 45
+    job = load_job("tiny", ["trainer.device=cpu", f"run_dir={tmp_path}",
+                            f"cluster={{name: ray, learners: 2, num_cpus: 2, call_timeout_s: {TIMEOUT_S}, "
+                            f"collective_timeout_s: {collective_s}}}"])
+    placement = place_ray(job, _AllReduceLearner, lambda learner: _NoWorker())
+    try:
+        ranks = placement.learner.actors
+        assert placement.learner.weights("full") == 2.0  # a real 2-rank group: the all-reduce sums both
+        ray.kill(ranks[1])
+        start = time.monotonic()
+        with pytest.raises(UserError, match=r"learner rank 1 \(of 2\) died during weights\(\).*--resume"):
+            placement.learner.weights("full")
+        assert time.monotonic() - start < collective_s / 3
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(ranks[0].placement.remote(), timeout=TIMEOUT_S)
+    finally:
+        placement.close()
