@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
 
 import torch
 
@@ -134,8 +134,18 @@ def place_local(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWork
 
 # ----- Ray -----------------------------------------------------------------------------------
 # The actors host the objects and forward typed calls to them: `actor.generate.remote(...)`, never a method name.
-def _placement() -> dict[str, Any]:
-    """What Ray granted the calling actor: GPU ids (and the CUDA_VISIBLE_DEVICES Ray set), placement group, node."""
+class ActorPlacement(TypedDict):
+    """What Ray granted an actor: its GPU ids (and the CUDA_VISIBLE_DEVICES Ray set from them), its placement
+    group's hex id (None outside one), its node's IP and its process id."""
+
+    gpu_ids: list[int | str]
+    cuda_visible_devices: str | None
+    placement_group: str | None
+    node_ip: str
+    pid: int
+
+
+def _placement() -> ActorPlacement:
     import ray
 
     return {"gpu_ids": list(ray.get_gpu_ids()), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -171,7 +181,7 @@ class LearnerHost:
             join_group(rank, world_size, address, port, pick_device(device), timeout_s)
         self.learner = factory()
 
-    def placement(self) -> dict[str, Any]:
+    def placement(self) -> ActorPlacement:
         return _placement()
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
@@ -200,7 +210,7 @@ class RolloutHost:
         torch.set_num_threads(threads)
         self.worker = factory()
 
-    def placement(self) -> dict[str, Any]:
+    def placement(self) -> ActorPlacement:
         return _placement()
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:

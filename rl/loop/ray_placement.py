@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rl.errors import UserError
 
@@ -42,10 +42,10 @@ class Gang:
     fallback: str
     ray: ModuleType
 
-    def options(self, index: int) -> dict[str, Any]:
+    def options(self, index: int) -> dict[str, object]:
         """`ray.remote(cls).options(**gang.options(i))` for actor i (the same i again when it is restarted)."""
         if self.pg is None:
-            strategy: Any = self.fallback
+            strategy: object = self.fallback
         else:
             strategy = self.ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=index)
