@@ -1,0 +1,527 @@
+"""Collective weight sync: learner rank 0 -> K rollout workers over a torch.distributed group of their own.
+
+The learner ranks already use their process's default group (rl/loop/distributed.py), so this group is built
+apart from it, from its own rendezvous: a TCPStore that rank 0 (the sender) opens on a port the OS picks, behind
+a PrefixStore, and a gloo (CPU) or NCCL (CUDA) process group object on it, as vLLM's StatelessProcessGroup and
+the weight-update groups of OpenRLHF/verl do. Every operation has the group's timeout.
+
+One sync, on the sender and on every receiver at once (the driver issues both sides' calls together):
+
+    header    SyncHeader (names, dtypes, shapes, bucket boundaries, version), pickled as a uint8 tensor
+    buckets   per bucket: its tensors (one dtype, at most bucket_mib) flattened into one buffer, broadcast;
+              the receiver's engine loads each tensor as soon as its bucket has arrived (vLLM: the collective
+              writes straight into the engine's shared-memory buffer, rollout/_vllm_internals.py)
+    trailer   with verify: the sender's probe of every tensor it sent
+
+Verification: a probe of a matrix W [rows, ...] is `W @ v` with v a random +-1 vector (seeded by the version, the
+same on both sides): one pass over the weights, like a checksum, but it can be computed from what the ENGINE
+holds after loading, even where vLLM's CPU backend keeps a linear layer only as a packed oneDNN handle (the probe
+then runs through that layer's own kernel, i.e. what generation computes) and where it fuses q/k/v and
+gate/up (the fused output splits back by rows). Vectors (norms, biases) are compared whole. A stale, skipped,
+swapped or misnamed tensor changes its probe by O(|probe|); float kernels only by ~1e-6 of it. LoRA files are
+checked by digest against the files the engine loads its adapter from. A mismatch raises `WeightSyncMismatch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import pickle
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+from rl.errors import UserError
+from rl.loop.cluster import LearnerHost, RolloutHost
+from rl.loop.distributed import node_address
+from rl.types import FullWeights, LoraFiles, SyncMode, WeightSync
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from ray.actor import ActorHandle
+
+    from rl.loop.worker import EngineWorker
+
+MIB = 1 << 20
+_PREFIX = "rlpost-weight-sync"
+
+
+class WeightSyncMismatch(UserError):
+    """The engine's weights after a sync differ from what the learner sent."""
+
+
+class WeightSyncTimeout(UserError):
+    """A member of the weight-sync group did not join or take part in a sync within the group's timeout."""
+
+
+# ----- what travels ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    """torch dtype name without `torch.`, e.g. float32."""
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype)
+        assert isinstance(dtype, torch.dtype), self.dtype
+        return dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Tensors [start, end) of the header, one dtype, sent as one flat buffer."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SyncHeader:
+    """Everything a receiver needs before the first bucket; fixed fields, pickled."""
+
+    version: int
+    kind: Literal["full", "lora"]
+    tensors: tuple[TensorSpec, ...]
+    """Distinct tensors in send order (checkpoint order: vLLM stacks q/k/v, gate/up from adjacent tensors)."""
+    buckets: tuple[Bucket, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    """name -> the tensor it shares storage with (tied embeddings): sent once."""
+    verify: bool = True
+
+    def bucket_bytes(self, bucket: Bucket) -> int:
+        return sum(s.nbytes for s in self.tensors[bucket.start:bucket.end])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.tensors)
+
+
+def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> tuple[Bucket, ...]:
+    """Consecutive runs of one dtype of at most `bucket_bytes` (a larger tensor is a bucket of its own); the send
+    order stays as given."""
+    buckets, start, size = [], 0, 0
+    for i, spec in enumerate(specs):
+        if i > start and (spec.dtype != specs[start].dtype or size + spec.nbytes > bucket_bytes):
+            buckets.append(Bucket(start, i))
+            start, size = i, 0
+        size += spec.nbytes
+    if specs:
+        buckets.append(Bucket(start, len(specs)))
+    return tuple(buckets)
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One uint8 buffer holding `tensors` (one dtype) back to back."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+    return flat.contiguous().view(torch.uint8)
+
+
+def unflatten(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
+    """Views of `buffer` (uint8) as the tensors `specs`, back to back."""
+    out, offset = [], 0
+    for spec in specs:
+        out.append(buffer[offset:offset + spec.nbytes].view(spec.torch_dtype).view(spec.shape))
+        offset += spec.nbytes
+    return out
+
+
+def _distinct(named: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """The tensors to send (aliases of one storage once) and the aliases (name -> sent name)."""
+    first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    distinct, aliases = [], {}
+    for name, t in named.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+            distinct.append((name, t))
+    return distinct, aliases
+
+
+def _spec(name: str, t: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+# ----- probes (verification) ------------------------------------------------------------------------
+def probe_vectors(specs: Sequence[TensorSpec], seed: int) -> dict[int, torch.Tensor]:
+    """A random +-1 float32 vector per input width of the matrices in `specs` (the same on every side)."""
+    dims = sorted({_width(s.shape) for s in specs if len(s.shape) >= 2})
+    gen = torch.Generator().manual_seed(seed)
+    return {d: torch.randint(0, 2, (d,), generator=gen).float() * 2 - 1 for d in dims}
+
+
+def _width(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape[1:]:
+        count *= d
+    return count
+
+
+def probe(t: torch.Tensor, vectors: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """`W @ v` (float32 [rows]) for a matrix, the tensor itself (float32) for a vector."""
+    if t.dim() < 2:
+        return t.detach().float().reshape(-1)
+    return t.detach().reshape(t.shape[0], -1).float() @ vectors[_width(tuple(t.shape))]
+
+
+RTOL = {"float32": 1e-4, "float64": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
+"""Allowed |engine - sent| probe difference relative to the probe's largest entry: float kernels sum in another
+order (measured ~1e-6 in fp32 for SmolLM2's widths); a wrong tensor differs by O(1)."""
+
+
+def mismatches(specs: Sequence[TensorSpec], sent: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]
+               ) -> list[str]:
+    """One line per tensor whose engine probe is missing or off, with the relative difference."""
+    lines = []
+    for spec in specs:
+        expected, got = sent[spec.name], held.get(spec.name)
+        if got is None or got.shape != expected.shape:
+            lines.append(f"{spec.name}: not held by the engine as sent")
+            continue
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        diff = float((got - expected).abs().max()) if expected.numel() else 0.0
+        if not diff <= RTOL.get(spec.dtype, 1e-4) * scale + 1e-12:
+            lines.append(f"{spec.name}: max |engine - sent| probe {diff:.3g} (largest probe entry {scale:.3g})")
+    return lines
+
+
+def digest(data: bytes | torch.Tensor) -> str:
+    raw = data if isinstance(data, bytes) else data.numpy().tobytes()
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """An engine that loads tensors while they arrive and reads its weights back as probes (VLLMEngine)."""
+
+    def push_weights_streamed(self, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                              aliases: Mapping[str, str], fill: Any, version: int) -> float: ...
+
+    def weight_probes(self, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]: ...
+
+
+def held_probes(engine: Any, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """The engine's weights after loading, as probes: vLLM computes them in its worker process; an engine holding a
+    torch model (transformers) from that model's state dict."""
+    if isinstance(engine, StreamingEngine):
+        return engine.weight_probes(shapes, vectors)
+    state = engine.model.state_dict()
+    return {name: probe(state[name], vectors) for name in shapes if name in state}
+
+
+# ----- the group ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where the sync group meets: rank 0 (the learner) listens at host:port; ranks 1..world_size-1 are the
+    rollout workers."""
+
+    host: str
+    port: int
+    world_size: int
+    device: str
+    timeout_s: float
+
+
+class WeightGroup:
+    """This process's member of one weight-sync group (not the default group: a process may be in both)."""
+
+    def __init__(self, address: GroupAddress, rank: int, store: dist.TCPStore | None = None) -> None:
+        self.address, self.rank = address, rank
+        self.timeout = timedelta(seconds=address.timeout_s)
+        self.device = torch.device(address.device)
+        if store is None:
+            store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False,
+                                  timeout=self.timeout)
+        self._store = store  # the process group keeps no reference to the TCP store: keep it alive
+        prefixed = dist.PrefixStore(_PREFIX, store)
+        with self._bounded("join the group"):
+            self.pg: Any = _BACKENDS[address.device.split(":")[0]](prefixed, rank, address.world_size, self.timeout)
+
+    @classmethod
+    def open(cls, world_size: int, device: str, timeout_s: float) -> tuple[dist.TCPStore, GroupAddress]:
+        """Rank 0's store on a port the OS picks (no race with another listener) and the address to give out."""
+        host = node_address()
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+        return store, GroupAddress(host, int(store.port), world_size, device, timeout_s)
+
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        """Rank 0's `buffer` into every rank's `buffer` (uint8, same size), within the timeout."""
+        staged = buffer if buffer.device == self.device else buffer.to(self.device)
+        with self._bounded("broadcast weights"):
+            self.pg.broadcast(staged, 0).wait(self.timeout)
+        if staged is not buffer:
+            buffer.copy_(staged)
+
+    @contextlib.contextmanager
+    def _bounded(self, what: str) -> Iterator[None]:
+        """torch's store/collective timeout (a peer died or hangs) as a message that says what to do."""
+        try:
+            yield
+        except RuntimeError as exc:  # torch's DistError (timeouts) and gloo's closed-connection errors
+            raise WeightSyncTimeout(
+                f"weight sync: rank {self.rank} could not {what} with the other {self.address.world_size - 1} "
+                f"member(s) of the weight-sync group at {self.address.host}:{self.address.port} within "
+                f"{self.address.timeout_s:.0f}s (cluster.collective_timeout_s): a rollout worker or the learner died "
+                f"or hangs ({type(exc).__name__}: {str(exc)[:200]}). Resume with `rl train --resume RUN_DIR`.") \
+                from None
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's picklable `obj` on every rank (length first, then the bytes)."""
+        data = pickle.dumps(obj) if self.rank == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        self.broadcast(size.view(torch.uint8))
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else \
+            torch.empty(int(size[0]), dtype=torch.uint8)
+        self.broadcast(raw)
+        return obj if self.rank == 0 else pickle.loads(raw.numpy().tobytes())  # our own group's bytes
+
+    def close(self) -> None:
+        self.pg = None
+        self._store = None
+
+
+def _gloo(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def _nccl(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, options)
+
+
+_BACKENDS = {"cpu": _gloo, "cuda": _nccl}
+
+
+# ----- the two sides of one sync ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SyncReport:
+    """One side's figures for one sync."""
+
+    version: int
+    seconds: float
+    bytes: int
+    buckets: int
+    verify_s: float = 0.0
+    """Seconds spent on verification on this side (sender: probes; receiver: read-back and compare)."""
+    path: str = ""
+    """Receiver: how the engine loaded (vLLM `direct`/`vllm`, `copy` otherwise)."""
+
+
+def send_weights(group: WeightGroup, sync: WeightSync, version: int, bucket_bytes: int, verify: bool) -> SyncReport:
+    """Broadcast `sync` (FullWeights or LoraFiles) to the group's receivers as policy `version`."""
+    start = time.perf_counter()
+    named, kind = _named(sync)
+    distinct, aliases = _distinct(named)
+    specs = tuple(_spec(n, t) for n, t in distinct)
+    header = SyncHeader(version, kind, specs, plan_buckets(specs, bucket_bytes), aliases, verify)
+    group.broadcast_object(header)
+    for b in header.buckets:
+        group.broadcast(flatten([t for _, t in distinct[b.start:b.end]]))
+    verify_s = 0.0
+    if verify:  # after the buckets: the probes overlap the receivers' last loads
+        t0 = time.perf_counter()
+        group.broadcast_object(_sender_checks(header, distinct))
+        verify_s = time.perf_counter() - t0
+    return SyncReport(version, time.perf_counter() - start, header.nbytes, len(header.buckets), verify_s)
+
+
+def _named(sync: WeightSync) -> tuple[dict[str, torch.Tensor], Literal["full", "lora"]]:
+    match sync:
+        case FullWeights(tensors=tensors):
+            return dict(tensors), "full"
+        case LoraFiles(files=files):
+            return {n: torch.frombuffer(bytearray(data), dtype=torch.uint8) for n, data in files.items()}, "lora"
+        case _:
+            raise TypeError(f"nothing to send for {type(sync).__name__}: a collective sync carries full weights "
+                            "or LoRA files")
+
+
+def _sender_checks(header: SyncHeader, distinct: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    if header.kind == "lora":
+        return {n: digest(t) for n, t in distinct}
+    vectors = probe_vectors(header.tensors, header.version)
+    return {n: probe(t, vectors) for n, t in distinct}
+
+
+def receive_weights(group: WeightGroup, worker: EngineWorker) -> SyncReport:
+    """Receive one sync from rank 0 into `worker`'s engine; with the sender's verify, check what the engine holds."""
+    start = time.perf_counter()
+    header: SyncHeader = group.broadcast_object()
+    if header.kind == "lora":
+        _receive_lora(group, worker, header)
+    else:
+        _receive_full(group, worker, header)
+    verify_s = 0.0
+    if header.verify:
+        sent = group.broadcast_object()
+        t0 = time.perf_counter()
+        _verify(worker, header, sent)
+        verify_s = time.perf_counter() - t0
+    worker.version = header.version
+    return SyncReport(header.version, time.perf_counter() - start, header.nbytes, len(header.buckets), verify_s,
+                      getattr(worker.engine, "sync_path", "") or "copy")
+
+
+def _receive_full(group: WeightGroup, worker: EngineWorker, header: SyncHeader) -> None:
+    engine = worker.engine
+    if isinstance(engine, StreamingEngine):
+        specs = [(s.name, s.torch_dtype, s.shape) for s in header.tensors]
+        engine.push_weights_streamed(specs, header.aliases, lambda region: _fill(group, header, region),
+                                     header.version)
+    else:  # an engine that copies tensors in place as they come (transformers)
+        engine.push_weights(_arriving(group, header), header.version)
+
+
+def _fill(group: WeightGroup, header: SyncHeader, region: torch.Tensor) -> Iterator[int]:
+    """Receive each bucket straight into its place in `region` (tensors back to back); yield tensors complete."""
+    offset = 0
+    for b in header.buckets:
+        size = header.bucket_bytes(b)
+        group.broadcast(region[offset:offset + size])
+        offset += size
+        yield b.end
+
+
+def _arriving(group: WeightGroup, header: SyncHeader) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) as each bucket arrives, aliases after their source."""
+    sources: dict[str, torch.Tensor] = {}
+    wanted = set(header.aliases.values())
+    for b in header.buckets:
+        buffer = torch.empty(header.bucket_bytes(b), dtype=torch.uint8)
+        group.broadcast(buffer)
+        specs = header.tensors[b.start:b.end]
+        for spec, tensor in zip(specs, unflatten(buffer, specs)):
+            if spec.name in wanted:
+                sources[spec.name] = tensor
+            yield spec.name, tensor
+    for alias, source in header.aliases.items():
+        yield alias, sources[source]
+
+
+def _receive_lora(group: WeightGroup, worker: EngineWorker, header: SyncHeader) -> None:
+    files = {}
+    for b in header.buckets:
+        buffer = torch.empty(header.bucket_bytes(b), dtype=torch.uint8)
+        group.broadcast(buffer)
+        specs = header.tensors[b.start:b.end]
+        files.update((s.name, t.numpy().tobytes()) for s, t in zip(specs, unflatten(buffer, specs)))
+    worker.load_weights(LoraFiles(files), header.version)
+
+
+def _verify(worker: EngineWorker, header: SyncHeader, sent: Mapping[str, Any]) -> None:
+    if header.kind == "lora":
+        problems = _lora_mismatches(worker, header, sent)
+    else:
+        vectors = probe_vectors(header.tensors, header.version)
+        held = held_probes(worker.engine, {s.name: s.shape for s in header.tensors}, vectors)
+        problems = mismatches(header.tensors, sent, held)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise WeightSyncMismatch(
+            f"weight sync to policy version {header.version} is wrong: the rollout engine does not hold what the "
+            f"learner sent for {len(problems)} tensor(s): {shown}. The engine would sample from other weights "
+            "than the learner trains; stop here. Resume from the last checkpoint with `rl train --resume "
+            "RUN_DIR`; if it repeats, set cluster.weight_sync.transport: object_store and report the tensor named.")
+
+
+def _lora_mismatches(worker: EngineWorker, header: SyncHeader, sent: Mapping[str, Any]) -> list[str]:
+    """The adapter files the engine loads from (vLLM reads them from its LoRA request's folder) against the
+    sender's digests."""
+    request = getattr(worker.engine, "lora_request", None)
+    folder = Path(request.lora_path) if request is not None else None
+    lines = []
+    for spec in header.tensors:
+        path = folder / spec.name if folder is not None else None
+        if path is None or not path.is_file():
+            lines.append(f"{spec.name}: not in the engine's adapter folder")
+        elif digest(path.read_bytes()) != sent[spec.name]:
+            lines.append(f"{spec.name}: the engine's adapter file differs from the one sent")
+    return lines
+
+
+# ----- Ray hosts (subclasses of rl/loop/cluster.py's) and the driver's calls ----------------------
+class SyncLearnerHost(LearnerHost):
+    """LearnerHost that is rank 0 (the sender) of the weight-sync group."""
+
+    _store: dist.TCPStore | None = None
+    _group: WeightGroup | None = None
+
+    def open_weight_group(self, world_size: int, device: str, timeout_s: float) -> GroupAddress:
+        self._store, address = WeightGroup.open(world_size, device, timeout_s)
+        return address
+
+    def join_weight_group(self, address: GroupAddress) -> None:
+        self._group = WeightGroup(address, 0, self._store)
+
+    def send_weights(self, mode: SyncMode, version: int, bucket_mib: int, verify: bool) -> SyncReport:
+        """`weights(mode)` (collective over the learner ranks: call it on every rank) broadcast from rank 0."""
+        sync = self.learner.weights(mode)
+        assert self._group is not None, "join_weight_group first"
+        return send_weights(self._group, sync, version, bucket_mib * MIB, verify)
+
+
+class SyncRolloutHost(RolloutHost):
+    """RolloutHost that receives weights as rank 1..K of the weight-sync group."""
+
+    _group: WeightGroup | None = None
+
+    def join_weight_group(self, address: GroupAddress, rank: int) -> None:
+        self._group = WeightGroup(address, rank)
+
+    def receive_weights(self) -> SyncReport:
+        assert self._group is not None, "join_weight_group first"
+        worker = self.worker
+        assert hasattr(worker, "engine"), "a collective sync needs an EngineWorker"
+        return receive_weights(self._group, worker)  # type: ignore[arg-type]  # checked just above
+
+
+def connect(ray: ModuleType, learner: ActorHandle, workers: Sequence[ActorHandle], device: str,
+            timeout_s: float) -> GroupAddress:
+    """Form the group: the learner opens it, then all members join at once (joining blocks until all have)."""
+    address: GroupAddress = ray.get(learner.open_weight_group.remote(len(workers) + 1, device, timeout_s),
+                                    timeout=timeout_s)
+    refs = [learner.join_weight_group.remote(address)]
+    refs += [w.join_weight_group.remote(address, i + 1) for i, w in enumerate(workers)]
+    _get(ray, refs, timeout_s)
+    return address
+
+
+def sync(ray: ModuleType, learner: ActorHandle, workers: Sequence[ActorHandle], mode: SyncMode, version: int,
+         bucket_mib: int, verify: bool, timeout_s: float) -> tuple[SyncReport, list[SyncReport]]:
+    """One collective sync: the sender's and every receiver's call issued together; (sender's, receivers')."""
+    refs = [learner.send_weights.remote(mode, version, bucket_mib, verify)]
+    refs += [w.receive_weights.remote() for w in workers]
+    sent, *received = _get(ray, refs, timeout_s)
+    return sent, received
+
+
+def _get(ray: ModuleType, refs: list[Any], timeout_s: float) -> list[Any]:
+    """Results of `refs`; a UserError raised in an actor (a mismatch) is raised here as itself."""
+    try:
+        return list(ray.get(refs, timeout=timeout_s))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
