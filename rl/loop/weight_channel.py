@@ -29,6 +29,7 @@ import hashlib
 import pickle
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -76,11 +77,15 @@ class TensorSpec:
         return dtype
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         count = 1
         for d in self.shape:
             count *= d
-        return count * torch.empty((), dtype=self.torch_dtype).element_size()
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -335,14 +340,18 @@ def send_weights(group: WeightGroup, sync: WeightSync, version: int, bucket_byte
     distinct, aliases = _distinct(named)
     specs = tuple(_spec(n, t) for n, t in distinct)
     header = SyncHeader(version, kind, specs, plan_buckets(specs, bucket_bytes), aliases, verify)
-    group.broadcast_object(header)
-    for b in header.buckets:
-        group.broadcast(flatten([t for _, t in distinct[b.start:b.end]]))
-    verify_s = 0.0
-    if verify:  # after the buckets: the probes overlap the receivers' last loads
-        t0 = time.perf_counter()
-        group.broadcast_object(_sender_checks(header, distinct))
-        verify_s = time.perf_counter() - t0
+    # The probes are computed from the tensors being sent, in a thread while the buckets go out (torch releases
+    # the GIL in both), and travel after them: the receivers are still loading the last bucket meanwhile.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlpost-probe") as pool:
+        checks = pool.submit(_sender_checks, header, distinct) if verify else None
+        group.broadcast_object(header)
+        for b in header.buckets:
+            group.broadcast(flatten([t for _, t in distinct[b.start:b.end]]))
+        verify_s = 0.0
+        if checks is not None:
+            t0 = time.perf_counter()  # what verification adds here: waiting for the probes, sending them
+            _send_checks(group, header, checks.result())
+            verify_s = time.perf_counter() - t0
     return SyncReport(version, time.perf_counter() - start, header.nbytes, len(header.buckets), verify_s)
 
 
@@ -364,6 +373,30 @@ def _sender_checks(header: SyncHeader, distinct: Sequence[tuple[str, torch.Tenso
     return {n: probe(t, vectors) for n, t in distinct}
 
 
+def _probe_sizes(header: SyncHeader) -> list[int]:
+    """Entries of each tensor's probe: its rows for a matrix, its elements for a vector."""
+    return [s.shape[0] if len(s.shape) >= 2 else s.numel for s in header.tensors]
+
+
+def _send_checks(group: WeightGroup, header: SyncHeader, checks: Mapping[str, Any]) -> None:
+    """Full weights: every probe in one flat float32 buffer whose size the receivers know from the header (no
+    pickling of ~300 small tensors); LoRA digests: pickled."""
+    if header.kind == "lora":
+        group.broadcast_object(checks)
+    else:
+        group.broadcast(torch.cat([checks[s.name] for s in header.tensors]).view(torch.uint8))
+
+
+def _receive_checks(group: WeightGroup, header: SyncHeader) -> Mapping[str, Any]:
+    if header.kind == "lora":
+        checks: Mapping[str, Any] = group.broadcast_object()
+        return checks
+    sizes = _probe_sizes(header)
+    flat = torch.empty(sum(sizes) * 4, dtype=torch.uint8)
+    group.broadcast(flat)
+    return dict(zip((s.name for s in header.tensors), flat.view(torch.float32).split(sizes)))
+
+
 def receive_weights(group: WeightGroup, worker: EngineWorker) -> SyncReport:
     """Receive one sync from rank 0 into `worker`'s engine; with the sender's verify, check what the engine holds."""
     start = time.perf_counter()
@@ -374,7 +407,7 @@ def receive_weights(group: WeightGroup, worker: EngineWorker) -> SyncReport:
         _receive_full(group, worker, header)
     verify_s = 0.0
     if header.verify:
-        sent = group.broadcast_object()
+        sent = _receive_checks(group, header)
         t0 = time.perf_counter()
         _verify(worker, header, sent)
         verify_s = time.perf_counter() - t0

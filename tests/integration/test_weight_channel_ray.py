@@ -45,14 +45,15 @@ def _job(tmp_path: Any, backend: str) -> Any:
 
 
 def _moved_learner(job: Any, model_dir: str) -> Any:
-    """A real learner whose weights differ from the checkpoint the engines start from (as after training)."""
+    """A real learner whose trainable weights differ from where they start (as after training)."""
     from rl.loop.learner import PolicyLearner
 
     learner = PolicyLearner(job, model_dir)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in learner.model.parameters():  # in place: tied embeddings stay tied
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return learner
 
 
@@ -70,6 +71,24 @@ class ChaosRolloutHost(SyncRolloutHost):
             return real([(swap.get(n, n), d, s) for n, d, s in specs], aliases, fill, version)
 
         engine.push_weights_streamed = swapped
+
+    def alter_next_adapter(self) -> None:
+        """The next pushed adapter's weights file is rewritten (one tensor x10) before vLLM gets its folder."""
+        from safetensors.torch import load_file, save_file
+
+        engine = self.worker.engine  # type: ignore[attr-defined]
+        real = engine.push_lora
+
+        def altered(adapter_dir: str, version: int) -> float:
+            engine.push_lora = real  # once
+            path = f"{adapter_dir}/adapter_model.safetensors"
+            tensors = load_file(path)
+            first = sorted(tensors)[0]
+            tensors[first] = tensors[first] * 10
+            save_file(tensors, path)
+            return real(adapter_dir, version)
+
+        engine.push_lora = altered
 
     def hf_weights(self) -> dict[str, torch.Tensor]:
         return {n: t.clone() for n, t in self.worker.engine.model.state_dict().items()}  # type: ignore[attr-defined]
@@ -123,4 +142,32 @@ def test_collective_sync_into_vllm_and_hf_engines_and_a_corrupted_sync_is_detect
     sync(ray, learner, workers, "full", 3, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)  # the group survives
     assert _max_diff(ray, learner, workers[0], prompts, seed=4) < 1e-4
     for actor in [*workers, learner]:
+        ray.kill(actor)
+
+
+def test_collective_lora_sync_hot_loads_the_adapter_and_an_altered_adapter_file_is_detected(ray_module,
+                                                                                           tiny_model_dir, tmp_path):
+    from rl.loop.runtime import build_env
+    from rl.loop.worker import EngineWorker
+    from rl.models import load_tokenizer
+
+    ray = ray_module
+    job = load_job("tiny", ["rollout.backend=vllm", f"run_dir={tmp_path}", "logging.progress=false",
+                            "adapter={name: lora, r: 4, alpha: 8}"])
+    learner = ray.remote(num_cpus=0)(SyncLearnerHost).remote(lambda: _moved_learner(job, tiny_model_dir), 1)
+    worker = ray.remote(num_cpus=0)(ChaosRolloutHost).remote(lambda: EngineWorker(job, tiny_model_dir), 1)
+    connect(ray, learner, [worker], "cpu", TIMEOUT_S)
+    prompts = list(build_env(job, load_tokenizer(tiny_model_dir)).train_prompts())[:2]
+
+    before = _max_diff(ray, learner, worker, prompts, seed=1)
+    sent, (received,) = sync(ray, learner, [worker], "lora", 1, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+    after = _max_diff(ray, learner, worker, prompts, seed=2)
+    print(f"\nLoRA: vLLM engine vs learner before sync {before:.2e}, after {after:.2e}; {sent.bytes} bytes")
+    assert before > 1e-2 and after < 1e-4 and received.version == 1 and received.verify_s > 0
+
+    ray.get(worker.alter_next_adapter.remote())
+    with pytest.raises(WeightSyncMismatch, match=r"adapter_model\.safetensors: the engine's adapter file differs"):
+        sync(ray, learner, [worker], "lora", 2, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+    assert _max_diff(ray, learner, worker, prompts, seed=3) > 1e-3  # the engine really serves the altered adapter
+    for actor in (worker, learner):
         ray.kill(actor)
