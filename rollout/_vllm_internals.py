@@ -321,8 +321,8 @@ def weight_probes(llm: LLM, shapes: Mapping[str, tuple[int, ...]], vectors: Mapp
     [rows]) for a matrix, the tensor itself for a vector; a tensor the engine does not hold is absent. Computed in
     the engine's worker process from the weights generation uses (see `_probe_model`)."""
     raw = {dim: v.float().numpy().tobytes() for dim, v in vectors.items()}  # tensors do not survive vLLM's RPC
-    found = llm.collective_rpc(_probe_worker, args=(dict(shapes), raw))
-    found = found[0] if isinstance(found, list) else found
+    answers = llm.collective_rpc(_probe_worker, args=(dict(shapes), raw))  # one per worker; one worker here
+    found: dict[str, bytes] = answers[0] if isinstance(answers, list) else answers
     return {name: torch.frombuffer(bytearray(data), dtype=torch.float32) for name, data in found.items()}
 
 
@@ -347,7 +347,9 @@ def _probe_model(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], 
                 vector = vectors[math.prod(shapes[sent[0]][1:])]
                 held = own["weight"]
                 if held.numel() == 0:
-                    probe = module.cpu_linear(vector.to(held.dtype)[None], held, None)[0].float()
+                    # set by vLLM's CPU GEMM dispatch (untyped: torch.nn.Module attributes read as Tensor | Module)
+                    linear: Callable[..., torch.Tensor] = getattr(module, "cpu_linear")  # noqa: B009
+                    probe = linear(vector.to(held.dtype)[None], held, None)[0].float()
                 else:
                     probe = held.reshape(held.shape[0], -1)[:sum(rows)].float() @ vector
                 out.update(zip(sent, probe[:sum(rows)].split(rows)))

@@ -148,10 +148,10 @@ def unflatten(buffer: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.T
 
 def _distinct(named: Mapping[str, torch.Tensor]) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """The tensors to send (aliases of one storage once) and the aliases (name -> sent name)."""
-    first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    first: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}  # storage, offset, shape, dtype -> name
     distinct, aliases = [], {}
     for name, t in named.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
         if key in first:
             aliases[name] = first[key]
         else:
@@ -256,7 +256,7 @@ class WeightGroup:
         if store is None:
             store = dist.TCPStore(address.host, address.port, address.world_size, is_master=False,
                                   timeout=self.timeout)
-        self._store = store  # the process group keeps no reference to the TCP store: keep it alive
+        self._store: dist.TCPStore | None = store  # the process group holds no reference to it: keep it alive
         prefixed = dist.PrefixStore(_PREFIX, store)
         with self._bounded("join the group"):
             self.pg: Any = _BACKENDS[address.device.split(":")[0]](prefixed, rank, address.world_size, self.timeout)
@@ -453,7 +453,7 @@ def _arriving(group: WeightGroup, header: SyncHeader) -> Iterator[tuple[str, tor
 
 
 def _receive_lora(group: WeightGroup, worker: EngineWorker, header: SyncHeader) -> None:
-    files = {}
+    files: dict[str, bytes] = {}
     for b in header.buckets:
         buffer = torch.empty(header.bucket_bytes(b), dtype=torch.uint8)
         group.broadcast(buffer)
