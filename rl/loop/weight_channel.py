@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import pickle
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from rl.loop.worker import EngineWorker
 
 MIB = 1 << 20
+# A process-group object outside the default group (ProcessGroupGloo / ProcessGroupNCCL): torch's stubs do not declare
+# their collectives, and a CPU build has no ProcessGroupNCCL to name.
+_Backend = Any
 _PREFIX = "rlpost-weight-sync"
 
 
@@ -217,19 +220,23 @@ class StreamingEngine(Protocol):
     """An engine that loads tensors while they arrive and reads its weights back as probes (VLLMEngine)."""
 
     def push_weights_streamed(self, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-                              aliases: Mapping[str, str], fill: Any, version: int) -> float: ...
+                              aliases: Mapping[str, str], fill: Callable[[torch.Tensor], Iterator[int]],
+                              version: int) -> float: ...
 
     def weight_probes(self, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
                       ) -> dict[str, torch.Tensor]: ...
 
 
-def held_probes(engine: Any, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+def held_probes(engine: object, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
     """The engine's weights after loading, as probes: vLLM computes them in its worker process; an engine holding a
     torch model (transformers) from that model's state dict."""
     if isinstance(engine, StreamingEngine):
         return engine.weight_probes(shapes, vectors)
-    state = engine.model.state_dict()
+    model = getattr(engine, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"cannot read weights back from a {type(engine).__name__} engine to verify a sync")
+    state = model.state_dict()
     return {name: probe(state[name], vectors) for name in shapes if name in state}
 
 
@@ -259,7 +266,8 @@ class WeightGroup:
         self._store: dist.TCPStore | None = store  # the process group holds no reference to it: keep it alive
         prefixed = dist.PrefixStore(_PREFIX, store)
         with self._bounded("join the group"):
-            self.pg: Any = _BACKENDS[address.device.split(":")[0]](prefixed, rank, address.world_size, self.timeout)
+            backend = _BACKENDS[address.device.split(":")[0]]
+            self.pg: _Backend | None = backend(prefixed, rank, address.world_size, self.timeout)
 
     @classmethod
     def open(cls, world_size: int, device: str, timeout_s: float) -> tuple[dist.TCPStore, GroupAddress]:
@@ -272,6 +280,7 @@ class WeightGroup:
     def broadcast(self, buffer: torch.Tensor) -> None:
         """Rank 0's `buffer` into every rank's `buffer` (uint8, same size), within the timeout."""
         staged = buffer if buffer.device == self.device else buffer.to(self.device)
+        assert self.pg is not None, "the weight-sync group is closed"
         with self._bounded("broadcast weights"):
             self.pg.broadcast(staged, 0).wait(self.timeout)
         if staged is not buffer:
@@ -305,11 +314,11 @@ class WeightGroup:
         self._store = None
 
 
-def _gloo(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
+def _gloo(store: dist.Store, rank: int, size: int, timeout: timedelta) -> _Backend:
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
-def _nccl(store: dist.Store, rank: int, size: int, timeout: timedelta) -> Any:
+def _nccl(store: dist.Store, rank: int, size: int, timeout: timedelta) -> _Backend:
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = timeout
     return dist.ProcessGroupNCCL(store, rank, size, options)
@@ -366,7 +375,11 @@ def _named(sync: WeightSync) -> tuple[dict[str, torch.Tensor], Literal["full", "
                             "or LoRA files")
 
 
-def _sender_checks(header: SyncHeader, distinct: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+Checks = Mapping[str, Any]
+"""The sender's checks by tensor name: a float32 probe tensor (full weights) or a digest string (LoRA files)."""
+
+
+def _sender_checks(header: SyncHeader, distinct: Sequence[tuple[str, torch.Tensor]]) -> Checks:
     if header.kind == "lora":
         return {n: digest(t) for n, t in distinct}
     vectors = probe_vectors(header.tensors, header.version)
@@ -378,7 +391,7 @@ def _probe_sizes(header: SyncHeader) -> list[int]:
     return [s.shape[0] if len(s.shape) >= 2 else s.numel for s in header.tensors]
 
 
-def _send_checks(group: WeightGroup, header: SyncHeader, checks: Mapping[str, Any]) -> None:
+def _send_checks(group: WeightGroup, header: SyncHeader, checks: Checks) -> None:
     """Full weights: every probe in one flat float32 buffer whose size the receivers know from the header (no
     pickling of ~300 small tensors); LoRA digests: pickled."""
     if header.kind == "lora":
@@ -387,9 +400,9 @@ def _send_checks(group: WeightGroup, header: SyncHeader, checks: Mapping[str, An
         group.broadcast(torch.cat([checks[s.name] for s in header.tensors]).view(torch.uint8))
 
 
-def _receive_checks(group: WeightGroup, header: SyncHeader) -> Mapping[str, Any]:
+def _receive_checks(group: WeightGroup, header: SyncHeader) -> Checks:
     if header.kind == "lora":
-        checks: Mapping[str, Any] = group.broadcast_object()
+        checks: Checks = group.broadcast_object()
         return checks
     sizes = _probe_sizes(header)
     flat = torch.empty(sum(sizes) * 4, dtype=torch.uint8)
@@ -462,7 +475,7 @@ def _receive_lora(group: WeightGroup, worker: EngineWorker, header: SyncHeader) 
     worker.load_weights(LoraFiles(files), header.version)
 
 
-def _verify(worker: EngineWorker, header: SyncHeader, sent: Mapping[str, Any]) -> None:
+def _verify(worker: EngineWorker, header: SyncHeader, sent: Checks) -> None:
     if header.kind == "lora":
         problems = _lora_mismatches(worker, header, sent)
     else:
@@ -478,7 +491,7 @@ def _verify(worker: EngineWorker, header: SyncHeader, sent: Mapping[str, Any]) -
             "RUN_DIR`; if it repeats, set cluster.weight_sync.transport: object_store and report the tensor named.")
 
 
-def _lora_mismatches(worker: EngineWorker, header: SyncHeader, sent: Mapping[str, Any]) -> list[str]:
+def _lora_mismatches(worker: EngineWorker, header: SyncHeader, sent: Checks) -> list[str]:
     """The adapter files the engine loads from (vLLM reads them from its LoRA request's folder) against the
     sender's digests."""
     request = getattr(worker.engine, "lora_request", None)
