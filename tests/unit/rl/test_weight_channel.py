@@ -1,6 +1,6 @@
-"""rl/loop/weight_channel.py without Ray: buckets, header, probes, and a real 2-rank gloo sync (the two ranks as
-threads of this process: a weight-sync group is a stateless process-group object, not the default group) into a
-real transformers engine, including one whose engine really ends up holding a wrong tensor."""
+"""rl/loop/weight_channel.py and weight_wire.py without Ray: buckets, header, probes, and a real 2-rank gloo sync
+(the two ranks as threads of this process: a weight-sync group is a stateless process-group object, not the default
+group) into a real transformers engine, including one whose engine really ends up holding a wrong tensor."""
 
 from __future__ import annotations
 
@@ -13,20 +13,16 @@ from typing import Any
 import pytest
 import torch
 
-from rl.loop.weight_channel import (
+from rl.loop.weight_channel import WeightGroup, WeightSyncMismatch, WeightSyncTimeout, receive_weights, send_weights
+from rl.loop.weight_wire import (
     Bucket,
     SyncHeader,
     TensorSpec,
-    WeightGroup,
-    WeightSyncMismatch,
-    WeightSyncTimeout,
     flatten,
     mismatches,
     plan_buckets,
     probe,
     probe_vectors,
-    receive_weights,
-    send_weights,
     unflatten,
 )
 from rl.types import FullWeights
