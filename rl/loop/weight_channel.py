@@ -378,10 +378,13 @@ class SyncLearnerHost(LearnerHost):
     def join_weight_group(self, address: GroupAddress) -> None:
         self._group = WeightGroup(address, 0, self._store)
 
-    def send_weights(self, mode: SyncMode, version: int, bucket_mib: int, verify: bool) -> SyncReport:
-        """`weights(mode)` (collective over the learner ranks: call it on every rank) broadcast from rank 0."""
+    def send_weights(self, mode: SyncMode, version: int, bucket_mib: int, verify: bool) -> SyncReport | None:
+        """`weights(mode)`, broadcast by the member of the sync group. With N learner ranks call it on every rank's
+        host (`weights` is collective over the learner ranks); only rank 0's host joined the group and sends, the
+        others return None."""
         sync = self.learner.weights(mode)
-        assert self._group is not None, "join_weight_group first"
+        if self._group is None:
+            return None
         return send_weights(self._group, sync, version, bucket_mib * MIB, verify)
 
 
