@@ -120,10 +120,12 @@ def _shard(items: list[T], k: int) -> list[list[T]]:
 
 
 class Placement:
-    """What a cluster builder returns: a learner, a rollout pool, and a closer."""
+    """What a cluster builder returns: a learner, a rollout pool, a closer, and (when the weights travel over a
+    collective group rather than through `rollout.load_weights`) `sync(version) -> seconds`."""
 
-    def __init__(self, learner: Learner, rollout: RolloutPool, close: Callable[[], None]) -> None:
-        self.learner, self.rollout, self.close = learner, rollout, close
+    def __init__(self, learner: Learner, rollout: RolloutPool, close: Callable[[], None],
+                 sync: Callable[[int], float] | None = None) -> None:
+        self.learner, self.rollout, self.close, self.sync = learner, rollout, close, sync
 
 
 @CLUSTERS.register("local")
@@ -340,6 +342,7 @@ class RayWorkers:
         self.actors = [spawn(index) for index in range(size)]
         self.restarts = 0
         self._last_sync: tuple[WeightSync, int] | None = None
+        self.on_restart: Callable[[int], None] | None = None  # a collective sync re-forms its group (weight_channel)
 
     def generate(self, shards: Sequence[Sequence[Prompt]], params: SamplingParams) -> list[RolloutBatch]:
         calls = [_generate_call(s, params) if s else None for s in shards]
@@ -381,6 +384,8 @@ class RayWorkers:
         if self._last_sync is not None:
             sync, version = self._last_sync
             self.ray.get(self.actors[index].load_weights.remote(sync, version), timeout=self.timeout_s)
+        if self.on_restart is not None:
+            self.on_restart(index)
 
     def close(self) -> None:
         for actor in self.actors:
@@ -405,10 +410,10 @@ def _init_ray(ray: ModuleType, cfg: RayCluster) -> None:
 
 
 def _start_learners(ray: ModuleType, job: JobConfig, cfg: RayCluster, make_learner: MakeLearner, gang: Gang,
-                    threads: int) -> tuple[RemoteLearner, list[ObjectRef]]:
+                    threads: int, host_class: type[LearnerHost]) -> tuple[RemoteLearner, list[ObjectRef]]:
     """The learner ranks' actors, one per bundle of `gang`, and their `build` calls, issued to every rank at once
     (each blocks in the group's rendezvous until all have arrived): collect them with `gather`."""
-    host = ray.remote(LearnerHost)
+    host = ray.remote(host_class)
     actors = [host.options(**gang.options(rank)).remote(threads) for rank in range(cfg.learners)]
     group = RemoteLearner(ray, actors, cfg.call_timeout_s)
     address, port = group.gather("rendezvous", [actors[0].rendezvous.remote()])[0]
@@ -441,9 +446,11 @@ def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker
         gangs.append(reserve_rollout(ray, cfg))
         closers.append(gangs[1].remove)
         threads = torch.get_num_threads()
-        learner, building = _start_learners(ray, job, cfg, make_learner, gangs[0], threads)
+        collective = cfg.weight_sync.transport == "collective"
+        learner_class, rollout_class = _host_classes(collective)
+        learner, building = _start_learners(ray, job, cfg, make_learner, gangs[0], threads, learner_class)
         closers.append(learner.kill)
-        rollout_host = ray.remote(RolloutHost)
+        rollout_host = ray.remote(rollout_class)
 
         def spawn(index: int) -> ActorHandle[RolloutHost]:
             # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it is the handle
@@ -456,4 +463,21 @@ def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker
     except BaseException:
         close()
         raise
-    return Placement(learner, RolloutPool(workers), close)
+    return Placement(learner, RolloutPool(workers), close, sync=_collective_sync(ray, learner, workers, job)
+                     if collective else None)
+
+
+def _host_classes(collective: bool) -> tuple[type[LearnerHost], type[RolloutHost]]:
+    """The actor classes: with `weight_sync.transport: collective`, hosts that also join the weight-sync group."""
+    if not collective:
+        return LearnerHost, RolloutHost
+    from rl.loop.weight_channel import SyncLearnerHost, SyncRolloutHost  # it builds on this module's hosts
+
+    return SyncLearnerHost, SyncRolloutHost
+
+
+def _collective_sync(ray: ModuleType, learner: RemoteLearner, workers: RayWorkers,
+                     job: JobConfig) -> Callable[[int], float]:
+    from rl.loop.weight_channel import CollectiveSync
+
+    return CollectiveSync(ray, learner, workers, job)

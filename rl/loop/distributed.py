@@ -190,7 +190,8 @@ class Channel:
 
     def post(self, method: Method, args: tuple[Any, ...]) -> Command:
         cmd = Command(self.seq + 1, method, args)
-        self.store.set(str(cmd.seq), _dumps(cmd))  # nothing is posted when the arguments do not pickle
+        # nothing is posted when the arguments do not pickle; torch's stub says str, the store takes bytes
+        self.store.set(str(cmd.seq), _dumps(cmd))  # type: ignore[arg-type]
         self.seq = cmd.seq
         if cmd.seq > 2:  # every rank has run command seq-1 (it was collective), so has read seq-2
             self.store.delete_key(str(cmd.seq - 2))

@@ -99,7 +99,8 @@ class PolicyLearner:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return dict(get_model_state_dict(self.model, options=options))
+        state = get_model_state_dict(self.model, options=options)
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     def _whole_policy(self) -> torch.nn.Module | None:
         """The policy with whole parameters for the adapter's export code: the policy itself on one rank; on N

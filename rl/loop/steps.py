@@ -37,6 +37,8 @@ def sampling_params(job: JobConfig, step: int) -> SamplingParams:
 
 def sync_rollout(parts: RunParts, version: int) -> float:
     """Make every rollout worker sample from the learner's current weights; returns seconds."""
+    if parts.placement.sync is not None:  # over the weight-sync group (rl/loop/weight_channel.py)
+        return parts.placement.sync(version)
     sync = parts.learner.weights(sync_mode(parts.job))
     start = time.perf_counter()
     parts.rollout.load_weights(sync, version)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from rl.errors import UserError
-from rl.loop.cluster import LearnerHost, RolloutHost
+from rl.loop.cluster import LearnerHost, RayWorkers, RemoteLearner, RolloutHost
 from rl.loop.distributed import node_address
 from rl.loop.weight_wire import (
     SyncHeader,
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
     from ray.actor import ActorHandle
 
+    from rl.config.job import JobConfig, RayCluster
     from rl.loop.worker import EngineWorker
 
 MIB = 1 << 20
@@ -414,13 +415,54 @@ def connect(ray: ModuleType, learner: ActorHandle, workers: Sequence[ActorHandle
     return address
 
 
-def sync(ray: ModuleType, learner: ActorHandle, workers: Sequence[ActorHandle], mode: SyncMode, version: int,
-         bucket_mib: int, verify: bool, timeout_s: float) -> tuple[SyncReport, list[SyncReport]]:
-    """One collective sync: the sender's and every receiver's call issued together; (sender's, receivers')."""
-    refs = [learner.send_weights.remote(mode, version, bucket_mib, verify)]
+def sync(ray: ModuleType, learners: Sequence[ActorHandle], workers: Sequence[ActorHandle], mode: SyncMode,
+         version: int, bucket_mib: int, verify: bool, timeout_s: float) -> tuple[SyncReport, list[SyncReport]]:
+    """One collective sync: every learner rank's call (rank 0 sends; `weights` is collective over the ranks) and
+    every receiver's issued together; (the sender's report, the receivers')."""
+    refs = [learner.send_weights.remote(mode, version, bucket_mib, verify) for learner in learners]
     refs += [w.receive_weights.remote() for w in workers]
-    sent, *received = _get(ray, refs, timeout_s)
-    return sent, received
+    results = _get(ray, refs, timeout_s)
+    return results[0], results[len(learners):]
+
+
+class CollectiveSync:
+    """A Ray placement's weight sync over the weight-sync group (`Placement.sync`): learner rank 0 broadcasts to
+    every rollout worker. A restarted worker is outside the group: it gets the current weights through the object
+    store at once, and the group is formed again, with it, before the next sync."""
+
+    def __init__(self, ray: ModuleType, learner: RemoteLearner, workers: RayWorkers, job: JobConfig) -> None:
+        from rl.loop.learner import pick_device
+        from rl.loop.weights import sync_mode
+
+        self.ray, self.learner, self.workers, self.job = ray, learner, workers, job
+        self.mode, self.device = sync_mode(job), pick_device(job.trainer.device)
+        self.version: int | None = None
+        self.stale = True  # no group yet
+        workers.on_restart = self.on_restart
+
+    def _cfg(self) -> RayCluster:
+        from rl.config.job import RayCluster
+
+        assert isinstance(self.job.cluster, RayCluster), "a collective sync runs on the Ray placement"
+        return self.job.cluster
+
+    def __call__(self, version: int) -> float:
+        cfg = self._cfg()
+        if self.stale:
+            connect(self.ray, self.learner.actors[0], self.workers.actors, self.device, cfg.collective_timeout_s)
+            self.stale = False
+        start = time.perf_counter()
+        sync(self.ray, self.learner.actors, self.workers.actors, self.mode, version, cfg.weight_sync.bucket_mib,
+             cfg.weight_sync.verify, cfg.collective_timeout_s)
+        self.version = version
+        return time.perf_counter() - start
+
+    def on_restart(self, index: int) -> None:
+        self.stale = True
+        if self.version is not None:
+            weights = self.learner.weights(self.mode)
+            self.ray.get(self.workers.actors[index].load_weights.remote(weights, self.version),
+                         timeout=self._cfg().call_timeout_s)
 
 
 def _get(ray: ModuleType, refs: list[Any], timeout_s: float) -> list[Any]:
