@@ -51,7 +51,7 @@ def _rollout_worker_pids() -> list[int]:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="ignore")
             except OSError:
                 continue
-            if cmdline.startswith("ray::RolloutHost"):
+            if cmdline.startswith(("ray::RolloutHost", "ray::SyncRolloutHost")):  # collective sync: the latter
                 pids.append(int(proc.name))
     return pids
 
