@@ -14,7 +14,9 @@ from rl.models import resolve_model
 from tests.integration.ranks_testlib import run_ranks
 from tests.unit.trainers.trainer_testlib import build_batch
 
-ADAPTERS = {"full": [], "lora": ["adapter.name=lora", "adapter.r=4", "adapter.alpha=8"]}
+ADAPTERS = {"full": [], "lora": ["adapter.name=lora", "adapter.r=4", "adapter.alpha=8"],
+            "bone": ["adapter.name=bone", "adapter.r=4"], "rosa": ["adapter.name=rosa", "adapter.r=4"],
+            "paca": ["adapter.name=paca", "adapter.r=4"]}
 
 
 def _job(kind: str, learners: int, extra: tuple[str, ...] = ()):
@@ -39,7 +41,9 @@ def _train(rank: int, kind: str, learners: int, extra: tuple[str, ...]) -> dict:
     grads: list[torch.Tensor] = []
 
     def record(optimizer, args, kwargs) -> None:
-        parts = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for g in optimizer.param_groups
+        whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731  (a DTensor shard)
+        # a parameter without a gradient (RoSA's sparse part before its warm-up ends) counts as zeros
+        parts = [whole(p.grad) if p.grad is not None else torch.zeros(p.shape) for g in optimizer.param_groups
                  for p in g["params"]]
         grads.append(torch.cat([g.detach().flatten().clone() for g in parts]))
 
@@ -49,7 +53,7 @@ def _train(rank: int, kind: str, learners: int, extra: tuple[str, ...]) -> dict:
     return {"metrics": metrics, "weights": dict(weights), "grads": grads}
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "bone", "rosa", "paca"])
 def test_two_ranks_make_the_one_rank_update(kind: str, tmp_path: Path) -> None:
     one = _train(0, kind, 1, ())
     two = run_ranks(_train, 2, tmp_path, kind, 2, ())[0]  # rank 0 holds the whole weights
