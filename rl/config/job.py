@@ -206,6 +206,15 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _shardable(self) -> JobConfig:
+        if self.cluster.learners > 1 and self.adapter is None and self.algorithm.kl.coef > 0:
+            raise ValueError(f"algorithm.kl.coef={self.algorithm.kl.coef} with full fine-tuning needs a frozen copy of "
+                             f"the policy as the reference, which is not sharded over cluster.learners="
+                             f"{self.cluster.learners} ranks yet; use an adapter (its reference is the adapter "
+                             "switched off), kl.coef=0, or cluster.learners=1")
+        return self
+
+    @model_validator(mode="after")
     def _swarm_fits(self) -> JobConfig:
         if self.swarm is not None and self.swarm.local > self.rollout.prompts_per_step:
             raise ValueError(f"swarm.local={self.swarm.local} exceeds rollout.prompts_per_step="
