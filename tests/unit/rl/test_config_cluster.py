@@ -16,7 +16,7 @@ def test_learners_default_to_one_and_a_sharded_learner_never_samples_itself() ->
 
 
 def test_a_frozen_reference_with_sharded_full_fine_tuning_is_refused_with_the_fix() -> None:
-    with pytest.raises(UserError, match="kl.coef=0, or cluster.learners=1"):
+    with pytest.raises(UserError, match=r"kl\.coef=0, or cluster\.learners=1"):
         load_job("tiny", ["cluster.learners=2", "algorithm.kl.coef=0.1"])
     load_job("tiny", ["cluster.learners=2", "algorithm.kl.coef=0.1", "adapter.name=lora"])  # adapter off = reference
 
@@ -32,7 +32,8 @@ def test_a_torchrun_launch_is_read_from_the_environment(monkeypatch: pytest.Monk
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")
     launch = distributed.launched()
-    assert launch is not None and (launch.rank, launch.world_size, launch.address, launch.port) == (1, 2, "node0", 29500)
-    with pytest.raises(UserError, match="cluster.learners=2"):
+    assert launch is not None
+    assert (launch.rank, launch.world_size, launch.address, launch.port) == (1, 2, "node0", 29500)
+    with pytest.raises(UserError, match=r"cluster\.learners=2"):
         distributed.check_launch(load_job("tiny"), launch)
     distributed.check_launch(load_job("tiny", ["cluster.learners=2"]), launch)
