@@ -148,11 +148,11 @@ class LearnerHost:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self.learner.weights(mode)
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return self.learner.checkpoint_state()
+    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+        return self.learner.save_policy(checkpoint_dir)
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
-        self.learner.load_checkpoint_state(weights, trainer_state)
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+        self.learner.load_policy(checkpoint_dir, trainer_state)
 
     def export(self, out_dir: str) -> None:
         self.learner.export(out_dir)
@@ -197,11 +197,11 @@ class RemoteLearner:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self._call("weights", lambda: self._actor.weights.remote(mode))
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return self._call("checkpoint_state", lambda: self._actor.checkpoint_state.remote())
+    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+        return self._call("save_policy", lambda: self._actor.save_policy.remote(checkpoint_dir))
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
-        self._call("load_checkpoint_state", lambda: self._actor.load_checkpoint_state.remote(weights, trainer_state))
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+        self._call("load_policy", lambda: self._actor.load_policy.remote(checkpoint_dir, trainer_state))
 
     def export(self, out_dir: str) -> None:
         self._call("export", lambda: self._actor.export.remote(out_dir))

@@ -8,13 +8,16 @@ from rl.loop.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    single_file_weights,
     verify_checkpoint,
+    weights_writer,
 )
 
 
 def save(run_dir, step, value, keep_last=5, **kw):
-    return save_checkpoint(run_dir, step, weights={"w": torch.full((4, 4), float(value))},
-                           trainer_state={"opt": {"m": torch.ones(2) * value}}, state={"step": step},
+    return save_checkpoint(run_dir, step, policy=weights_writer({"w": torch.full((4, 4), float(value))},
+                                                                {"opt": {"m": torch.ones(2) * value}}),
+                           state={"step": step},
                            config_yaml="name: t\n", keep_last=keep_last, **kw)
 
 
@@ -22,7 +25,7 @@ def test_roundtrip_and_manifest(tmp_path):
     path = save(tmp_path, 3, 1.5)
     assert path.name == "step_3" and verify_checkpoint(path) is None
     payload = load_checkpoint(path)
-    assert torch.equal(payload["weights"]["w"], torch.full((4, 4), 1.5))
+    assert torch.equal(single_file_weights(path)["w"], torch.full((4, 4), 1.5))
     assert payload["state"] == {"step": 3} and payload["config_yaml"] == "name: t\n"
     assert torch.equal(payload["trainer_state"]["opt"]["m"], torch.ones(2) * 1.5)
 
@@ -72,12 +75,12 @@ def test_a_real_full_disk_removes_the_partial_checkpoint_and_keeps_the_previous(
     args = {"weights": {"w": torch.ones(4, 4)}, "trainer_state": {}, "state": {"step": 2}, "config_yaml": "name: t\n",
             **TOO_BIG[writer]}
     with pytest.raises(CheckpointError, match=r"(?i)no space left") as raised:
-        save_checkpoint(fs, 2, **args)
+        save_checkpoint(fs, 2, policy=weights_writer(args.pop("weights"), args.pop("trainer_state")), **args)
     message = str(raised.value)
     assert str(fs) in message and f"rl train --resume {fs}" in message and "step_1 is intact" in message, message
     assert [c.step for c in list_checkpoints(fs)] == [1]
     assert not list((fs / "checkpoints").glob(".tmp-*"))
-    assert torch.equal(load_checkpoint(fs / "checkpoints" / "step_1")["weights"]["w"], torch.ones(4, 4))
+    assert torch.equal(single_file_weights(fs / "checkpoints" / "step_1")["w"], torch.ones(4, 4))
     save(fs, 2, 2.0)  # the space the partial checkpoint took is back
     assert [c.step for c in list_checkpoints(fs)] == [2, 1]
 
@@ -90,7 +93,7 @@ class _RefusesPickling:
 def test_a_writer_error_on_a_roomy_disk_is_raised_as_is_and_cleaned_up(tmp_path):
     save(tmp_path, 1, 1.0)
     with pytest.raises(RuntimeError, match="cannot be saved") as raised:  # the same type torch.save raises when full
-        save_checkpoint(tmp_path, 2, weights={"w": torch.ones(2)}, trainer_state={"x": _RefusesPickling()},
+        save_checkpoint(tmp_path, 2, policy=weights_writer({"w": torch.ones(2)}, {"x": _RefusesPickling()}),
                         state={"step": 2}, config_yaml="name: t\n")
     assert not isinstance(raised.value, CheckpointError)  # not mistaken for a full disk
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -1,0 +1,144 @@
+"""Sharded checkpoints (rl/loop/policy_state.py) reshard on load: a checkpoint written by 2 FSDP2 ranks (gloo)
+resumes on 1 process, and one written by 1 process resumes on 2 ranks, each continuing exactly as the run that
+was not interrupted (fp32): the loaded weights and Adam moments are the saved ones bit for bit, and the next
+update matches to 1e-6. For full fine-tuning and for LoRA.
+
+One test runs: the 1-process run here (update 1, save, update 2), then 2 spawned ranks that run the same steps
+sharded (update 1, save, update 2) and also load the 1-process checkpoint and make update 2 from it, then here
+the 2-rank checkpoint is loaded and update 2 made from it. Both ranks see the whole batch, so FSDP2's averaged
+gradients are the 1-process gradients and the uninterrupted runs agree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rl.config import load_job
+from rl.loop.distributed import free_port, join_group
+from rl.loop.policy_state import is_sharded, load_policy_state, save_policy_state
+from rl.models import load_causal_lm, resolve_model
+from trainers.adapters import apply_adapter
+
+ADAPTERS = {"full": None, "lora": "{name: lora, r: 4, alpha: 8}"}
+TIMEOUT_S = 120
+
+
+def build(adapter: str | None, sharded: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """tiny-llama (with the adapter), FSDP2-sharded per decoder layer then the root when `sharded`, and AdamW."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    job = load_job("tiny", [f"adapter={adapter}"] if adapter else [])
+    model = apply_adapter(load_causal_lm(resolve_model("tiny-llama"), "float32", "cpu"), job.adapter)
+    model.eval()  # no dropout: both runs compute the same function
+    if sharded:
+        for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
+            fully_shard(layer)
+        fully_shard(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+
+
+def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(step))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Trainable weights and optimizer state, gathered whole on CPU (on rank 0, empty on the others; on one
+    process as they are)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    gathered = dist.is_initialized()
+    options = StateDictOptions(full_state_dict=gathered, cpu_offload=gathered, ignore_frozen_params=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    moments = {f"{fqn}/{k}": v for fqn, s in optim.get("state", {}).items() for k, v in s.items()}
+    return {k: v.detach().cpu().clone() for k, v in {**weights, **moments}.items() if isinstance(v, torch.Tensor)}
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
+    assert sorted(got) == sorted(want)
+    worst = max((float((got[k].double() - want[k].double()).abs().max()), k) for k in want)
+    assert worst[0] <= atol, f"max abs difference {worst[0]:.3g} at {worst[1]}"
+
+
+def two_ranks(rank: int, port: int, work: str, adapter: str | None) -> None:
+    """One of 2 ranks: the sharded run (update 1, save, update 2), then a fresh sharded model resumed from the
+    1-process checkpoint (update 2). Rank 0 saves the gathered states for the test to compare."""
+    torch.set_num_threads(1)
+    join_group(rank, 2, "127.0.0.1", port, "cpu", TIMEOUT_S)
+    out = Path(work)
+    try:
+        model, optimizer = build(adapter, sharded=True)
+        update(model, optimizer, 1)
+        saved = full_state(model, optimizer)
+        save_policy_state(model, optimizer, out / "ckpt_2ranks")
+        update(model, optimizer, 2)
+        uninterrupted = full_state(model, optimizer)
+
+        model, optimizer = build(adapter, sharded=True)
+        load_policy_state(model, optimizer, out / "ckpt_1rank")
+        loaded = full_state(model, optimizer)
+        update(model, optimizer, 2)
+        resumed = full_state(model, optimizer)
+        if rank == 0:
+            torch.save({"saved": saved, "uninterrupted": uninterrupted, "loaded": loaded, "resumed": resumed},
+                       out / "two_ranks.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_two_ranks(work: Path, adapter: str | None) -> None:
+    context = mp.start_processes(two_ranks, args=(free_port(), str(work), adapter), nprocs=2, join=False,
+                                 start_method="spawn")
+    waited = 0.0
+    while not context.join(timeout=5):
+        waited += 5
+        if waited > TIMEOUT_S:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the 2 ranks did not finish within {TIMEOUT_S}s")
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_a_sharded_checkpoint_resumes_exactly_at_another_number_of_ranks(kind, tmp_path, tiny_model_dir):
+    adapter = ADAPTERS[kind]
+    model, optimizer = build(adapter, sharded=False)  # the 1-process run
+    update(model, optimizer, 1)
+    saved_1 = full_state(model, optimizer)
+    save_policy_state(model, optimizer, tmp_path / "ckpt_1rank")
+    update(model, optimizer, 2)
+    uninterrupted_1 = full_state(model, optimizer)
+    assert is_sharded(tmp_path / "ckpt_1rank")
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    spawn_two_ranks(tmp_path, adapter)
+    two = torch.load(tmp_path / "two_ranks.pt")
+    assert len(list((tmp_path / "ckpt_2ranks" / "policy").glob("*.distcp"))) == 2  # each rank wrote its shards
+
+    # 1 -> 2: the sharded ranks hold exactly what one process saved, and continue as it did
+    assert_close(two["loaded"], saved_1, atol=0.0)
+    assert_close(two["resumed"], uninterrupted_1, atol=1e-6)
+
+    # 2 -> 1: one process holds exactly what the 2 ranks saved, and continues as they did
+    model, optimizer = build(adapter, sharded=False)
+    fresh = full_state(model, optimizer)
+    load_policy_state(model, optimizer, tmp_path / "ckpt_2ranks")
+    assert_close(full_state(model, optimizer), two["saved"], atol=0.0)
+    update(model, optimizer, 2)
+    assert_close(full_state(model, optimizer), two["uninterrupted"], atol=1e-6)
+
+    # the test can fail: a load that changed nothing would have left the fresh model's weights
+    changed = [k for k in fresh if "exp_avg" not in k and "step" not in k and not torch.equal(fresh[k],
+                                                                                               two["saved"][k])]
+    assert changed, "update 1 changed no weight: the comparison above proves nothing"
