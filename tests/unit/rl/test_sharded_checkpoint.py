@@ -1,7 +1,8 @@
 """Sharded checkpoints (rl/loop/policy_state.py) reshard on load: a checkpoint written by 2 FSDP2 ranks (gloo)
 resumes on 1 process, and one written by 1 process resumes on 2 ranks, each continuing exactly as the run that
 was not interrupted (fp32): the loaded weights and Adam moments are the saved ones bit for bit, and the next
-update matches to 1e-6. For full fine-tuning and for LoRA.
+update matches to 1e-6. For full fine-tuning and for LoRA, with the trainer's own AdamW and warm-up schedule
+(whose state, as in `trainer.pt`, is saved beside the shards).
 
 One test runs: the 1-process run here (update 1, save, update 2), then 2 spawned ranks that run the same steps
 sharded (update 1, save, update 2) and also load the 1-process checkpoint and make update 2 from it, then here
@@ -19,50 +20,74 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.optim.lr_scheduler import LRScheduler
 
 from rl.config import load_job
 from rl.loop.distributed import free_port, join_group
 from rl.loop.policy_state import is_sharded, load_policy_state, save_policy_state
 from rl.models import load_causal_lm, resolve_model
 from trainers.adapters import apply_adapter
+from trainers.schedule import build_optimizer
 
 ADAPTERS = {"full": None, "lora": "{name: lora, r: 4, alpha: 8}"}
+TRAINER = ["trainer.lr=1e-2", "trainer.weight_decay=0.1", "trainer.warmup_steps=2"]
 TIMEOUT_S = 120
 
 
-def build(adapter: str | None, sharded: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """tiny-llama (with the adapter), FSDP2-sharded per decoder layer then the root when `sharded`, and AdamW."""
+Run = tuple[torch.nn.Module, torch.optim.Optimizer, LRScheduler]
+
+
+def build(adapter: str | None, sharded: bool) -> Run:
+    """tiny-llama (with the adapter), FSDP2-sharded per decoder layer then the root when `sharded`, and the
+    trainer's AdamW (decay and no-decay groups) with its schedule."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    job = load_job("tiny", [f"adapter={adapter}"] if adapter else [])
+    job = load_job("tiny", [*([f"adapter={adapter}"] if adapter else []), *TRAINER])
     model = apply_adapter(load_causal_lm(resolve_model("tiny-llama"), "float32", "cpu"), job.adapter)
     model.eval()  # no dropout: both runs compute the same function
     if sharded:
         for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
             fully_shard(layer)
         fully_shard(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(trainable, job.trainer, total_updates=10)
+    return model, optimizer, scheduler
 
 
-def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+def update(run: Run, step: int) -> None:
+    model, optimizer, scheduler = run
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(step))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def save(run: Run, directory: Path) -> None:
+    """What a checkpoint holds of the policy: the shards (every rank) and the schedule (rank 0's `trainer.pt`)."""
+    save_policy_state(run[0], run[1], directory)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(run[2].state_dict(), directory / "trainer.pt")
+
+
+def load(run: Run, directory: Path) -> None:
+    run[2].load_state_dict(torch.load(directory / "trainer.pt"))
+    load_policy_state(run[0], run[1], directory)
+
+
+def full_state(run: Run) -> dict[str, Any]:
     """Trainable weights and optimizer state, gathered whole on CPU (on rank 0, empty on the others; on one
     process as they are)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     gathered = dist.is_initialized()
     options = StateDictOptions(full_state_dict=gathered, cpu_offload=gathered, ignore_frozen_params=True)
-    weights, optim = get_state_dict(model, optimizer, options=options)
+    weights, optim = get_state_dict(run[0], run[1], options=options)
     moments = {f"{fqn}/{k}": v for fqn, s in optim.get("state", {}).items() for k, v in s.items()}
-    return {k: v.detach().cpu().clone() for k, v in {**weights, **moments}.items() if isinstance(v, torch.Tensor)}
+    rates = {f"lr/{i}": torch.tensor(float(g["lr"])) for i, g in enumerate(run[1].param_groups)}
+    tensors = {k: v for k, v in {**weights, **moments}.items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach().cpu().clone() for k, v in {**tensors, **rates}.items()} if tensors else {}
 
 
 def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
@@ -78,18 +103,18 @@ def two_ranks(rank: int, port: int, work: str, adapter: str | None) -> None:
     join_group(rank, 2, "127.0.0.1", port, "cpu", TIMEOUT_S)
     out = Path(work)
     try:
-        model, optimizer = build(adapter, sharded=True)
-        update(model, optimizer, 1)
-        saved = full_state(model, optimizer)
-        save_policy_state(model, optimizer, out / "ckpt_2ranks")
-        update(model, optimizer, 2)
-        uninterrupted = full_state(model, optimizer)
+        run = build(adapter, sharded=True)
+        update(run, 1)
+        saved = full_state(run)
+        save(run, out / "ckpt_2ranks")
+        update(run, 2)
+        uninterrupted = full_state(run)
 
-        model, optimizer = build(adapter, sharded=True)
-        load_policy_state(model, optimizer, out / "ckpt_1rank")
-        loaded = full_state(model, optimizer)
-        update(model, optimizer, 2)
-        resumed = full_state(model, optimizer)
+        run = build(adapter, sharded=True)
+        load(run, out / "ckpt_1rank")
+        loaded = full_state(run)
+        update(run, 2)
+        resumed = full_state(run)
         if rank == 0:
             torch.save({"saved": saved, "uninterrupted": uninterrupted, "loaded": loaded, "resumed": resumed},
                        out / "two_ranks.pt")
@@ -113,12 +138,12 @@ def spawn_two_ranks(work: Path, adapter: str | None) -> None:
 @pytest.mark.parametrize("kind", sorted(ADAPTERS))
 def test_a_sharded_checkpoint_resumes_exactly_at_another_number_of_ranks(kind, tmp_path, tiny_model_dir):
     adapter = ADAPTERS[kind]
-    model, optimizer = build(adapter, sharded=False)  # the 1-process run
-    update(model, optimizer, 1)
-    saved_1 = full_state(model, optimizer)
-    save_policy_state(model, optimizer, tmp_path / "ckpt_1rank")
-    update(model, optimizer, 2)
-    uninterrupted_1 = full_state(model, optimizer)
+    run = build(adapter, sharded=False)  # the 1-process run
+    update(run, 1)
+    saved_1 = full_state(run)
+    save(run, tmp_path / "ckpt_1rank")
+    update(run, 2)
+    uninterrupted_1 = full_state(run)
     assert is_sharded(tmp_path / "ckpt_1rank")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -131,14 +156,13 @@ def test_a_sharded_checkpoint_resumes_exactly_at_another_number_of_ranks(kind, t
     assert_close(two["resumed"], uninterrupted_1, atol=1e-6)
 
     # 2 -> 1: one process holds exactly what the 2 ranks saved, and continues as they did
-    model, optimizer = build(adapter, sharded=False)
-    fresh = full_state(model, optimizer)
-    load_policy_state(model, optimizer, tmp_path / "ckpt_2ranks")
-    assert_close(full_state(model, optimizer), two["saved"], atol=0.0)
-    update(model, optimizer, 2)
-    assert_close(full_state(model, optimizer), two["uninterrupted"], atol=1e-6)
+    run = build(adapter, sharded=False)
+    fresh = full_state(run)
+    load(run, tmp_path / "ckpt_2ranks")
+    assert_close(full_state(run), two["saved"], atol=0.0)
+    update(run, 2)
+    assert_close(full_state(run), two["uninterrupted"], atol=1e-6)
 
-    # the test can fail: a load that changed nothing would have left the fresh model's weights
-    changed = [k for k in fresh if "exp_avg" not in k and "step" not in k and not torch.equal(fresh[k],
-                                                                                               two["saved"][k])]
-    assert changed, "update 1 changed no weight: the comparison above proves nothing"
+    # the test can fail: update 1 moved the weights, so a load that changed nothing would be caught above
+    weights = [k for k in fresh if "/" not in k]
+    assert any(not torch.equal(fresh[k], two["saved"][k]) for k in weights), "update 1 changed no weight"
