@@ -69,7 +69,7 @@ def save_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def load_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> None:
     """Collective: load `checkpoint/policy/` into `model` and `optimizer` as they are sharded now, whatever the
     number of ranks that saved it. A checkpoint of another model or adapter is a `UserError`."""
-    state = _state(model, optimizer)  # the target: this rank's shards, the optimizer's moments initialised to 0
+    state = _load_target(model, optimizer, checkpoint)
     try:
         dcp.load(state, checkpoint_id=policy_dir(checkpoint))
     except CheckpointException as exc:
@@ -83,6 +83,20 @@ def load_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         raise UserError(f"checkpoint {checkpoint} does not match this policy: missing {missing[:5]}, unexpected "
                         f"{list(result.unexpected_keys)[:5]}. Resume it with its own config.yaml.")
     _barrier()
+
+
+def _load_target(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> dict[str, Any]:
+    """This rank's tensors to load into: the model's, and optimizer state for exactly the parameters that had
+    state when saved. AdamW keeps none for a parameter that never had a gradient (RoSA's sparse values before the
+    mask, or after a restart cleared them); such a parameter resumes without state, as it would have continued."""
+    optimizer.zero_grad(set_to_none=True)  # without gradients get_state_dict gives every parameter zero state
+    optimizer.state.clear()  # the checkpoint replaces it all
+    state = _state(model, optimizer)
+    saved = set(dcp.FileSystemReader(str(policy_dir(checkpoint))).read_metadata().state_dict_metadata)
+    per_param = state["optim"]["state"]
+    state["optim"]["state"] = {fqn: entries for fqn, entries in per_param.items()
+                               if any(f"optim.state.{fqn}.{name}" in saved for name in entries)}
+    return state
 
 
 def _first_failure(exc: CheckpointException) -> str:

@@ -212,3 +212,24 @@ def test_a_full_disk_while_the_shards_are_written_is_disk_full(small_tmpfs):
     assert not list((fs / "checkpoints").glob(".tmp-*"))
     assert [c.step for c in list_checkpoints(fs)] == [1]
     assert verify_checkpoint(fs / "checkpoints" / "step_1") is None
+
+
+def test_parameters_without_optimizer_state_resume_without_it(tmp_path):
+    """AdamW keeps no state for a parameter that never had a gradient (RoSA's sparse values before the mask, a
+    parameter whose moments a RoSA restart cleared): it resumes without state too, and the next updates match."""
+    model, optimizer = small_policy()
+    model[1].weight.grad = None  # the second layer: only its bias gets updates, so its weight has no Adam state
+    optimizer.state.pop(model[1].weight)
+    save_sharded(tmp_path, 1, model, optimizer)
+    fresh, fresh_optimizer = small_policy(width=8)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh_optimizer.state.clear()
+    load_policy_state(fresh, fresh_optimizer, tmp_path / "checkpoints" / "step_1")
+    assert fresh[1].weight not in fresh_optimizer.state and len(fresh_optimizer.state) == len(optimizer.state)
+    for run_model, run_optimizer in ((model, optimizer), (fresh, fresh_optimizer)):
+        run_optimizer.zero_grad(set_to_none=True)
+        run_model(torch.ones(3, 8)).sum().backward()
+        run_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))

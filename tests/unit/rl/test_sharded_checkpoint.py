@@ -23,10 +23,13 @@ import torch.multiprocessing as mp
 from torch.optim.lr_scheduler import LRScheduler
 
 from rl.config import load_job
+from rl.loop.checkpoint import weights_writer
 from rl.loop.distributed import free_port, join_group
+from rl.loop.learner import PolicyLearner
 from rl.loop.policy_state import is_sharded, load_policy_state, save_policy_state
 from rl.models import load_causal_lm, resolve_model
-from trainers.adapters import apply_adapter
+from trainers.adapters import adapter_state_dict, apply_adapter
+from trainers.adapters.core import ADAPTER_NAME
 from trainers.schedule import build_optimizer
 
 ADAPTERS = {"full": None, "lora": "{name: lora, r: 4, alpha: 8}"}
@@ -166,3 +169,74 @@ def test_a_sharded_checkpoint_resumes_exactly_at_another_number_of_ranks(kind, t
     # the test can fail: update 1 moved the weights, so a load that changed nothing would be caught above
     weights = [k for k in fresh if "/" not in k]
     assert any(not torch.equal(fresh[k], two["saved"][k]) for k in weights), "update 1 changed no weight"
+
+
+# ----- the learner: every adapter, in the sharded format and in the single-file format it replaced ---------------
+LEARNER_ADAPTERS = {"full": None, "lora": ADAPTERS["lora"], "bone": "{name: bone, r: 4}",
+                    "rosa": "{name: rosa, r: 4, density: 0.01}", "paca": "{name: paca, r: 4}"}
+
+
+def learner_for(kind: str, model_dir: str, seed: int) -> PolicyLearner:
+    adapter = LEARNER_ADAPTERS[kind]
+    overrides = [*([f"adapter={adapter}"] if adapter else []), "trainer.device=cpu", f"seed={seed}", *TRAINER]
+    return PolicyLearner(load_job("tiny", overrides), model_dir)
+
+
+def fake_update(learner: PolicyLearner) -> None:
+    """One optimizer update from seeded gradients (and, for RoSA, a chosen mask): a state no fresh learner has."""
+    from trainers.adapters.rosa_schedule import rosa_layers
+
+    generator = torch.Generator().manual_seed(7)
+    for layer in rosa_layers(learner.model):
+        nnz = layer.rosa_spa_values[ADAPTER_NAME].numel()
+        layer.set_mask(ADAPTER_NAME, torch.randperm(layer.out_features * layer.in_features, generator=generator)[:nnz])
+    for _name, p in learner.trainer.trainable_named_parameters():
+        p.grad = 0.1 * torch.randn(p.shape, generator=generator)
+    learner.trainer.optimizer.step()
+    learner.trainer.scheduler.step()
+    learner.trainer.optimizer.zero_grad(set_to_none=True)
+    learner.trainer.updates += 1
+
+
+def policy_of(learner: PolicyLearner) -> dict[str, torch.Tensor]:
+    """Everything that defines the policy (an adapter's PEFT state dict holds its persistent buffers too), the
+    optimizer's moments by parameter name, and the learning rates."""
+    model, trainer = learner.model, learner.trainer
+    weights = adapter_state_dict(model) if learner.job.adapter else dict(model.state_dict())
+    names = {id(p): n for n, p in trainer.trainable_named_parameters()}
+    moments = {f"{names[id(p)]}/{k}": v for p, s in trainer.optimizer.state.items() for k, v in s.items()}
+    rates = {f"lr/{i}": torch.tensor(g["lr"]) for i, g in enumerate(trainer.optimizer.param_groups)}
+    return {k: v.detach().clone() for k, v in {**weights, **moments, **rates}.items()}
+
+
+@pytest.mark.parametrize("kind", sorted(LEARNER_ADAPTERS))
+def test_the_learner_resumes_every_adapter_exactly(kind, tiny_model_dir, tmp_path):
+    """save_policy / load_policy through the real PolicyLearner: a learner built with another seed (another init,
+    other PaCA columns) holds exactly the saved policy, optimizer and schedule afterwards; and so it does from the
+    single-file format (`weights.safetensors`, optimizer in `trainer.pt`) that older checkpoints have."""
+    learner = learner_for(kind, tiny_model_dir, seed=0)
+    fake_update(learner)
+    want = policy_of(learner)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    trainer_state = learner.save_policy(str(sharded))
+    assert "optimizer" not in trainer_state and trainer_state["updates"] == 1 and is_sharded(sharded)
+    single = tmp_path / "single"
+    single.mkdir()
+    weights = adapter_state_dict(learner.model) if learner.job.adapter else learner.model.state_dict()
+    old_trainer_state = weights_writer(weights, learner.trainer.state_dict())(single)
+
+    for directory, state in ((sharded, trainer_state), (single, old_trainer_state)):
+        other = learner_for(kind, tiny_model_dir, seed=1)
+        before = policy_of(other)
+        assert any(not torch.equal(before[k], v) for k, v in want.items() if k in before), "nothing to restore"
+        other.load_policy(str(directory), state)
+        got = policy_of(other)
+        assert sorted(got) == sorted(want), directory.name
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (directory.name, k)
+        assert other.trainer.updates == 1
+        assert other.trainer.scheduler.state_dict() == learner.trainer.scheduler.state_dict()
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        with torch.no_grad():
+            assert torch.equal(other.model(ids).logits, learner.model(ids).logits), directory.name
