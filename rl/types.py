@@ -226,11 +226,11 @@ class Learner(Protocol):
 
     def weights(self, mode: SyncMode) -> WeightSync: ...
 
-    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
         """Collective: every rank writes its shards into `checkpoint_dir/policy/`; returns the trainer state."""
         ...
 
-    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         """Collective: load a checkpoint's policy at this number of ranks, whatever number saved it."""
         ...
 

@@ -51,7 +51,7 @@ MIB = 1 << 20
 # error) is recognised by its name, so that this module does not import DCP (seconds) for an isinstance check.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 DCP_ERROR = "CheckpointException"
-PolicyWriter = Callable[[Path], Mapping[str, Any]]
+PolicyWriter = Callable[[Path], Mapping[str, object]]
 """Writes the policy into a checkpoint directory on every learner rank; returns the trainer state (rank 0's)."""
 
 
@@ -117,11 +117,11 @@ def _write_files(tmp: Path, policy: PolicyWriter, state: Mapping[str, Any], conf
         _fsync(sub)
 
 
-def weights_writer(weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> PolicyWriter:
+def weights_writer(weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, object]) -> PolicyWriter:
     """A `PolicyWriter` of the single-file format (`weights.safetensors`, the optimizer inside `trainer.pt`):
     what one process without a learner writes, e.g. the checkpoint tests' small states."""
 
-    def write(tmp: Path) -> Mapping[str, Any]:
+    def write(tmp: Path) -> Mapping[str, object]:
         # safetensors refuses shared or non-contiguous storage; checkpoint tensors are independent copies.
         save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, str(tmp / WEIGHTS))
         return trainer_state

@@ -148,10 +148,10 @@ class LearnerHost:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self.learner.weights(mode)
 
-    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
         return self.learner.save_policy(checkpoint_dir)
 
-    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         self.learner.load_policy(checkpoint_dir, trainer_state)
 
     def export(self, out_dir: str) -> None:
@@ -197,10 +197,10 @@ class RemoteLearner:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self._call("weights", lambda: self._actor.weights.remote(mode))
 
-    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
         return self._call("save_policy", lambda: self._actor.save_policy.remote(checkpoint_dir))
 
-    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         self._call("load_policy", lambda: self._actor.load_policy.remote(checkpoint_dir, trainer_state))
 
     def export(self, out_dir: str) -> None:

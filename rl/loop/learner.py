@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -80,7 +80,7 @@ class PolicyLearner:
             return LoraFiles({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
 
     # ----- checkpoints -----------------------------------------------------------------------
-    def save_policy(self, checkpoint_dir: str) -> dict[str, Any]:
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
         """Collective: every rank writes its shards of the trainable weights, adapter buffers and optimizer state
         into `checkpoint_dir/policy/` (rl/loop/policy_state.py) and returns once all have; the result is the
         trainer's schedule and counters, for the driver's `trainer.pt`."""
@@ -89,7 +89,7 @@ class PolicyLearner:
         save_policy_state(self.model, self.trainer.optimizer, checkpoint_dir)
         return {k: v for k, v in self.trainer.state_dict().items() if k != "optimizer"}
 
-    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         """Collective: load a checkpoint's policy into this learner's shards, whatever number of ranks saved it;
         `trainer_state` is the checkpoint's `trainer.pt`."""
         from rl.loop.policy_state import is_sharded, load_policy_state
@@ -101,7 +101,7 @@ class PolicyLearner:
         self.trainer.load_state_dict({**trainer_state, "optimizer": self.trainer.optimizer.state_dict()})
         load_policy_state(self.model, self.trainer.optimizer, checkpoint_dir)
 
-    def _load_single_file(self, checkpoint_dir: str, trainer_state: Mapping[str, Any]) -> None:
+    def _load_single_file(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         """A checkpoint from before the sharded format: `weights.safetensors`, the optimizer inside `trainer.pt`."""
         from rl.loop.checkpoint import single_file_weights
         from rl.loop.distributed import world

@@ -16,18 +16,25 @@ The run directory must be on a file system every learner rank sees (one node's d
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    OptimizerStateType,
+    StateDictOptions,
+    ValueType,
+    get_state_dict,
+    set_state_dict,
+)
 
 from rl.errors import UserError
 
 POLICY_DIR = "policy"
 METADATA = ".metadata"  # DCP's index of the shards, written last by its coordinator (rank 0)
 CheckpointException = dcp.CheckpointException  # what DCP raises on every rank when any rank failed
+ModelState = dict[str, ValueType]
+"""FQN -> tensor: a plain tensor on one rank, a DTensor (this rank's shard) under FSDP2."""
 # Frozen tensors are left out on save; on load DCP fills only what was saved and `strict` would demand the rest.
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
@@ -47,11 +54,11 @@ def _frozen_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """{"model": FQN -> tensor (DTensor shards under FSDP2), "optim": FQN-keyed optimizer state}."""
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[ModelState, OptimizerStateType]:
+    """(FQN -> tensor, DTensor shards under FSDP2; the FQN-keyed optimizer state)."""
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     frozen = _frozen_names(model)
-    return {"model": {k: v for k, v in model_state.items() if k not in frozen}, "optim": optim_state}
+    return {k: v for k, v in model_state.items() if k not in frozen}, optim_state
 
 
 def _barrier() -> None:
@@ -62,20 +69,22 @@ def _barrier() -> None:
 def save_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> None:
     """Collective: every rank writes its shards into `checkpoint/policy/`; returns once all ranks have finished,
     so the caller (rank 0) can checksum the whole directory."""
-    dcp.save(_state(model, optimizer), checkpoint_id=policy_dir(checkpoint))
+    model_state, optim_state = _state(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=policy_dir(checkpoint))
     _barrier()
 
 
 def load_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> None:
     """Collective: load `checkpoint/policy/` into `model` and `optimizer` as they are sharded now, whatever the
     number of ranks that saved it. A checkpoint of another model or adapter is a `UserError`."""
-    state = _load_target(model, optimizer, checkpoint)
+    model_state, optim_state = _load_target(model, optimizer, checkpoint)
+    state = {"model": model_state, "optim": optim_state}
     try:
         dcp.load(state, checkpoint_id=policy_dir(checkpoint))
     except CheckpointException as exc:
         raise UserError(f"checkpoint {checkpoint} does not match this policy ({_first_failure(exc)}); was it saved "
                         "with the same model and adapter config? Resume it with its own config.yaml.") from None
-    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+    result = set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                             options=OPTIONS)
     frozen = _frozen_names(model)
     missing = sorted(set(result.missing_keys) - frozen)
@@ -85,18 +94,20 @@ def load_policy_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     _barrier()
 
 
-def _load_target(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> dict[str, Any]:
+def _load_target(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: str | Path
+                 ) -> tuple[ModelState, OptimizerStateType]:
     """This rank's tensors to load into: the model's, and optimizer state for exactly the parameters that had
     state when saved. AdamW keeps none for a parameter that never had a gradient (RoSA's sparse values before the
     mask, or after a restart cleared them); such a parameter resumes without state, as it would have continued."""
     optimizer.zero_grad(set_to_none=True)  # without gradients get_state_dict gives every parameter zero state
     optimizer.state.clear()  # the checkpoint replaces it all
-    state = _state(model, optimizer)
+    model_state, optim_state = _state(model, optimizer)
     saved = set(dcp.FileSystemReader(str(policy_dir(checkpoint))).read_metadata().state_dict_metadata)
-    per_param = state["optim"]["state"]
-    state["optim"]["state"] = {fqn: entries for fqn, entries in per_param.items()
-                               if any(f"optim.state.{fqn}.{name}" in saved for name in entries)}
-    return state
+    per_param = optim_state["state"]
+    assert isinstance(per_param, dict), "get_state_dict keys the optimizer state by FQN"
+    optim_state["state"] = {fqn: entries for fqn, entries in per_param.items()
+                            if isinstance(entries, dict) and any(f"optim.state.{fqn}.{k}" in saved for k in entries)}
+    return model_state, optim_state
 
 
 def _first_failure(exc: CheckpointException) -> str:
