@@ -145,6 +145,15 @@ are the row-aligned tensors its `prepare` returned, sliced to the micro-batch. V
 LossConfigT = TypeVar("LossConfigT", bound=BaseModel)
 
 
+T = TypeVar("T")
+
+
+class PolicyRunner(Protocol):
+    """`runner(compute)` = `compute(policy)`, run where the policy's parameters are whole (trainers/sharding.py)."""
+
+    def __call__(self, compute: Callable[[torch.nn.Module], T]) -> T: ...
+
+
 @dataclass(frozen=True)
 class LossContext:
     """What an objective's `prepare` may use besides the mini-batch: the policy before this step's updates
@@ -156,6 +165,13 @@ class LossContext:
     """The rollout's sampling temperature; logprobs are taken at it."""
     micro_batch_tokens: int
     logprob_chunk_tokens: int
+    run: PolicyRunner | None = None
+    """How to run a computation on the policy: `ctx.apply(lambda policy: ...)`. With N learner ranks the policy is
+    FSDP2-sharded and every pass must go through its root unit (trainers/sharding.py); `model` is still the
+    policy, but only `apply` is valid on N ranks."""
+
+    def apply(self, compute: Callable[[torch.nn.Module], T]) -> T:
+        return self.run(compute) if self.run is not None else compute(self.model)
 
 
 def _always(cfg: BaseModel) -> bool:

@@ -120,8 +120,9 @@ def prepare_lp_reg(ctx: LossContext, mini: RolloutBatch, cfg: LpRegLoss) -> dict
 
     def compute(micro: RolloutBatch) -> torch.Tensor:
         to = lambda t: t.to(ctx.device)  # noqa: E731
-        return proxy_token_logprobs(ctx.model, to(micro.input_ids), to(micro.attention_mask),
-                                    to(micro.loss_mask), cfg, ctx.temperature, ctx.logprob_chunk_tokens)
+        return ctx.apply(lambda policy: proxy_token_logprobs(
+            policy, to(micro.input_ids), to(micro.attention_mask), to(micro.loss_mask), cfg, ctx.temperature,
+            ctx.logprob_chunk_tokens))
 
     return {"proxy_logp": no_grad_logprobs(compute, mini, ctx.micro_batch_tokens)}
 

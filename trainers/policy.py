@@ -12,6 +12,10 @@ Per rollout batch (`step`):
     4. clip the gradient norm; a non-finite loss or gradient skips the update (counted in
        `train/skipped_nonfinite`), and `max_nonfinite_steps` in a row stop the run.
 Per-token loss = objective x truncated importance weight (sampler mismatch) + beta x KL estimate.
+
+With N learner ranks (trainers/sharding.py) every rank holds the same batch and trains its own whole groups of
+each mini-batch; the normalisers are summed over the ranks, FSDP2 sums the gradients, and the metrics are reduced,
+so N ranks make the update one rank makes on the same batch (up to float reduction order).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from trainers.microbatch import group_micro_batches, micro_batches, no_grad_logp
 from trainers.prefix_grouper import check_supported, shared_prefix_logprobs
 from trainers.reference import ReferencePolicy, default_reference
 from trainers.schedule import build_optimizer
+from trainers.sharding import Lockstep, RankGroup, Root
 
 if TYPE_CHECKING:
     from rl.config.algorithm import AlgorithmConfig, GRPOMAAlgorithm
@@ -57,13 +62,18 @@ class PolicyTrainer:
     where the sampler runs, C on rollout.max_new_tokens, which only the job knows); trainer: `TrainerConfig`;
     temperature: the rollout's sampling temperature (logprobs are taken at it); device: where the model lives;
     adapter_schedule: an `AdapterSchedule` or None; reference: overrides the default reference policy (used
-    only when algorithm.kl.coef > 0).
+    only when algorithm.kl.coef > 0); root: the FSDP2 root unit of a sharded `model` (trainers/sharding.py) and
+    group its learner group, both None on one rank.
     """
 
     def __init__(self, model: torch.nn.Module, algorithm: AnyAlgorithm, trainer: TrainerConfig, temperature: float,
                  device: str, adapter_schedule: AdapterSchedule | None = None,
-                 reference: ReferencePolicy | None = None) -> None:
+                 reference: ReferencePolicy | None = None, root: Root | None = None,
+                 group: RankGroup | None = None) -> None:
         self.model, self.algo, self.cfg, self.device = model, algorithm, trainer, device
+        self.group = group or RankGroup()
+        self.root = root or Root(model)  # every pass through the policy goes through it (sharded or not)
+        self.lockstep = Lockstep(self.root, self.group, self._dummy_pass)
         self.temperature = temperature
         self.objective: Objective = LOSSES.entry_for(algorithm.loss)
         self.aggregate: Callable[..., torch.Tensor] = AGGREGATIONS.get(algorithm.aggregation.name)
@@ -100,15 +110,19 @@ class PolicyTrainer:
             raise ValueError("PolicyTrainer.step needs a batch with advantages (batch.with_advantages)")
         start = time.perf_counter()
         self.model.train()  # HF gradient checkpointing is active only in train mode
-        if self.reference is not None:
-            batch = batch.with_ref_logprobs(self.reference.logprobs(batch))
         minis = batch.split_by_groups(self.cfg.mini_batches)
         single = self.cfg.ppo_epochs * len(minis) == 1 or not self.objective.needs_old_logprobs(self.algo.loss)
-        olds = [None if single else self._batch_logprobs(self.model, m) for m in minis]
-        extras = [self._loss_inputs(m) for m in minis]  # like `olds`: before any update
+        shares = [self.group.share(m) for m in minis]  # this rank's groups of each mini-batch (all on one rank)
+        norms = self._normalisers(shares)  # counted over every rank's share: the whole mini-batch's
+        with self.lockstep.phase(backward=False):
+            shares = [self._with_reference(s) for s in shares]
+        with self.lockstep.phase(backward=False):
+            olds = [None if single or s is None else self._batch_logprobs(self.model, s) for s in shares]
+        with self.lockstep.phase(backward=False):
+            extras = [{} if s is None else self._loss_inputs(s) for s in shares]  # like `olds`: before any update
         logprobs_s = time.perf_counter() - start  # no-grad passes: reference, behaviour, objective inputs
-        updates = [self._update(mini, old, extra) for _ in range(self.cfg.ppo_epochs)
-                   for mini, old, extra in zip(minis, olds, extras)]
+        updates = [self._update(share, norm, old, extra) for _ in range(self.cfg.ppo_epochs)
+                   for share, norm, old, extra in zip(shares, norms, olds, extras)]
         metrics = summarise(updates)
         tokens = float(batch.loss_mask.sum())  # trained (loss-mask) tokens, each once per epoch
         metrics.update({"time/logprobs_s": logprobs_s, "time/update_s": time.perf_counter() - start - logprobs_s,
@@ -116,18 +130,46 @@ class PolicyTrainer:
                         "train/skipped_nonfinite": float(self.nonfinite_total), "train/updates": float(self.updates)})
         return metrics
 
+    def _normalisers(self, shares: list[RolloutBatch | None]) -> list[Normalisers]:
+        """Each mini-batch's global counts: its shares' loss tokens and sequences summed over the ranks."""
+        counts: list[float] = []
+        for share in shares:
+            counts += [0.0, 0.0] if share is None else [float(share.loss_mask.sum()), float(share.loss_mask.shape[0])]
+        total = self.group.sum(counts)
+        return [Normalisers(tokens=total[2 * i], sequences=total[2 * i + 1], constant_length=self.constant_length)
+                for i in range(len(shares))]
+
+    def _with_reference(self, share: RolloutBatch | None) -> RolloutBatch | None:
+        if self.reference is None or share is None:
+            return share
+        return share.with_ref_logprobs(self.reference.logprobs(share))
+
     def _forward(self, model: torch.nn.Module, batch: RolloutBatch,
                  with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp [n, t], entropy [n, t]) of `batch`'s loss tokens under `model`, on the trainer's device."""
         to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
-        with autocast:
+
+        def compute(policy: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             if self.cfg.shared_prefix:  # Prefix Grouper: each group's prompt encoded once (ALGORITHMS.md §4)
                 return shared_prefix_logprobs(
-                    model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask), batch.prompt_lengths,
+                    policy, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask), batch.prompt_lengths,
                     batch.group_ids, self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
-            return token_logprobs(model, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
+            return token_logprobs(policy, to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask),
                                   self.temperature, self.cfg.logprob_chunk_tokens, with_entropy)
+
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else nullcontext()
+        with autocast:  # the policy through its root unit (FSDP2 gathers there); a frozen reference copy directly
+            return self.root(compute) if model is self.model else compute(model)
+
+    def _dummy_pass(self, backward: bool) -> None:
+        """A pass that changes nothing (one loss token, zero loss) to keep this rank's collectives paired with
+        the other ranks' (trainers/sharding.py, Lockstep)."""
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        mask = torch.tensor([[False, True]], device=self.device)
+        with torch.set_grad_enabled(backward):
+            logp, _ = self.root(lambda policy: token_logprobs(policy, ids, torch.ones_like(ids), mask))
+            if backward:
+                (logp.sum() * 0.0).backward()
 
     def _loss_inputs(self, mini: RolloutBatch) -> Mapping[str, torch.Tensor]:
         """Row-aligned extra inputs ([n] or [n, T]) an objective asks for through its `prepare(ctx, mini, cfg)`
@@ -138,7 +180,7 @@ class PolicyTrainer:
     def _loss_context(self) -> LossContext:
         return LossContext(model=self.model, device=self.device, temperature=self.temperature,
                            micro_batch_tokens=self.cfg.micro_batch_tokens,
-                           logprob_chunk_tokens=self.cfg.logprob_chunk_tokens)
+                           logprob_chunk_tokens=self.cfg.logprob_chunk_tokens, run=self.root)
 
     def _batch_logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         """[N, T] CPU logprobs under `model`, no grad, micro-batch by micro-batch."""
@@ -152,20 +194,28 @@ class PolicyTrainer:
             return micro_batches(mini, self.cfg.micro_batch_tokens, self.cfg.shared_prefix)
         return group_micro_batches(mini, self.cfg.micro_batch_tokens)
 
-    def _update(self, mini: RolloutBatch, old: torch.Tensor | None,
+    def _update(self, mini: RolloutBatch | None, norm: Normalisers, old: torch.Tensor | None,
                 extra: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-        norm = Normalisers.of(mini.loss_mask, self.constant_length)  # global over the mini-batch
+        """One optimizer update on this rank's share `mini` (None: no rows here) of a mini-batch whose global
+        counts are `norm`."""
         self.optimizer.zero_grad(set_to_none=True)
         tally: dict[str, float] = {}
-        for rows, micro in self._micro_batches(mini):
-            micro_old = None if old is None else old[torch.tensor(rows), : micro.seq_len]
-            micro_extra = {k: slice_rows(v, rows, micro.seq_len) for k, v in (extra or {}).items()}
-            loss, stats = self._micro_loss(micro, norm, micro_old, micro_extra)
-            if not bool(torch.isfinite(loss)):
-                return self._skip()
-            loss.backward()
-            accumulate(tally, stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.max_grad_norm)
+        finite = True
+        with self.lockstep.phase(backward=True):
+            for rows, micro in [] if mini is None else self._micro_batches(mini):
+                micro_old = None if old is None else old[torch.tensor(rows), : micro.seq_len]
+                micro_extra = {k: slice_rows(v, rows, micro.seq_len) for k, v in (extra or {}).items()}
+                loss, stats = self._micro_loss(micro, norm, micro_old, micro_extra)
+                finite = finite and bool(torch.isfinite(loss))
+                if not finite and not self.group.sharded:
+                    return self._skip()
+                # FSDP2 averages gradients over the ranks; the loss is already a share of the global one: sum
+                (loss * self.group.size).backward()  # a non-finite loss still runs (its passes pair up), then skips
+                accumulate(tally, stats)
+        if self.group.max(0.0 if finite else 1.0) > 0:
+            return self._skip()
+        tally = self._reduced(tally)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.cfg.max_grad_norm)  # over all ranks' shards
         if not bool(torch.isfinite(grad_norm)):
             return self._skip()
         if self.adapter_schedule is not None:
@@ -176,6 +226,15 @@ class PolicyTrainer:
         self.updates += 1
         self.nonfinite_streak = 0
         return {**tally, "grad_norm": float(grad_norm), "lr": lr}
+
+    def _reduced(self, tally: dict[str, float]) -> dict[str, float]:
+        """This update's metrics over all ranks: token-share-weighted sums add up, maxima stay maxima."""
+        if not self.group.sharded:
+            return tally
+        merged: dict[str, float] = {}
+        for part in self.group.gather(tally):
+            accumulate(merged, part)
+        return merged
 
     def _skip(self) -> dict[str, float]:
         """Drop this update's gradient and its partial metrics; count it."""

@@ -17,6 +17,7 @@ import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
+from rl.loop import distributed
 from rl.registries import CLUSTERS
 from rl.types import Learner, Prompt, RolloutWorker, SamplingParams, SyncMode, WeightSync
 
@@ -125,9 +126,23 @@ class Placement:
 
 @CLUSTERS.register("local")
 def place_local(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker) -> Placement:
-    learner = make_learner()
-    workers = LocalWorkers([make_worker(learner)])
-    return Placement(learner, RolloutPool(workers), workers.close)
+    if job.cluster.learners == 1 and distributed.launched() is None:
+        learner = make_learner()
+        workers = LocalWorkers([make_worker(learner)])
+        return Placement(learner, RolloutPool(workers), workers.close)
+    # N ranks: this process is rank 0 (the driver); the others are started here or by torchrun/srun
+    launch = distributed.launched()
+    ranked = (distributed.join_launch(job, make_learner, launch) if launch is not None
+              else distributed.start_local_ranks(job, make_learner))
+    workers = LocalWorkers([make_worker(None)])  # the engine samples from a copy: sharded weights are synced
+
+    def close() -> None:
+        try:
+            workers.close()
+        finally:
+            ranked.close()
+
+    return Placement(ranked, RolloutPool(workers), close)
 
 
 # ----- Ray -----------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""N learner ranks make the update one rank makes (issue 22): FSDP2 over gloo, 2 real processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl.config import load_job
+from rl.loop import steps
+from rl.loop.learner import PolicyLearner
+from rl.models import resolve_model
+from tests.integration.ranks_testlib import run_ranks
+from tests.unit.trainers.trainer_testlib import build_batch
+
+ADAPTERS = {"full": [], "lora": ["adapter.name=lora", "adapter.r=4", "adapter.alpha=8"]}
+
+
+def _job(kind: str, learners: int, extra: tuple[str, ...] = ()):
+    # max_grad_norm huge: clipping rescales the gradient to norm 1 and would hide a wrong gradient scale;
+    # lr small: Adam's first step moves a weight by ~lr whatever its gradient, so weights alone prove little
+    # correction pinned: `auto` resolves by whether the sampler is the learner, which 2 ranks never are
+    return load_job("tiny", [f"cluster.learners={learners}", "trainer.lr=1e-5", "trainer.max_grad_norm=1e9",
+                             "algorithm.correction.level=token",
+                             *ADAPTERS[kind], *extra])
+
+
+def _batch(job):
+    # 3 groups of 4 (an odd count: the ranks get 2 and 1 groups), different lengths (different packings)
+    batch = build_batch([3, 5, 4, 2] * 3, [4, 2, 6, 3, 5, 1, 2, 6, 3, 3, 4, 2], group_size=4, vocab=100,
+                        rewards=[1, 0, 0.5, 0, 0, 1, 1, 0, 0.2, 0.9, 0.1, 0])
+    return steps.advantages(job, batch)[0]
+
+
+def _train(rank: int, kind: str, learners: int, extra: tuple[str, ...]) -> dict:
+    job = _job(kind, learners, extra)
+    learner = PolicyLearner(job, resolve_model("tiny-llama"))
+    grads: list[torch.Tensor] = []
+
+    def record(optimizer, args, kwargs) -> None:
+        parts = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for g in optimizer.param_groups
+                 for p in g["params"]]
+        grads.append(torch.cat([g.detach().flatten().clone() for g in parts]))
+
+    learner.trainer.optimizer.register_step_pre_hook(record)
+    metrics = learner.train_step(_batch(job))
+    weights = learner.weights("full").tensors
+    return {"metrics": metrics, "weights": dict(weights), "grads": grads}
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_two_ranks_make_the_one_rank_update(kind: str, tmp_path: Path) -> None:
+    one = _train(0, kind, 1, ())
+    two = run_ranks(_train, 2, tmp_path, kind, 2, ())[0]  # rank 0 holds the whole weights
+    (g1,), (g2,) = one["grads"], two["grads"]
+    assert torch.allclose(g2, g1, rtol=1e-5, atol=1e-9), float((g2 - g1).abs().max())
+    assert set(two["weights"]) == set(one["weights"])
+    diff = max(float((two["weights"][k] - one["weights"][k]).abs().max()) for k in one["weights"])
+    assert diff <= 1e-6, diff
+    for key in ("loss", "policy/entropy", "grad_norm", "clip_frac"):
+        if key in one["metrics"]:
+            assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-7), key
