@@ -152,12 +152,11 @@ class PolicyLearner:
     def _load_single_file(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
         """A checkpoint from before the sharded format: `weights.safetensors`, the optimizer inside `trainer.pt`."""
         from rl.loop.checkpoint import single_file_weights
-        from rl.loop.distributed import world
 
         weights = single_file_weights(checkpoint_dir)
         if weights is None:
             raise UserError(f"{checkpoint_dir} holds no policy (neither policy/ nor weights.safetensors).")
-        if world()[1] > 1:  # its optimizer state is keyed by parameter order, which says nothing about shards
+        if self.group.sharded:  # its optimizer state is keyed by parameter order, which says nothing about shards
             raise UserError(f"{checkpoint_dir} is a single-file checkpoint (from before sharded checkpoints), which "
                             "loads on one learner rank only: resume it with cluster.learners=1 until its next "
                             "checkpoint, which is sharded and resumes at any number of ranks.")
