@@ -21,10 +21,11 @@ tensor maps onto the engine's modules (checked before anything is written); othe
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,22 @@ class SharedWeights:
         self._resize(end)
         self.counter[0] = 0
         return index, unique
+
+    def layout(self, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], aliases: Mapping[str, str]) -> Index:
+        """The index of distinct tensors `specs` laid out back to back in their order (tensor i at the offset after
+        tensor i-1), plus `aliases` (name -> the spec name it shares storage with) at their source's offset. For a
+        sender that writes the data region (`buffer[HEADER:]`) itself, e.g. a collective receiving into it."""
+        index, offsets, end = [], {}, HEADER
+        for name, dtype, shape in specs:
+            offsets[name] = end
+            index.append((name, str(dtype).removeprefix("torch."), tuple(shape), end))
+            end += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        by_name = {name: (dtype, shape) for name, dtype, shape, _ in index}
+        for alias, source in aliases.items():
+            index.append((alias, *by_name[source], offsets[source]))
+        self._resize(end)
+        self.counter[0] = 0
+        return index
 
     def _resize(self, nbytes: int) -> None:
         if self._buffer is None or self._buffer.numel() != nbytes:
@@ -137,26 +154,38 @@ def _direct_plan(model: torch.nn.Module, names: list[str]) -> list[Target] | Non
 
     if not current_platform.is_cpu():  # GPU kernels read the parameters themselves: vLLM's reload fits there
         return None
-    stacked = getattr(model, "packed_modules_mapping", None) or {}
     available = set(names)
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     plan, used = [], set()
-    for module_name, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if not own:
-            continue
+    for module, own, weights, biases in _checkpoint_parts(model):
         if "weight" in own and own["weight"].numel() == 0 and not hasattr(module, "cpu_linear"):
             return None  # an emptied weight we do not know how to refill
-        name = module_name.replace(".base_layer", "")  # LoRA-wrapped layers keep the base layer inside
-        prefix, _, leaf = name.rpartition(".")
-        parts = [f"{prefix}.{sub}" for sub in stacked[leaf]] if leaf in stacked else [name]
-        weights, biases = [f"{p}.weight" for p in parts], [f"{p}.bias" for p in parts] if "bias" in own else []
         if set(own) - {"weight", "bias"} or not available.issuperset(weights + biases):
             return None
         plan.append((module, weights, biases))
         used.update(weights + biases)
-    leftover = available - used - ({"lm_head.weight"} if tied else set())
+    leftover = available - used - ({"lm_head.weight"} if _tied(model) else set())
     return plan if plan and not leftover else None
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def _checkpoint_parts(model: torch.nn.Module
+                      ) -> Iterator[tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[str], list[str]]]:
+    """(module, its own parameters, checkpoint names of its weight in stacking order, of its bias) for every
+    module holding parameters: vLLM's fused layers (qkv_proj, gate_up_proj) map back through the model's
+    `packed_modules_mapping` to the checkpoint's separate tensors."""
+    stacked = getattr(model, "packed_modules_mapping", None) or {}
+    for module_name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        name = module_name.replace(".base_layer", "")  # LoRA-wrapped layers keep the base layer inside
+        prefix, _, leaf = name.rpartition(".")
+        parts = [f"{prefix}.{sub}" for sub in stacked[leaf]] if leaf in stacked else [name]
+        weights = [f"{p}.weight" for p in parts] if "weight" in own else []
+        yield module, own, weights, [f"{p}.bias" for p in parts] if "bias" in own else []
 
 
 def _direct_cpu_reload(plan: list[Target], tensors: Iterator[tuple[str, torch.Tensor]], workers: int = 2) -> None:
@@ -251,18 +280,85 @@ def reload_weights(llm: LLM, shared: SharedWeights, named_tensors: Iterable[tupl
     """Load full weights into a running engine in place and drop cached prefixes computed with old ones.
     Returns the path the engine took: "direct" (the CPU fast path, where it applies) or "vllm" (vLLM's reload)."""
     index, unique = shared.plan(list(named_tensors))
+    return _reload(llm, shared, index, lambda: shared.write(unique), len(unique), direct)
+
+
+def reload_weights_streamed(llm: LLM, shared: SharedWeights, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                            aliases: Mapping[str, str], fill: Callable[[torch.Tensor], Iterator[int]],
+                            direct: bool = True) -> str:
+    """`reload_weights` for a sender that writes the tensors itself: `fill(region)` writes the distinct tensors
+    `specs` back to back into `region` (uint8, the shared file's data part) and yields, after each step, how many
+    of them are complete; the engine loads each one as soon as it is (a collective receives straight into it)."""
+    index = shared.layout(specs, aliases)
+
+    def write() -> None:
+        for count in fill(shared.buffer[HEADER:]):
+            shared.counter[0] = count
+
+    return _reload(llm, shared, index, write, len(specs), direct)
+
+
+def _reload(llm: LLM, shared: SharedWeights, index: Index, write: Callable[[], None], count: int,
+            direct: bool) -> str:
+    """Start the engine's reload from `shared` (it waits for each tensor), run `write`, wait for the reload."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         done = pool.submit(llm.collective_rpc, _reload_from_shared, args=(shared.path, index, direct))
         try:
-            shared.write(unique)
+            write()
         finally:
             # A failed write must not leave the worker waiting until its timeout; the write's own
             # exception is what the caller sees.
-            if int(shared.counter[0]) < len(unique):
-                shared.counter[0] = len(unique)
+            if int(shared.counter[0]) < count:
+                shared.counter[0] = count
         path = done.result()
     llm.reset_prefix_cache()
     return path[0] if isinstance(path, list) else path
+
+
+def weight_probes(llm: LLM, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """What the engine holds for each checkpoint tensor in `shapes`, as a probe: `W @ vectors[in_dim]` (float32,
+    [rows]) for a matrix, the tensor itself for a vector; a tensor the engine does not hold is absent. Computed in
+    the engine's worker process from the weights generation uses (see `_probe_model`)."""
+    raw = {dim: v.float().numpy().tobytes() for dim, v in vectors.items()}  # tensors do not survive vLLM's RPC
+    answers = llm.collective_rpc(_probe_worker, args=(dict(shapes), raw))  # one per worker; one worker here
+    found: dict[str, bytes] = answers[0] if isinstance(answers, list) else answers
+    return {name: torch.frombuffer(bytearray(data), dtype=torch.float32) for name, data in found.items()}
+
+
+def _probe_worker(worker: Any, shapes: dict[str, tuple[int, ...]], raw: dict[int, bytes]) -> dict[str, bytes]:
+    """Runs inside the engine's worker process (collective_rpc)."""
+    vectors = {dim: torch.frombuffer(bytearray(data), dtype=torch.float32) for dim, data in raw.items()}
+    probes = _probe_model(worker.model_runner.get_model(), shapes, vectors)
+    return {name: p.numpy().tobytes() for name, p in probes.items()}
+
+
+def _probe_model(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Per checkpoint tensor, its probe as the engine holds it. A linear layer packed for the CPU kernels (its weight
+    parameter emptied) is probed through its own kernel, `cpu_linear(v)`: what generation computes; a fused layer's
+    output splits back into its parts by their rows (q/k/v, gate/up in stacking order). Other weights are read."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for module, own, weights, biases in _checkpoint_parts(model):
+            sent = weights if weights and all(n in shapes for n in weights) else []  # a fused layer: all parts
+            if sent and len(shapes[sent[0]]) >= 2:
+                rows = [shapes[n][0] for n in sent]
+                vector = vectors[math.prod(shapes[sent[0]][1:])]
+                held = own["weight"]
+                if held.numel() == 0:
+                    # set by vLLM's CPU GEMM dispatch (untyped: torch.nn.Module attributes read as Tensor | Module)
+                    linear: Callable[..., torch.Tensor] = getattr(module, "cpu_linear")  # noqa: B009
+                    probe = linear(vector.to(held.dtype)[None], held, None)[0].float()
+                else:
+                    probe = held.reshape(held.shape[0], -1)[:sum(rows)].float() @ vector
+                out.update(zip(sent, probe[:sum(rows)].split(rows)))
+            elif sent:
+                out.update(zip(sent, own["weight"].float().split([shapes[n][0] for n in sent])))
+            held_bias = [n for n in biases if n in shapes]
+            if held_bias:
+                out.update(zip(held_bias, own["bias"].float().split([shapes[n][0] for n in held_bias])))
+    return {name: p.detach().clone() for name, p in out.items()}
 
 
 def engine_lora_rank(rank: int) -> int:

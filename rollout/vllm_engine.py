@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -131,6 +131,22 @@ class VLLMEngine:
         self._drop_lora()  # full weights now carry the policy
         self.policy_version = version
         return time.perf_counter() - start
+
+    def push_weights_streamed(self, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                              aliases: Mapping[str, str], fill: Callable[[torch.Tensor], Iterator[int]],
+                              version: int) -> float:
+        """`push_weights` for tensors that are still arriving (a collective weight sync): `fill` writes them into
+        the engine's shared buffer and the engine loads each as it completes (rollout/_vllm_internals.py)."""
+        start = time.perf_counter()
+        self.sync_path = internals.reload_weights_streamed(self.llm, self.shared, specs, aliases, fill)
+        self._drop_lora()
+        self.policy_version = version
+        return time.perf_counter() - start
+
+    def weight_probes(self, shapes: Mapping[str, tuple[int, ...]], vectors: Mapping[int, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+        """The loaded weights read back as probes (`W @ v`), for checking a sync (rl/loop/weight_channel.py)."""
+        return internals.weight_probes(self.llm, shapes, vectors)
 
     def push_lora(self, adapter_dir: str, version: int) -> float:
         """Serve a PEFT LoRA adapter (exact, no merge) for the following generations."""

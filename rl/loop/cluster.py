@@ -1,23 +1,25 @@
 """Process placement: where the learner and the rollout workers live (`cluster:` in the job).
 
-`local`: plain objects in this process. `ray`: the learner and N rollout workers are Ray actors;
-prompts are sharded by whole groups. The driver sees the same interface either way. Ray is imported
-here and nowhere else.
+`local`: plain objects in this process. `ray`: the learner's N ranks and the rollout workers are Ray actors
+(placed by rl/loop/ray_placement.py); prompts are sharded by whole groups. The driver sees the same interface
+either way. Ray is imported here and in ray_placement.py, and only inside functions (`rl --help` stays instant).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
 
 import torch
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
 from rl.loop import distributed
+from rl.loop.ray_placement import Gang, check_fits, reserve_learners, reserve_rollout
 from rl.registries import CLUSTERS
 from rl.types import Learner, Prompt, RolloutWorker, SamplingParams, SyncMode, WeightSync
 
@@ -147,12 +149,55 @@ def place_local(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWork
 
 # ----- Ray -----------------------------------------------------------------------------------
 # The actors host the objects and forward typed calls to them: `actor.generate.remote(...)`, never a method name.
-class LearnerHost:
-    """The learner's actor (processes named `ray::LearnerHost`): builds the learner and exposes its methods."""
+class ActorPlacement(TypedDict):
+    """What Ray granted an actor: its GPU ids (and the CUDA_VISIBLE_DEVICES Ray set from them), its placement
+    group's hex id (None outside one), its node's IP and its process id."""
 
-    def __init__(self, factory: Callable[[], Learner], threads: int) -> None:
+    gpu_ids: list[int | str]
+    cuda_visible_devices: str | None
+    placement_group: str | None
+    node_ip: str
+    pid: int
+
+
+def _placement() -> ActorPlacement:
+    import ray
+
+    return {"gpu_ids": list(ray.get_gpu_ids()), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "placement_group": ray.get_runtime_context().get_placement_group_id(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+
+class LearnerHost:
+    """One learner rank's actor (processes named `ray::LearnerHost`): joins the ranks' group, then builds the
+    learner and exposes its methods. Built in two calls, `rendezvous` on rank 0 and `build` on every rank, because
+    the group's address is rank 0's node, known only once Ray has placed it."""
+
+    learner: Learner
+
+    def __init__(self, threads: int) -> None:
         torch.set_num_threads(threads)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, port) for the group to meet at: this node's IP as Ray knows it, and a port free here now."""
+        import ray
+
+        from rl.loop.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def build(self, factory: Callable[[], Learner], rank: int, world_size: int, address: str, port: int,
+              device: str, timeout_s: float) -> None:
+        """Join the group as `rank` (blocks until every rank has arrived; one rank needs no group), then build."""
+        if world_size > 1:
+            from rl.loop.distributed import join_group
+            from rl.loop.learner import pick_device
+
+            join_group(rank, world_size, address, port, pick_device(device), timeout_s)
         self.learner = factory()
+
+    def placement(self) -> ActorPlacement:
+        return _placement()
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
         return self.learner.train_step(batch)
@@ -180,6 +225,9 @@ class RolloutHost:
         torch.set_num_threads(threads)
         self.worker = factory()
 
+    def placement(self) -> ActorPlacement:
+        return _placement()
+
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         return self.worker.generate(prompts, params)
 
@@ -196,52 +244,100 @@ class RolloutHost:
         self.worker.close()
 
 
-class RemoteLearner:
-    """The `Learner` in a LearnerHost actor, called synchronously with a timeout: a dead or hung actor never
-    hangs us, it ends the run with a clear error (the last checkpoint stays)."""
+RemoteCall = Callable[["ActorHandle"], "ObjectRef"]
+"""One call on one actor, e.g. `lambda actor: actor.sleep.remote()`."""
 
-    def __init__(self, ray: ModuleType, actor: ActorHandle, timeout_s: float) -> None:
-        self._ray, self._actor, self._timeout_s = ray, actor, timeout_s
+RESUME = "The run directory holds the last checkpoint: continue with `rl train --resume RUN_DIR`."
+DEATH_GRACE_S = 10.0
+"""After a rank's call fails, how long to wait for the others' to see whether one rank died (and caused it)."""
+
+
+class RemoteLearner:
+    """The `Learner` in N LearnerHost actors, ranks 0..N-1: every call goes to all ranks at once, with the same
+    arguments (their collectives pair up), and returns rank 0's result, within the call timeout. A rank that dies
+    or does not answer ends the run with a clear error naming it, never a hang: every rank is killed first (the
+    others would wait in a collective until cluster.collective_timeout_s), and the last checkpoint stays."""
+
+    def __init__(self, ray: ModuleType, actors: Sequence[ActorHandle], timeout_s: float) -> None:
+        self._ray, self.actors, self._timeout_s = ray, list(actors), timeout_s
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:
-        return self._call("train_step", lambda: self._actor.train_step.remote(batch))
+        return self._call("train_step", lambda actor: actor.train_step.remote(batch))
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        return self._call("logprobs", lambda: self._actor.logprobs.remote(batch))
+        return self._call("logprobs", lambda actor: actor.logprobs.remote(batch))
 
     def weights(self, mode: SyncMode) -> WeightSync:
-        return self._call("weights", lambda: self._actor.weights.remote(mode))
+        return self._call("weights", lambda actor: actor.weights.remote(mode))
 
     def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
-        return self._call("save_policy", lambda: self._actor.save_policy.remote(checkpoint_dir))
+        return self._call("save_policy", lambda actor: actor.save_policy.remote(checkpoint_dir))
 
     def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
-        self._call("load_policy", lambda: self._actor.load_policy.remote(checkpoint_dir, trainer_state))
+        self._call("load_policy", lambda actor: actor.load_policy.remote(checkpoint_dir, trainer_state))
 
     def export(self, out_dir: str) -> None:
-        self._call("export", lambda: self._actor.export.remote(out_dir))
+        self._call("export", lambda actor: actor.export.remote(out_dir))
 
-    def _call(self, method: str, issue: Callable[[], ObjectRef]) -> Any:
-        """`issue()`'s result; `method` names the call in the error only."""
-        try:
-            return self._ray.get(issue(), timeout=self._timeout_s)
-        except (self._ray.exceptions.RayActorError, self._ray.exceptions.GetTimeoutError) as exc:
-            raise UserError(f"the learner actor died or did not answer {method}() within "
-                            f"{self._timeout_s:.0f}s ({type(exc).__name__}). The run directory holds the "
-                            "last checkpoint: continue with `rl train --resume RUN_DIR`.") from None
+    def _call(self, method: str, issue: RemoteCall) -> Any:
+        """Rank 0's result of `issue` sent to every rank; `method` names the call in the error only."""
+        return self.gather(method, [issue(actor) for actor in self.actors])[0]
 
+    def gather(self, method: str, refs: Sequence[ObjectRef]) -> list[Any]:
+        """The results of calls already issued, `refs[i]` on rank i, in rank order; waits at most the timeout."""
+        deadline = time.monotonic() + self._timeout_s
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        while pending:
+            ready, _ = self._ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self._fail(sorted(pending.values()), f"did not answer {method}() within {self._timeout_s:.0f}s "
+                           "(cluster.call_timeout_s)")
+            rank = pending.pop(ready[0])
+            try:
+                results[rank] = self._ray.get(ready[0])
+            except self._ray.exceptions.RayActorError:
+                self._fail([rank], f"died during {method}()")
+            except self._ray.exceptions.RayTaskError:
+                # A rank's own error (a bug, or a collective that broke because a peer died): a dead peer is
+                # the cause to name; otherwise the error goes up as it is, with its traceback.
+                if dead := self._dead(pending):
+                    self._fail(dead, f"died during {method}()")
+                self.kill()
+                raise
+        return [results[rank] for rank in range(len(refs))]
 
-RemoteCall = Callable[["ActorHandle"], "ObjectRef"]
-"""One call on one RolloutHost actor, e.g. `lambda actor: actor.sleep.remote()`."""
+    def _dead(self, pending: Mapping[ObjectRef, int]) -> list[int]:
+        """Ranks among `pending` whose actor has died, as far as DEATH_GRACE_S shows."""
+        ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=DEATH_GRACE_S)
+        dead = []
+        for ref in ready:
+            try:
+                self._ray.get(ref)
+            except self._ray.exceptions.RayActorError:
+                dead.append(pending[ref])
+            except self._ray.exceptions.RayTaskError:
+                continue  # failed too, alive: not the cause
+        return sorted(dead)
+
+    def _fail(self, ranks: Sequence[int], what: str) -> None:
+        self.kill()
+        who = f"learner rank {ranks[0]}" if len(ranks) == 1 else f"learner ranks {', '.join(map(str, ranks))}"
+        raise UserError(f"{who} (of {len(self.actors)}) {what}; every learner rank was stopped. {RESUME}")
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
 
 
 class RayWorkers:
     """Rollout-worker actors (a `WorkerGroup`). A worker that dies (or exceeds the call timeout) is replaced by
-    a new one, which first receives the newest weights, and its share of the call is issued again."""
+    a new one in its place (`spawn(i)`: the same resources), which first receives the newest weights, and its
+    share of the call is issued again."""
 
-    def __init__(self, ray: ModuleType, spawn: Callable[[], ActorHandle], size: int, timeout_s: float) -> None:
+    def __init__(self, ray: ModuleType, spawn: Callable[[int], ActorHandle], size: int, timeout_s: float) -> None:
         self.ray, self._spawn, self.size, self.timeout_s = ray, spawn, size, timeout_s
-        self.actors = [spawn() for _ in range(size)]
+        self.actors = [spawn(index) for index in range(size)]
         self.restarts = 0
         self._last_sync: tuple[WeightSync, int] | None = None
 
@@ -280,7 +376,7 @@ class RayWorkers:
 
     def _restart(self, index: int) -> None:
         self.ray.kill(self.actors[index])
-        self.actors[index] = self._spawn()
+        self.actors[index] = self._spawn(index)
         self.restarts += 1
         if self._last_sync is not None:
             sync, version = self._last_sync
@@ -299,16 +395,32 @@ def _init_ray(ray: ModuleType, cfg: RayCluster) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RLPOST", "TRANSFORMERS_", "VLLM_"))}
+    local = cfg.address is None  # what a joined cluster has is its own (`ray start --num-cpus/--num-gpus`)
     try:
-        ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None,
-                 include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address=cfg.address, num_cpus=cfg.num_cpus if local else None,
+                 num_gpus=cfg.num_gpus if local else None, include_dashboard=False, runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"could not start or join a Ray cluster (cluster.address={cfg.address!r}): {exc}. "
                         "Start one with `ray start --head`, or set cluster.address: null for a local one.") from None
 
 
+def _start_learners(ray: ModuleType, job: JobConfig, cfg: RayCluster, make_learner: MakeLearner, gang: Gang,
+                    threads: int) -> tuple[RemoteLearner, list[ObjectRef]]:
+    """The learner ranks' actors, one per bundle of `gang`, and their `build` calls, issued to every rank at once
+    (each blocks in the group's rendezvous until all have arrived): collect them with `gather`."""
+    host = ray.remote(LearnerHost)
+    actors = [host.options(**gang.options(rank)).remote(threads) for rank in range(cfg.learners)]
+    group = RemoteLearner(ray, actors, cfg.call_timeout_s)
+    address, port = group.gather("rendezvous", [actors[0].rendezvous.remote()])[0]
+    building = [actor.build.remote(make_learner, rank, cfg.learners, address, port, job.trainer.device,
+                                   cfg.collective_timeout_s) for rank, actor in enumerate(actors)]
+    return group, building
+
+
 @CLUSTERS.register("ray")
 def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker) -> Placement:
+    """Learner ranks and rollout workers as actors with the resources of `cluster.resources` (see
+    rl/loop/ray_placement.py for where Ray puts them); started together, so their models load in parallel."""
     import ray
 
     from rl.config.job import RayCluster
@@ -317,22 +429,31 @@ def place_ray(job: JobConfig, make_learner: MakeLearner, make_worker: MakeWorker
     if not isinstance(cfg, RayCluster):  # CLUSTERS is keyed by cluster.name: this is the `ray` section
         raise TypeError(f"cluster {cfg.name!r} is not a RayCluster section")
     _init_ray(ray, cfg)
-    threads = torch.get_num_threads()
-    # Actors take no Ray CPU slot: torch threads are set explicitly, and the learner and the workers
-    # take turns in sync mode, so reserving slots would only stop small machines from scheduling them.
-    # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it returns the handle
-    learner_host = ray.remote(num_cpus=0)(LearnerHost)
-    learner_actor: ActorHandle[LearnerHost] = learner_host.remote(make_learner, threads)  # type: ignore[assignment]
-    rollout_host = ray.remote(num_cpus=0)(RolloutHost)
-
-    def spawn() -> ActorHandle[RolloutHost]:
-        return rollout_host.remote(lambda: make_worker(None), threads)  # type: ignore[return-value]  # as above
-
-    workers = RayWorkers(ray, spawn, cfg.rollout_workers, cfg.call_timeout_s)
+    check_fits(ray, cfg)
+    gangs = [reserve_learners(ray, cfg)]
+    closers: list[Callable[[], None]] = [gangs[0].remove]
 
     def close() -> None:
-        workers.close()
-        ray.kill(learner_actor)
+        for closer in reversed(closers):
+            closer()
 
-    learner = RemoteLearner(ray, learner_actor, cfg.call_timeout_s)
+    try:
+        gangs.append(reserve_rollout(ray, cfg))
+        closers.append(gangs[1].remove)
+        threads = torch.get_num_threads()
+        learner, building = _start_learners(ray, job, cfg, make_learner, gangs[0], threads)
+        closers.append(learner.kill)
+        rollout_host = ray.remote(RolloutHost)
+
+        def spawn(index: int) -> ActorHandle[RolloutHost]:
+            # ray types `.remote()` as ActorHandle[T] | type[T] (its ActorProxy, for method typing); it is the handle
+            return rollout_host.options(**gangs[1].options(index)).remote(  # type: ignore[return-value]
+                lambda: make_worker(None), threads)
+
+        workers = RayWorkers(ray, spawn, cfg.rollout_workers, cfg.call_timeout_s)
+        closers.append(workers.close)
+        learner.gather("build", building)
+    except BaseException:
+        close()
+        raise
     return Placement(learner, RolloutPool(workers), close)

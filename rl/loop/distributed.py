@@ -14,17 +14,21 @@ ends the run with a message and a resumable run directory, never a hang.
 
 from __future__ import annotations
 
+import copyreg
+import io
 import logging
 import multiprocessing
 import os
 import pickle
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -155,6 +159,24 @@ def _run(learner: PolicyLearner, cmd: Command) -> object:
     return table[cmd.method](*cmd.args)
 
 
+def _dumps(obj: object) -> bytes:
+    """Pickle with read-only mappings (a Prompt's metadata, rl/types.py) pickled as their dict contents: the
+    standard pickler refuses mappingproxy (Ray's cloudpickle does not)."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, MappingProxyType: _reduce_mappingproxy}
+    pickler.dump(obj)
+    return buffer.getvalue()
+
+
+def _reduce_mappingproxy(m: MappingProxyType) -> tuple[Callable[[dict], MappingProxyType], tuple[dict]]:
+    return _mappingproxy, (dict(m),)
+
+
+def _mappingproxy(d: dict) -> MappingProxyType:
+    return MappingProxyType(d)
+
+
 class Channel:
     """Commands from rank 0 to the other ranks through the group's TCPStore, one key per command.
 
@@ -167,9 +189,9 @@ class Channel:
         self.seq = 0
 
     def post(self, method: Method, args: tuple[Any, ...]) -> Command:
-        self.seq += 1
-        cmd = Command(self.seq, method, args)
-        self.store.set(str(cmd.seq), pickle.dumps(cmd))
+        cmd = Command(self.seq + 1, method, args)
+        self.store.set(str(cmd.seq), _dumps(cmd))  # nothing is posted when the arguments do not pickle
+        self.seq = cmd.seq
         if cmd.seq > 2:  # every rank has run command seq-1 (it was collective), so has read seq-2
             self.store.delete_key(str(cmd.seq - 2))
         return cmd
@@ -177,14 +199,18 @@ class Channel:
     def next(self, alive: Callable[[], bool]) -> Command:
         """The next command (blocking); raises ConnectionError when the driver is gone."""
         self.seq += 1
-        key = str(self.seq)
+        key, idle = str(self.seq), time.monotonic()
         while True:
             try:
-                self.store.wait([key], timedelta(seconds=POLL_S))
-                return pickle.loads(self.store.get(key))
-            except dist.DistStoreError as exc:
-                if "timeout" not in str(exc).lower() or not alive():
-                    raise ConnectionError(f"the driver (rank 0) is gone: {exc}") from None
+                if self.store.check([key]):  # a poll, not store.wait: c10d logs a warning per timed-out wait
+                    return pickle.loads(self.store.get(key))
+            except dist.DistError as exc:  # the store's host (rank 0) is gone
+                raise ConnectionError(f"the driver (rank 0) is gone: {exc}") from None
+            if time.monotonic() - idle > POLL_S:
+                if not alive():
+                    raise ConnectionError("the driver (rank 0) is gone")
+                idle = time.monotonic()
+            time.sleep(0.01)
 
 
 def serve(learner: PolicyLearner, channel: Channel, alive: Callable[[], bool] = lambda: True) -> None:
@@ -202,13 +228,17 @@ class RankedLearner:
 
     def __init__(self, learner: PolicyLearner, channel: Channel, ranks: LocalRanks | None) -> None:
         self.learner, self.channel, self.ranks = learner, channel, ranks
+        self.broken = False  # a call failed part-way: the other ranks may be stuck in one of its collectives
 
     def _call(self, method: Method, *args: Any) -> Any:
         self._check_ranks(method)
         cmd = self.channel.post(method, args)
         try:
             return _run(self.learner, cmd)
-        except (RuntimeError, dist.DistError) as exc:
+        except BaseException as exc:
+            self.broken = True
+            if not isinstance(exc, (RuntimeError, dist.DistError)):
+                raise
             self._check_ranks(method)
             raise UserError(f"a learner rank failed during {method}() ({type(exc).__name__}: {str(exc)[:200]}). "
                             "The run directory holds the last checkpoint: continue with "
@@ -241,13 +271,14 @@ class RankedLearner:
 
     def close(self) -> None:
         """Stop the other ranks and leave the group; ranks this process started are reaped."""
+        healthy = not self.broken and (self.ranks is None or not self.ranks.dead())
         try:
-            if self.ranks is None or not self.ranks.dead():
+            if healthy:
                 self.channel.post("stop", ())
                 leave_group()
         finally:
             if self.ranks is not None:
-                self.ranks.reap()
+                self.ranks.reap(30.0 if healthy else 0.0)  # a broken group's ranks wait in a collective: kill them
 
 
 # ----- ranks started here (cluster: local) ----------------------------------------------------------

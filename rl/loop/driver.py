@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from rl.config import dump_job, load_job
 from rl.errors import UserError
-from rl.loop import steps
+from rl.loop import distributed, steps
 from rl.loop.checkpoint import latest_intact_checkpoint
 from rl.loop.metrics import MetricsLogger, plot_run
 from rl.loop.runtime import build_run
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 
 def train_job(job: JobConfig) -> int:
+    launch = distributed.launched()
+    if launch is not None and launch.rank > 0:  # torchrun/srun: ranks 1..N-1 serve rank 0's learner calls
+        return distributed.follow_launch(job, launch)
     run_dir = Path(job.resolved_run_dir)
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already holds checkpoints of a run. Continue it with "
@@ -48,6 +51,9 @@ def resume_job(run_dir: str, overrides: Sequence[str] = ()) -> int:
     if not (path / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); give the run_dir of a previous run.")
     job = load_job(str(path / "config.yaml"), list(overrides))
+    launch = distributed.launched()
+    if launch is not None and launch.rank > 0:  # rank 0 restores the checkpoint; the learner calls reach us
+        return distributed.follow_launch(job, launch)
     ckpt = latest_intact_checkpoint(path)
     if ckpt is None:
         raise UserError(f"{run_dir} has no intact checkpoint to resume from; start the job again with rl train.")
