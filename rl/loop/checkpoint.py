@@ -5,14 +5,19 @@ SHA-256 checksums written last, and only then renamed to `step_<N>` (rename is a
 So a directory named `step_<N>` is complete unless its bytes were later damaged, which the manifest
 catches: resume walks checkpoints newest first and takes the first one whose manifest verifies.
 
-Files: `weights.safetensors` (full weights, or adapter weights with an adapter), `trainer.pt`
-(optimizer, scheduler, counters), `rng.pt` (python/numpy/torch RNG states), `state.json` (step,
-policy version, data cursor, ...), `config.yaml` (the resolved job), `manifest.json`, and with a curriculum
-`curriculum.pt` (its learned state, e.g. the PCL value head and its optimizer).
+Files: `policy/` (the policy's trainable weights and optimizer state, sharded: every learner rank writes its
+shards there with torch.distributed.checkpoint, and it loads at any number of ranks; rl/loop/policy_state.py),
+`trainer.pt` (scheduler and counters), `rng.pt` (python/numpy/torch RNG states), `state.json` (step, policy
+version, data cursor, ...), `config.yaml` (the resolved job), `manifest.json` (every file, those under `policy/`
+too), and with a curriculum `curriculum.pt` (its learned state, e.g. the PCL value head and its optimizer).
+Checkpoints written before the sharded format hold `weights.safetensors` (full weights, or the adapter's) and the
+optimizer inside `trainer.pt`; they still load (on one learner rank). Only rank 0 (the driver) writes the files
+besides `policy/`, and the manifest once every rank has finished its shards.
 
 A full disk stops the run with `DiskFullError` (a `UserError`: one paragraph, exit 2): the writers report it
 differently (`torch.save` as a RuntimeError from its C++ stream with no errno, safetensors as a SafetensorError
-whose text holds "os error 28", Python's own writes as OSError ENOSPC), so it is recognised by the errno where
+whose text holds "os error 28", Python's own writes as OSError ENOSPC, DCP as a CheckpointException holding each
+rank's error), so it is recognised by the errno where
 one exists and otherwise by the file system really lacking the room the checkpoint still needed.
 """
 
@@ -42,8 +47,12 @@ CURRICULUM = "curriculum.pt"  # optional: the curriculum's learned state (PCL va
 PREFIX = "step_"
 MIB = 1 << 20
 # What the writers raise when a write fails: torch.save wraps the stream error in RuntimeError, safetensors in
-# SafetensorError; only OSError carries the errno.
+# SafetensorError; only OSError carries the errno. DCP's CheckpointException (a BaseException holding every rank's
+# error) is recognised by its name, so that this module does not import DCP (seconds) for an isinstance check.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+DCP_ERROR = "CheckpointException"
+PolicyWriter = Callable[[Path], Mapping[str, object]]
+"""Writes the policy into a checkpoint directory on every learner rank; returns the trainer state (rank 0's)."""
 
 
 class CheckpointError(UserError):
@@ -86,28 +95,47 @@ def restore_rng(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
-def _write_files(tmp: Path, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any],
-                 state: Mapping[str, Any], config_yaml: str, curriculum_state: Mapping[str, Any] | None) -> None:
-    # safetensors refuses shared or non-contiguous storage; checkpoint tensors are independent copies.
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, str(tmp / WEIGHTS))
-    torch.save(dict(trainer_state), tmp / "trainer.pt")
+def _files(root: Path) -> list[str]:
+    """Every file under `root`, as sorted POSIX paths relative to it (`policy/.metadata`, ...)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _write_files(tmp: Path, policy: PolicyWriter, state: Mapping[str, Any], config_yaml: str,
+                 curriculum_state: Mapping[str, Any] | None) -> None:
+    torch.save(dict(policy(tmp)), tmp / "trainer.pt")
     torch.save(capture_rng(), tmp / "rng.pt")
     if curriculum_state is not None:
         torch.save(dict(curriculum_state), tmp / CURRICULUM)
     (tmp / "state.json").write_text(json.dumps(dict(state), indent=1, sort_keys=True))
     (tmp / "config.yaml").write_text(config_yaml)
-    files = sorted(p.name for p in tmp.iterdir())
+    files = _files(tmp)
     manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     for name in [*files, MANIFEST]:
         _fsync(tmp / name)
+    for sub in (p for p in tmp.rglob("*") if p.is_dir()):  # the entries of policy/ itself
+        _fsync(sub)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, torch.Tensor],
-                    trainer_state: Mapping[str, Any], state: Mapping[str, Any], config_yaml: str,
-                    keep_last: int = 3, before_rename: Callable[[Path], None] | None = None,
+def weights_writer(weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, object]) -> PolicyWriter:
+    """A `PolicyWriter` of the single-file format (`weights.safetensors`, the optimizer inside `trainer.pt`):
+    what one process without a learner writes, e.g. the checkpoint tests' small states."""
+
+    def write(tmp: Path) -> Mapping[str, object]:
+        # safetensors refuses shared or non-contiguous storage; checkpoint tensors are independent copies.
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        return trainer_state
+
+    return write
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, policy: PolicyWriter, state: Mapping[str, Any],
+                    config_yaml: str, keep_last: int = 3, before_rename: Callable[[Path], None] | None = None,
                     curriculum_state: Mapping[str, Any] | None = None) -> Path:
     """Write `checkpoints/step_<step>` atomically, then prune to the newest `keep_last`.
+
+    `policy(tmp)` writes the policy into the temporary directory (on every learner rank: `Learner.save_policy`)
+    and returns the trainer state; this process then writes the rest and the manifest.
 
     Any failure removes the partial temp directory and leaves every earlier checkpoint untouched. A full disk
     raises `DiskFullError` (space needed, where, how to resume), another OSError (e.g. permissions)
@@ -120,7 +148,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_files(tmp, weights, trainer_state, state, config_yaml, curriculum_state)
+        _write_files(tmp, policy, state, config_yaml, curriculum_state)
         if before_rename is not None:
             before_rename(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace it only once the new one is whole
@@ -128,7 +156,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
         tmp.rename(final)
         _fsync(root)
     except BaseException as exc:
-        needed = max(_checkpoint_bytes(root), _tensor_bytes([weights, trainer_state, curriculum_state]))
+        needed = max(_checkpoint_bytes(root), _dir_bytes(tmp) + _tensor_bytes(curriculum_state))
         full = _out_of_space(exc, root, needed - _dir_bytes(tmp))  # judged while the partial files still take room
         if full:  # the failed writer's frames hold its open file, whose blocks an unlink alone does not free
             for link in _exception_chain(exc):
@@ -146,12 +174,24 @@ def save_checkpoint(run_dir: str | Path, step: int, *, weights: Mapping[str, tor
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, its causes and contexts, and inside a DCP CheckpointException every rank's error and its chain."""
     chain: list[BaseException] = []
-    link: BaseException | None = exc
-    while link is not None and link not in chain:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
+    pending: list[BaseException] = [exc]
+    while pending:
+        link: BaseException | None = pending.pop()
+        while link is not None and link not in chain:
+            chain.append(link)
+            pending.extend(_rank_failures(link))
+            link = link.__cause__ or link.__context__
     return chain
+
+
+def _rank_failures(exc: BaseException) -> list[BaseException]:
+    if type(exc).__name__ != DCP_ERROR:
+        return []
+    from rl.loop.policy_state import write_failures  # DCP is loaded already: it raised this
+
+    return write_failures(exc)
 
 
 def _reports_out_of_space(exc: BaseException) -> bool:
@@ -168,7 +208,7 @@ def _out_of_space(exc: BaseException, root: Path, still_needed: int) -> bool:
     """Whether a failed write was the disk filling up. torch.save's error has no errno, so it counts only when the
     file system really has less room than the checkpoint still needed (at least a MiB): a writer error with
     space to spare (an unpicklable object, a bug) is never reported as a full disk."""
-    if not isinstance(exc, WRITE_ERRORS):
+    if not isinstance(exc, WRITE_ERRORS) and type(exc).__name__ != DCP_ERROR:
         return False
     if _reports_out_of_space(exc):
         return True
@@ -273,16 +313,23 @@ def latest_intact_checkpoint(run_dir: str | Path, report: Callable[[str], None] 
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Everything a checkpoint holds: weights, trainer_state, rng, state, config_yaml, curriculum (or None)."""
+    """What the driver reads of a verified checkpoint: trainer_state, rng, state, config_yaml, curriculum (or None).
+    The policy itself (`policy/`, or an older checkpoint's `weights.safetensors`) is read by the learner ranks
+    (`Learner.load_policy`)."""
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}. Use an earlier checkpoint.")
     return {
-        "weights": load_file(str(path / WEIGHTS)),
         "trainer_state": torch.load(path / "trainer.pt", weights_only=False),
         "rng": torch.load(path / "rng.pt", weights_only=False),
         "state": json.loads((path / "state.json").read_text()),
         "config_yaml": (path / "config.yaml").read_text(),
         "curriculum": torch.load(path / CURRICULUM, weights_only=False) if (path / CURRICULUM).is_file() else None,
     }
+
+
+def single_file_weights(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The weights of a checkpoint in the single-file format (`weights.safetensors`), None for a sharded one."""
+    file = Path(path) / WEIGHTS
+    return load_file(str(file)) if file.is_file() else None

@@ -210,11 +210,11 @@ class LearnerHost:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self.learner.weights(mode)
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return self.learner.checkpoint_state()
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
+        return self.learner.save_policy(checkpoint_dir)
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
-        self.learner.load_checkpoint_state(weights, trainer_state)
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
+        self.learner.load_policy(checkpoint_dir, trainer_state)
 
     def export(self, out_dir: str) -> None:
         self.learner.export(out_dir)
@@ -272,11 +272,11 @@ class RemoteLearner:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self._call("weights", lambda actor: actor.weights.remote(mode))
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return self._call("checkpoint_state", lambda actor: actor.checkpoint_state.remote())
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
+        return self._call("save_policy", lambda actor: actor.save_policy.remote(checkpoint_dir))
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
-        self._call("load_checkpoint_state", lambda actor: actor.load_checkpoint_state.remote(weights, trainer_state))
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
+        self._call("load_policy", lambda actor: actor.load_policy.remote(checkpoint_dir, trainer_state))
 
     def export(self, out_dir: str) -> None:
         self._call("export", lambda actor: actor.export.remote(out_dir))

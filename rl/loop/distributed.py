@@ -138,7 +138,7 @@ def rank_device(job: JobConfig, local_rank: int) -> str:
 
 
 # ----- the command channel ------------------------------------------------------------------------
-Method = Literal["train_step", "logprobs", "weights", "checkpoint_state", "load_checkpoint_state", "export", "stop"]
+Method = Literal["train_step", "logprobs", "weights", "save_policy", "load_policy", "export", "stop"]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def _run(learner: PolicyLearner, cmd: Command) -> object:
     """Run `cmd` on this rank's learner: the one table of what a command does."""
     table: dict[Method, Callable[..., object]] = {
         "train_step": learner.train_step, "logprobs": learner.logprobs, "weights": learner.weights,
-        "checkpoint_state": learner.checkpoint_state, "load_checkpoint_state": learner.load_checkpoint_state,
+        "save_policy": learner.save_policy, "load_policy": learner.load_policy,
         "export": learner.export}
     return table[cmd.method](*cmd.args)
 
@@ -261,11 +261,11 @@ class RankedLearner:
     def weights(self, mode: SyncMode) -> WeightSync:
         return self._call("weights", mode)
 
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return self._call("checkpoint_state")
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
+        return self._call("save_policy", checkpoint_dir)
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
-        self._call("load_checkpoint_state", weights, trainer_state)
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
+        self._call("load_policy", checkpoint_dir, trainer_state)
 
     def export(self, out_dir: str) -> None:
         self._call("export", out_dir)

@@ -15,11 +15,12 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from rl.batch import RolloutBatch
+from rl.errors import UserError
 from rl.models import load_causal_lm, load_tokenizer
 from rl.types import FullWeights, LoraFiles, SharedModel, SyncMode, WeightSync
 
@@ -128,19 +129,42 @@ class PolicyLearner:
             return LoraFiles({p.name: p.read_bytes() for p in Path(tmp).iterdir()})
 
     # ----- checkpoints -----------------------------------------------------------------------
-    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(the policy's weights, or only the adapter's, on CPU; the trainer's state dict)."""
-        if self.job.adapter is None:
-            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        else:
-            weights = {k: v.detach().cpu() for k, v in self._adapters.adapter_state_dict(self.model).items()}
-        return weights, self.trainer.state_dict()
+    def save_policy(self, checkpoint_dir: str) -> dict[str, object]:
+        """Collective: every rank writes its shards of the trainable weights, adapter buffers and optimizer state
+        into `checkpoint_dir/policy/` (rl/loop/policy_state.py) and returns once all have; the result is the
+        trainer's schedule and counters, for the driver's `trainer.pt`."""
+        from rl.loop.policy_state import save_policy_state
 
-    def load_checkpoint_state(self, weights: Mapping[str, torch.Tensor], trainer_state: Mapping[str, Any]) -> None:
+        save_policy_state(self.model, self.trainer.optimizer, checkpoint_dir)
+        return {k: v for k, v in self.trainer.state_dict().items() if k != "optimizer"}
+
+    def load_policy(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
+        """Collective: load a checkpoint's policy into this learner's shards, whatever number of ranks saved it;
+        `trainer_state` is the checkpoint's `trainer.pt`."""
+        from rl.loop.policy_state import is_sharded, load_policy_state
+
+        if not is_sharded(checkpoint_dir):
+            self._load_single_file(checkpoint_dir, trainer_state)
+            return
+        # The schedule and counters; the optimizer keeps its own state here, then takes the saved one from policy/.
+        self.trainer.load_state_dict({**trainer_state, "optimizer": self.trainer.optimizer.state_dict()})
+        load_policy_state(self.model, self.trainer.optimizer, checkpoint_dir)
+
+    def _load_single_file(self, checkpoint_dir: str, trainer_state: Mapping[str, object]) -> None:
+        """A checkpoint from before the sharded format: `weights.safetensors`, the optimizer inside `trainer.pt`."""
+        from rl.loop.checkpoint import single_file_weights
+
+        weights = single_file_weights(checkpoint_dir)
+        if weights is None:
+            raise UserError(f"{checkpoint_dir} holds no policy (neither policy/ nor weights.safetensors).")
+        if self.group.sharded:  # its optimizer state is keyed by parameter order, which says nothing about shards
+            raise UserError(f"{checkpoint_dir} is a single-file checkpoint (from before sharded checkpoints), which "
+                            "loads on one learner rank only: resume it with cluster.learners=1 until its next "
+                            "checkpoint, which is sharded and resumes at any number of ranks.")
         if self.job.adapter is None:
-            self.model.load_state_dict(dict(weights), strict=True)
+            self.model.load_state_dict(weights, strict=True)
         else:
-            self._adapters.load_adapter_state_dict(self.model, dict(weights))
+            self._adapters.load_adapter_state_dict(self.model, weights)
         self.trainer.load_state_dict(dict(trainer_state))
 
     def export(self, out_dir: str) -> None:

@@ -28,14 +28,15 @@ def _checkpoint_job(path: str, overrides: list[str] | None = None) -> JobConfig:
 
 
 def learner_from_checkpoint(path: str) -> PolicyLearner:
-    """A learner holding a checkpoint's policy (its own job config decides model and adapter)."""
+    """A learner holding a checkpoint's policy (its own job config decides model and adapter), in this one process:
+    a sharded checkpoint of any number of ranks loads here without a process group."""
     from rl.loop.learner import PolicyLearner
     from rl.models import resolve_model
 
     job = _checkpoint_job(path)
     payload = load_checkpoint(path)
     learner = PolicyLearner(job, resolve_model(job.model.path, job.model.cache_dir))
-    learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
+    learner.load_policy(path, payload["trainer_state"])
     return learner
 
 

@@ -183,19 +183,21 @@ def evaluate_at(parts: RunParts, run_dir: Path, step: int) -> dict[str, float]:
 
 
 def save(parts: RunParts, run_dir: Path, step: int, sampler_state: SamplerState) -> Path:
-    weights, trainer_state = parts.learner.checkpoint_state()
+    """Checkpoint `step`: the learner ranks write the policy's shards, then this process the rest
+    (rl/loop/checkpoint.py)."""
     state = {"step": step, "policy_version": step, "sampler": dict(sampler_state), "job": parts.job.name}
     curriculum = parts.sampler.curriculum
-    return save_checkpoint(run_dir, step, weights=weights, trainer_state=trainer_state, state=state,
+    return save_checkpoint(run_dir, step, policy=lambda tmp: parts.learner.save_policy(str(tmp)), state=state,
                            config_yaml=(Path(run_dir) / "config.yaml").read_text(),
                            keep_last=parts.job.trainer.keep_last,
                            curriculum_state=curriculum.state_dict() if curriculum is not None else None)
 
 
 def restore(parts: RunParts, path: Path) -> int:
-    """Load a checkpoint into the learner, sampler and RNGs; push its weights to the rollout side."""
+    """Load a checkpoint into the learner (at its number of ranks), sampler and RNGs; push its weights to the
+    rollout side."""
     payload = load_checkpoint(path)
-    parts.learner.load_checkpoint_state(payload["weights"], payload["trainer_state"])
+    parts.learner.load_policy(str(path), payload["trainer_state"])
     parts.sampler.load_state_dict(payload["state"]["sampler"])
     restore_curriculum(parts, payload.get("curriculum"))
     restore_rng(payload["rng"])

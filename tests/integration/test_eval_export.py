@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import rl
 
+from rl.loop.policy_state import is_sharded
+
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
@@ -17,6 +19,7 @@ def lora_run(tmp_path_factory):
     done = rl("train", "tiny", f"run_dir={run}", "trainer.max_steps=2", "adapter={name: lora, r: 4, alpha: 8}",
               "trainer.lr=0.05")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert is_sharded(run / "checkpoints" / "step_2")  # eval and export read the sharded format
     return run
 
 

@@ -126,7 +126,7 @@ def test_collective_sync_into_vllm_and_hf_engines_and_a_corrupted_sync_is_detect
     assert before > 1e-2 and after < 1e-4
     assert [r.version for r in received] == [1, 1] and received[0].path == "direct"
     assert sent.buckets > 1 and all(r.buckets == sent.buckets and r.verify_s > 0 for r in received)
-    learner_weights = ray.get(learner.checkpoint_state.remote())[0]
+    learner_weights = ray.get(learner.weights.remote("full")).tensors
     hf_weights = ray.get(workers[1].hf_weights.remote())
     assert all(torch.equal(hf_weights[n], t) for n, t in learner_weights.items())
 

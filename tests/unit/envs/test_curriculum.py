@@ -8,7 +8,7 @@ import torch
 from envs.curriculum import PCLValueModel, group_mean_rewards, select_closest
 from rl.batch import RolloutBatch
 from rl.config import load_job
-from rl.loop.checkpoint import load_checkpoint, save_checkpoint
+from rl.loop.checkpoint import load_checkpoint, save_checkpoint, weights_writer
 from rl.loop.runtime import build_env
 from rl.loop.sampler import CurriculumSampler, PromptSampler, build_sampler
 from rl.loop.steps import varied_group_share
@@ -112,7 +112,7 @@ def test_value_model_state_round_trips_through_a_checkpoint(tiny_model_dir, valu
     batch = scored_batch(prompts[:6], [[1, 0, 0, 0], [1, 1, 0, 1], [0] * 4, [1] * 4, [1, 0, 1, 0], [0, 0, 0, 1]])
     for _ in range(3):
         value_model.update(batch)
-    path = save_checkpoint(tmp_path, 3, weights={"w": torch.zeros(1)}, trainer_state={}, state={"step": 3},
+    path = save_checkpoint(tmp_path, 3, policy=weights_writer({"w": torch.zeros(1)}, {}), state={"step": 3},
                            config_yaml="", curriculum_state=value_model.state_dict())
     restored = PCLValueModel(value_model.cfg, tiny_model_dir, "float32", seed=1)  # a different init, overwritten
     restored.load_state_dict(load_checkpoint(path)["curriculum"])
@@ -122,7 +122,7 @@ def test_value_model_state_round_trips_through_a_checkpoint(tiny_model_dir, valu
     a, b = value_model.update(nxt), restored.update(nxt)  # Adam moments and step counts were restored too
     assert a["curriculum/value_mse"] == b["curriculum/value_mse"]
     assert torch.equal(restored.predict(keys), value_model.predict(keys))
-    assert load_checkpoint(save_checkpoint(tmp_path, 4, weights={"w": torch.zeros(1)}, trainer_state={},
+    assert load_checkpoint(save_checkpoint(tmp_path, 4, policy=weights_writer({"w": torch.zeros(1)}, {}),
                                            state={}, config_yaml=""))["curriculum"] is None
 
 
