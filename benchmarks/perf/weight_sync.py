@@ -41,17 +41,26 @@ class Settings:
         return ["adapter=null", "rollout.backend=vllm", f"model.path={self.model}", f"model.dtype={self.dtype}",
                 f"run_dir={run_dir}", "logging.progress=false", "logging.wandb.mode=disabled"]
 
+def _learner_host(ray, factory, threads):
+    """A one-rank SyncLearnerHost: the host starts empty and builds its learner in `build` (rl/loop/cluster.py)."""
+    from rl.loop.weight_channel import SyncLearnerHost
+
+    host = ray.remote(num_cpus=0)(SyncLearnerHost).remote(threads)
+    ray.get(host.build.remote(factory, 0, 1, "", 0, "cpu", 60.0))
+    return host
+
+
 
 def _start(ray: Any, s: Settings, run_dir: str) -> tuple[Any, Any, Any]:
     from rl.config import load_job
     from rl.loop.learner import PolicyLearner
-    from rl.loop.weight_channel import SyncLearnerHost, SyncRolloutHost, connect
+    from rl.loop.weight_channel import SyncRolloutHost, connect
     from rl.loop.worker import EngineWorker
     from rl.models import resolve_model
 
     job = load_job("quickstart", s.job_overrides(run_dir))
     model_dir = resolve_model(s.model)
-    learner = ray.remote(num_cpus=0)(SyncLearnerHost).remote(lambda: PolicyLearner(job, model_dir), s.threads)
+    learner = _learner_host(ray, lambda: PolicyLearner(job, model_dir), s.threads)
     worker = ray.remote(num_cpus=0)(SyncRolloutHost).remote(lambda: EngineWorker(job, model_dir), s.threads)
     connect(ray, learner, [worker], "cpu", s.timeout_s)
     return job, learner, worker
@@ -68,7 +77,7 @@ def _one(ray: Any, arm: str, s: Settings, learner: Any, worker: Any, version: in
         # as it arrives here: a tied tensor (lm_head = embed_tokens) comes out of Ray as a copy of its own
         nbytes = sum(t.numel() * t.element_size() for t in weights.tensors.values())
         return {"seconds": seconds, "bytes": nbytes, "engine_s": engine_s}
-    sent, (received,) = sync(ray, learner, [worker], "full", version, s.bucket_mib, arm == "collective_verify",
+    sent, (received,) = sync(ray, [learner], [worker], "full", version, s.bucket_mib, arm == "collective_verify",
                              s.timeout_s)
     return {"seconds": time.perf_counter() - start, "bytes": sent.bytes, "buckets": sent.buckets,
             "receiver_s": received.seconds, "receiver_verify_s": received.verify_s, "sender_verify_s": sent.verify_s,

@@ -39,6 +39,14 @@ def ray_module() -> Iterator[Any]:
     finally:
         ray.shutdown()
 
+def _learner_host(ray, factory, threads):
+    """A one-rank SyncLearnerHost: the host starts empty and builds its learner in `build` (rl/loop/cluster.py)."""
+
+    host = ray.remote(num_cpus=0)(SyncLearnerHost).remote(threads)
+    ray.get(host.build.remote(factory, 0, 1, "", 0, "cpu", 60.0))
+    return host
+
+
 
 def _job(tmp_path: Any, backend: str) -> Any:
     return load_job("tiny", [f"rollout.backend={backend}", f"run_dir={tmp_path}", "logging.progress=false"])
@@ -110,7 +118,7 @@ def test_collective_sync_into_vllm_and_hf_engines_and_a_corrupted_sync_is_detect
 
     ray = ray_module
     vllm_job, hf_job = _job(tmp_path / "v", "vllm"), _job(tmp_path / "h", "hf")
-    learner = ray.remote(num_cpus=0)(SyncLearnerHost).remote(lambda: _moved_learner(hf_job, tiny_model_dir), 1)
+    learner = _learner_host(ray, lambda: _moved_learner(hf_job, tiny_model_dir), 1)
     host = ray.remote(num_cpus=0)(ChaosRolloutHost)
     workers = [host.remote(lambda: EngineWorker(vllm_job, tiny_model_dir), 1),
                host.remote(lambda: EngineWorker(hf_job, tiny_model_dir), 1)]
@@ -118,7 +126,7 @@ def test_collective_sync_into_vllm_and_hf_engines_and_a_corrupted_sync_is_detect
     prompts = list(build_env(hf_job, load_tokenizer(tiny_model_dir)).train_prompts())[:2]
 
     before = _max_diff(ray, learner, workers[0], prompts, seed=1)
-    sent, received = sync(ray, learner, workers, "full", 1, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+    sent, received = sync(ray, [learner], workers, "full", 1, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
     after = _max_diff(ray, learner, workers[0], prompts, seed=2)
     figures = [(r.path, round(r.seconds, 3), round(r.verify_s, 4)) for r in received]
     print(f"\nvLLM engine vs learner: before sync {before:.2e}, after {after:.2e}; buckets {sent.buckets}, "
@@ -132,14 +140,14 @@ def test_collective_sync_into_vllm_and_hf_engines_and_a_corrupted_sync_is_detect
 
     ray.get(workers[0].swap_next.remote(K, V))
     with pytest.raises(WeightSyncMismatch) as caught:
-        sync(ray, learner, workers, "full", 2, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+        sync(ray, [learner], workers, "full", 2, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
     assert isinstance(caught.value, UserError)
     message = str(caught.value)
     assert K in message and V in message and "2 tensor(s)" in message and "version 2" in message
     corrupted = _max_diff(ray, learner, workers[0], prompts, seed=3)
     assert corrupted > 1e-2, f"the swap did not reach the engine ({corrupted:.2e})"
 
-    sync(ray, learner, workers, "full", 3, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)  # the group survives
+    sync(ray, [learner], workers, "full", 3, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)  # the group survives
     assert _max_diff(ray, learner, workers[0], prompts, seed=4) < 1e-4
     for actor in [*workers, learner]:
         ray.kill(actor)
@@ -154,20 +162,20 @@ def test_collective_lora_sync_hot_loads_the_adapter_and_an_altered_adapter_file_
     ray = ray_module
     job = load_job("tiny", ["rollout.backend=vllm", f"run_dir={tmp_path}", "logging.progress=false",
                             "adapter={name: lora, r: 4, alpha: 8}"])
-    learner = ray.remote(num_cpus=0)(SyncLearnerHost).remote(lambda: _moved_learner(job, tiny_model_dir), 1)
+    learner = _learner_host(ray, lambda: _moved_learner(job, tiny_model_dir), 1)
     worker = ray.remote(num_cpus=0)(ChaosRolloutHost).remote(lambda: EngineWorker(job, tiny_model_dir), 1)
     connect(ray, learner, [worker], "cpu", TIMEOUT_S)
     prompts = list(build_env(job, load_tokenizer(tiny_model_dir)).train_prompts())[:2]
 
     before = _max_diff(ray, learner, worker, prompts, seed=1)
-    sent, (received,) = sync(ray, learner, [worker], "lora", 1, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+    sent, (received,) = sync(ray, [learner], [worker], "lora", 1, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
     after = _max_diff(ray, learner, worker, prompts, seed=2)
     print(f"\nLoRA: vLLM engine vs learner before sync {before:.2e}, after {after:.2e}; {sent.bytes} bytes")
     assert before > 1e-2 and after < 1e-4 and received.version == 1 and received.verify_s > 0
 
     ray.get(worker.alter_next_adapter.remote())
     with pytest.raises(WeightSyncMismatch, match=r"adapter_model\.safetensors: the engine's adapter file differs"):
-        sync(ray, learner, [worker], "lora", 2, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
+        sync(ray, [learner], [worker], "lora", 2, bucket_mib=1, verify=True, timeout_s=TIMEOUT_S)
     assert _max_diff(ray, learner, worker, prompts, seed=3) > 1e-3  # the engine really serves the altered adapter
     for actor in (worker, learner):
         ray.kill(actor)
