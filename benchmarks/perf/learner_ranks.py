@@ -12,7 +12,8 @@ resolves by where the sampler runs), full fine-tuning, fp32, AdamW.
 
 Figures per arm and round:
 - step time: per step, the slowest rank's `train_step` wall time (the ranks start each step together after a
-  barrier); median and range over the timed steps;
+  barrier); median and range over the timed steps; also the CPU seconds of all ranks' processes per step
+  (the machine may be shared: CPU time is what the step cost, wall time what it took);
 - trained tokens/s: `train/tokens` of the metrics (loss-mask tokens) / step time;
 - per rank: parameter bytes held locally (each parameter's local shard: `DTensor.to_local()`), optimizer state
   bytes held locally after the first step (every tensor in `optimizer.state`, local shards), peak RSS (VmHWM)
@@ -134,16 +135,17 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
     learner = PolicyLearner(job, model_dir)
     batch = scored_batch(job, int(AutoConfig.from_pretrained(model_dir).vocab_size), args)
     params = sum(local_bytes(p) for p in learner.model.parameters())
-    times, metrics = [], []
+    times, cpu, metrics = [], [], []
     for _ in range(args.steps + 1):
         if world > 1:
             dist.barrier()  # every rank starts the step together: the slowest rank's time is the step's
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         metrics.append(learner.train_step(batch))
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
         if len(metrics) == 1:
             optim = optimizer_bytes(learner.trainer.optimizer)  # Adam's moments exist after the first step
-    return {"rank": rank, "threads": torch.get_num_threads(), "step_s": times, "param_bytes": params,
+    return {"rank": rank, "threads": torch.get_num_threads(), "step_s": times, "cpu_s": cpu, "param_bytes": params,
             "optimizer_bytes": optim, "peak_rss_kib": status_kib("VmHWM"), "end_rss_kib": status_kib("VmRSS"),
             "tokens": [m["train/tokens"] for m in metrics], "loss": [m["loss"] for m in metrics],
             "batch_loss_tokens": int(batch.loss_mask.sum()), "rows": int(batch.input_ids.shape[0]),
@@ -193,6 +195,8 @@ def summarise(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = ranks[0]["tokens"][1:]
     mib = lambda b: round(b / 2**20, 2)  # noqa: E731
     return {"step_s": spread([round(s, 4) for s in steps]), "warmup_s": round(max(r["step_s"][0] for r in ranks), 4),
+            "cpu_s_all_ranks": spread([round(sum(r["cpu_s"][i] for r in ranks), 4)
+                                       for i in range(1, len(ranks[0]["cpu_s"]))]),
             "tokens_per_s": spread([round(t / s, 2) for t, s in zip(tokens, steps)]),
             "tokens_trained": sum(tokens), "first_loss": ranks[0]["loss"][0],
             "threads_per_rank": [r["threads"] for r in ranks],
@@ -209,7 +213,9 @@ def compare(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
         def value(arm: dict[str, Any]) -> float:
             return (max(r[key] for r in arm["per_rank"]) if field is None else arm[key][field])
         return spread([round(value(r["2"]) / value(r["1"]), 4) for r in rounds])
-    return {"step_time_2_over_1": ratio("step_s", "median"), "tokens_per_s_2_over_1": ratio("tokens_per_s", "median"),
+    return {"step_time_2_over_1": ratio("step_s", "median"),
+            "cpu_s_2_over_1": ratio("cpu_s_all_ranks", "median"),
+            "tokens_per_s_2_over_1": ratio("tokens_per_s", "median"),
             "param_per_rank_2_over_1": ratio("param_mib"), "optimizer_per_rank_2_over_1": ratio("optimizer_mib"),
             "param_plus_optimizer_per_rank_2_over_1": ratio("param_plus_optimizer_mib"),
             "peak_rss_per_rank_2_over_1": ratio("peak_rss_mib")}
