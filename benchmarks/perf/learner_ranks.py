@@ -262,12 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     check_same_jobs(load(args, 1).model_dump(mode="json"), load(args, 2).model_dump(mode="json"))
     rounds: list[dict[str, dict[str, Any]]] = [{} for _ in range(args.rounds)]
+    partial = Path(args.out or ".").with_suffix(".partial.json")
     for i, arm in enumerate(abba(ARMS, args.rounds)):
         rounds[i // len(ARMS)][arm] = summary = summarise(run_arm(int(arm), args))
         print(f"round {i // len(ARMS)} arm {arm}: step {summary['step_s']['median']:.3f} s, "
               f"{summary['tokens_per_s']['median']:.1f} tok/s, per rank "
               + ", ".join(f"{r['param_plus_optimizer_mib']} MiB p+o / {r['peak_rss_mib']} MiB peak RSS"
                           for r in summary["per_rank"]), flush=True)
+        if args.out:  # a run stopped part-way (it takes minutes per arm) keeps the arms it finished
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"args": vars(args), "finished_arms": i + 1, "rounds": rounds}, indent=1))
     check_same_work(rounds)
     one = rounds[0]["1"]
     emit({"benchmark": "learner_ranks", "args": vars(args), "job_overrides": job_overrides(args, 2),
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
           "tokens_trained_per_arm": one["tokens_trained"], "ratios": compare(rounds), "rounds": rounds,
           "step_s_median_over_rounds": {arm: statistics.median(r[arm]["step_s"]["median"] for r in rounds)
                                         for arm in ARMS}}, args.out)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
