@@ -108,3 +108,34 @@ def test_grpo_ma_spike_figures_leave_out_steps_without_reward_variance():
     assert grpo["with_signal"]["steps"] == 6 and ma["with_signal"]["steps"] == 8
     assert grpo["with_signal"]["grad_norm_cv"] == pytest.approx(ma["with_signal"]["grad_norm_cv"], abs=0.01)
     assert grpo["with_signal"]["grad_norm_max_over_median"] == pytest.approx(2.31, abs=0.01)
+
+
+def test_learner_ranks_stops_when_the_arms_jobs_differ_beyond_learners():
+    from benchmarks.perf.learner_ranks import check_same_jobs, load, parse
+
+    args = parse(["--smoke"])
+    one, two = load(args, 1).model_dump(mode="json"), load(args, 2).model_dump(mode="json")
+    assert one["cluster"]["learners"] == 1 and two["cluster"]["learners"] == 2
+    check_same_jobs(one, two)  # only cluster.learners differs: no error
+    two["algorithm"]["correction"]["level"] = "none"  # what `auto` would resolve to on one rank only
+    with pytest.raises(SystemExit, match=r"algorithm\.correction\.level: 1 rank 'token', 2 ranks 'none'"):
+        check_same_jobs(one, two)
+
+
+@pytest.mark.slow
+def test_learner_ranks_smoke_shards_parameters_and_adam_state_over_two_real_ranks(tmp_path):
+    """The --smoke run (tiny-llama, 2 gloo ranks vs 1): each rank holds its FSDP2 shard only (the memory figures
+    count local shards, not the global DTensor sizes), both arms train the same tokens, 1 vs 2 threads per rank."""
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.perf.learner_ranks", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (one,), two = result["rounds"][0]["1"]["per_rank"], result["rounds"][0]["2"]["per_rank"]
+    assert len(two) == 2 and result["threads"] == {"1": [2], "2": [1, 1]}
+    total = lambda key: sum(r[key] for r in two)  # noqa: E731
+    assert total("param_mib") == pytest.approx(one["param_mib"], abs=0.02)
+    assert total("optimizer_mib") == pytest.approx(one["optimizer_mib"], abs=0.02)
+    assert all(r["param_plus_optimizer_mib"] < 0.6 * one["param_plus_optimizer_mib"] for r in two)
+    assert result["ratios"]["param_per_rank_2_over_1"]["median"] == pytest.approx(0.5, abs=0.05)
+    assert result["rounds"][0]["2"]["tokens_trained"] == result["tokens_trained_per_arm"] > 0
