@@ -14,7 +14,8 @@ from tests.unit.trainers.trainer_testlib import build_batch
 
 ADAPTERS = {"full": [], "lora": ["adapter.name=lora", "adapter.r=4", "adapter.alpha=8"],
             "bone": ["adapter.name=bone", "adapter.r=4"], "rosa": ["adapter.name=rosa", "adapter.r=4"],
-            "paca": ["adapter.name=paca", "adapter.r=4"]}
+            "paca": ["adapter.name=paca", "adapter.r=4"],
+            "prefix_grouper": ["trainer.shared_prefix=true"]}  # full fine-tuning through the shared-prefix forward
 
 
 def _job(kind: str, learners: int, extra: tuple[str, ...] = ()):
@@ -56,7 +57,7 @@ def _train_each(rank: int, kinds: tuple[str, ...], learners: int) -> dict[str, d
     return {kind: _train(rank, kind, learners, ()) for kind in kinds}
 
 
-KINDS = ("full", "lora", "bone", "rosa", "paca")
+KINDS = tuple(ADAPTERS)
 
 
 @pytest.fixture(scope="module")

@@ -97,4 +97,6 @@ def test_local_objects_and_ray_handles_offer_the_protocol_methods(protocol, impl
         have = _methods(cls)
         for name, signature in wanted.items():
             assert name in have, f"{cls.__name__} lacks {name}()"
-            assert list(have[name].parameters) == list(signature.parameters), (cls.__name__, name)
+            # Ray adds `_ray_trace_ctx` to the methods of a class it has made an actor of (in place, in-process)
+            params = [p for p in have[name].parameters if p != "_ray_trace_ctx"]
+            assert params == list(signature.parameters), (cls.__name__, name)
