@@ -22,3 +22,10 @@ def metrics(run_dir: Path) -> list[dict]:
 def stable(rows: list[dict]) -> list[dict]:
     """Metrics without wall-clock figures, for comparing two runs."""
     return [{k: v for k, v in row.items() if not any(k.startswith(p) or p in k for p in VOLATILE)} for row in rows]
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The policy weights a (sharded) checkpoint holds, read on one process as `rl eval`/`rl export` do."""
+    from rl.loop.standalone import learner_from_checkpoint
+
+    return {k: v.detach().clone() for k, v in learner_from_checkpoint(str(checkpoint)).model.state_dict().items()}

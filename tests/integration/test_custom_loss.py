@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from helpers import metrics, rl
-from safetensors.torch import load_file
+from helpers import checkpoint_weights, metrics, rl
 
 USER_LOSS = '''
 """My objectives: REINFORCE with a scaled advantage, plus one with an extra input from `prepare`."""
@@ -64,8 +63,8 @@ def _assert_trained(rows: list[dict], run) -> None:
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float) and not k.startswith("eval")), row
-    first = load_file(str(run / "checkpoints" / "step_1" / "weights.safetensors"))
-    second = load_file(str(run / "checkpoints" / "step_2" / "weights.safetensors"))
+    first = checkpoint_weights(run / "checkpoints" / "step_1")
+    second = checkpoint_weights(run / "checkpoints" / "step_2")
     assert any(not torch.equal(first[k], second[k]) for k in first), "the custom loss's update changed no weight"
 
 
