@@ -1,15 +1,16 @@
-"""Running user reward functions in a worker process, with a per-call time limit and a sandbox.
+"""Running user reward functions (trusted code) in a worker process, with a per-call time limit and guards.
 
-What an isolated reward gets (the guarantees):
+Reward functions are the user's own code, trusted like the rest of the job; what runs model-written code
+is rewards/sandbox.py (an OS sandbox). What an isolated reward gets, to contain mistakes, not attacks:
 - its own spawned process (no state shared with the trainer); a call that exceeds `timeout_s` has the
   worker killed and replaced, and a worker that dies (crash, memory limit) is replaced on the next call;
 - a fresh empty working directory (also its TMPDIR), deleted when the worker is replaced or closed;
 - OS limits: address space (`memory_mb`) and size of any file it writes;
-- a Python audit hook that refuses: creating or connecting sockets and DNS lookups; opening a file for
-  writing, and removing/renaming/creating/chmod-ing paths, outside that directory; starting processes.
-This contains mistakes and misbehaving rewards. It is not a security boundary against deliberately
-hostile code (ctypes or a C extension can bypass audit hooks): run untrusted code with `code_exec`
-(a separate interpreter under OS limits) or inside a container.
+- a second line, `trusted_code_guard`: a Python audit hook that refuses creating or connecting sockets and
+  DNS lookups; opening a file for writing, and removing/renaming/creating/chmod-ing paths, outside that
+  directory; starting processes. It catches a reward that does so by mistake. It is NOT a security
+  boundary (Python's documentation says so: ctypes or a C extension never raise its events): never let a
+  reward function execute model output itself; use `code_exec`/rewards.sandbox for that.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _is_write(mode: object, flags: object) -> bool:
     return isinstance(flags, int) and bool(flags & WRITE_FLAGS)
 
 
-def make_audit_hook(root: str) -> Callable[[str, tuple], None]:
-    """The sandbox's audit hook: raises PermissionError on network, process and outside-`root` writes."""
+def trusted_code_guard(root: str) -> Callable[[str, tuple], None]:
+    """An audit hook for trusted code: PermissionError on network, process and outside-`root` writes (a
+    guard against mistakes, not a sandbox: see the module doc)."""
     root = os.path.realpath(root)
 
     def inside(path: object) -> bool:
@@ -62,15 +64,15 @@ def make_audit_hook(root: str) -> Callable[[str, tuple], None]:
 
     def hook(event: str, args: tuple) -> None:
         if event in NETWORK_EVENTS:
-            raise PermissionError(f"reward sandbox: network access is not allowed ({event})")
+            raise PermissionError(f"reward guard: network access is not allowed ({event})")
         if event in PROCESS_EVENTS:
-            raise PermissionError(f"reward sandbox: starting processes is not allowed ({event})")
+            raise PermissionError(f"reward guard: starting processes is not allowed ({event})")
         if event == "open" and len(args) >= 3 and _is_write(args[1], args[2]) and not inside(args[0]):
-            raise PermissionError(f"reward sandbox: writing {args[0]!r} is not allowed (only inside {root})")
+            raise PermissionError(f"reward guard: writing {args[0]!r} is not allowed (only inside {root})")
         if event in PATH_EVENTS:
             for path in args[:2] if event in ("os.rename", "os.link", "os.symlink", "shutil.move") else args[:1]:
                 if not inside(path):
-                    raise PermissionError(f"reward sandbox: {event} on {path!r} is not allowed (only inside {root})")
+                    raise PermissionError(f"reward guard: {event} on {path!r} is not allowed (only inside {root})")
 
     return hook
 
@@ -89,7 +91,7 @@ def _init_worker(name: str | None, import_path: str | None, root: str, memory_mb
     memory = memory_mb << 20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
-    sys.addaudithook(make_audit_hook(root))
+    sys.addaudithook(trusted_code_guard(root))
 
 
 def _run(prompts: Sequence[str], completions: Sequence[str], fields: Sequence[Mapping[str, object]],

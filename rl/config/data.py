@@ -123,6 +123,17 @@ class RewardConfig(Section):
             raise ValueError("give exactly one of `name` (a built-in reward) or `import_path` (your function)")
         return self
 
+    @model_validator(mode="after")
+    def _runs_here(self) -> RewardConfig:
+        """A built-in's own start-up check, so `rl validate` and `rl train` refuse before any work (e.g.
+        code_exec: the sandbox its kwargs ask for runs on this host). It raises a UserError itself."""
+        from rl.registries import REWARDS
+
+        check = getattr(REWARDS.get(self.name), "preflight", None) if self.name is not None else None
+        if check is not None:
+            check(self.kwargs)
+        return self
+
     @field_validator("name")
     @classmethod
     def _known(cls, v: str | None) -> str | None:

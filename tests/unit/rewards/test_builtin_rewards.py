@@ -5,7 +5,8 @@ import threading
 import pytest
 
 from rewards.builtin import countdown, digit_fraction, format_reward, last_number, length_penalty, math_answer
-from rewards.code_exec import code_exec, extract_code
+from rewards.code_exec import extract_code
+from rewards.code_exec import score_code as code_exec_one
 from rewards.reasoning import ngram_repetition_ratio, reasoning_pattern
 
 # (completion, gold answer, equivalent?) labelled by hand
@@ -89,13 +90,13 @@ def test_code_exec_runs_tests_in_a_sandbox(tmp_path):
     good = "```python\ndef add(a, b):\n    return a + b\n```"
     assert extract_code(good).startswith("def add")
     tests = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add(1, 1) == 3"]
-    assert code_exec("q", good, tests=tests).total == pytest.approx(2 / 3)
+    assert code_exec_one(good, tests=tests).total == pytest.approx(2 / 3)
     io = [{"input": "3 4\n", "output": "7"}, {"input": "1 1\n", "output": "3"}]
-    assert code_exec("q", "a, b = map(int, input().split())\nprint(a + b)", tests=io).total == 0.5
-    assert code_exec("q", "while True: pass", tests=tests, timeout_s=1).total == 0.0
+    assert code_exec_one("a, b = map(int, input().split())\nprint(a + b)", tests=io).total == 0.5
+    assert code_exec_one("while True: pass", tests=tests, timeout_s=1).total == 0.0
     escape = f"open({str(tmp_path / 'x')!r}, 'w').write('x')\ndef add(a, b): return a + b"
-    assert code_exec("q", escape, tests=tests).total == 0.0 and not (tmp_path / "x").exists()
+    assert code_exec_one(escape, tests=tests).total == 0.0 and not (tmp_path / "x").exists()
     network = "import socket\nsocket.create_connection(('127.0.0.1', 9))\ndef add(a, b): return a + b"
-    assert code_exec("q", network, tests=tests).total == 0.0
-    assert code_exec("q", "x = 'a' * (1 << 34)\ndef add(a, b): return a + b", tests=tests).total == 0.0
-    assert code_exec("q", good) is None
+    assert code_exec_one(network, tests=tests).total == 0.0
+    assert code_exec_one("x = 'a' * (1 << 34)\ndef add(a, b): return a + b", tests=tests).total == 0.0
+    assert code_exec_one(good) is None

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from rewards.isolation import make_audit_hook
+from rewards.isolation import trusted_code_guard
 from rewards.scoring import build_scorer
 from rl.config.data import RewardConfig, ShapingConfig
 
@@ -71,7 +71,7 @@ def test_fail_names_the_reward_and_the_cause(tmp_path, make_batch):
 def test_audit_hook_rules(tmp_path):
     import os
 
-    hook = make_audit_hook(str(tmp_path))
+    hook = trusted_code_guard(str(tmp_path))
     hook("open", (str(tmp_path / "a.txt"), "w", os.O_WRONLY))  # inside: allowed
     hook("open", ("/etc/hostname", "r", os.O_RDONLY))  # reading anywhere: allowed
     for event, args in [("open", ("/tmp/x", "w", 0)), ("open", ("/tmp/x", None, os.O_WRONLY | os.O_CREAT)),
