@@ -19,35 +19,16 @@ from __future__ import annotations
 import ast
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rl.types import Prompt
+from rl.types import MultiTurnEnv, Prompt, StepResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 GenerateFn = Callable[[Sequence[int], int], tuple[Sequence[int], Sequence[float]]]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What the env returns after a model turn: tokens to append (never trained on), and whether it is over."""
-
-    observation_ids: tuple[int, ...] = ()
-    done: bool = False
-    info: Mapping[str, object] = field(default_factory=dict)
-
-
-class MultiTurnEnv(Protocol):
-    def reset(self, prompt: Prompt) -> None:
-        """Start an episode for `prompt` (clear per-episode state)."""
-        ...
-
-    def step(self, turn_ids: Sequence[int]) -> StepResult:
-        """React to the tokens the model produced this turn."""
-        ...
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`code_exec`: run the completion's code against test cases in the OS sandbox (rewards/sandbox.py).
+"""`code_exec`: run the completion's code against test cases in the OS sandbox (rl/sandbox.py).
 
 Tests (the sample's `tests` field, or the `tests` kwarg) are either strings of Python run after the
 candidate's code (e.g. `"assert add(2, 3) == 5"`), or `{"input": stdin, "output": expected stdout}` pairs.
@@ -13,7 +13,7 @@ it. Expected outputs never enter the sandbox: the trainer compares them. Complet
 `workers` at a time (default: one per CPU core).
 
 Settings (the reward's kwargs): `timeout_s` (per test; 5), `memory_mb` (address space; 512), `workers`,
-`sandbox` (`bwrap`, the default, or `python_only`: see rewards/sandbox.py; without an OS sandbox the job
+`sandbox` (`bwrap`, the default, or `python_only`: see rl/sandbox.py; without an OS sandbox the job
 refuses to start unless it says `python_only`).
 """
 
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import cast
 
 from rewards import RewardOutput, batched_reward
-from rewards.sandbox import Limits, Run, SandboxMode, limits_prelude, require, run_python
 from rl.registries import REWARDS
+from rl.sandbox import Limits, Run, SandboxMode, limits_prelude, require, run_python
 
 ROOT = str(Path(__file__).resolve().parents[1])
 CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -106,7 +106,7 @@ def extract_code(completion: str) -> str:
 
 def _reported(stdout: str, nonce: str) -> dict[int, bool]:
     """{test index: passed} from the runner's report lines (the nonce keeps the candidate's prints out)."""
-    results = {}
+    results: dict[int, bool] = {}
     for line in stdout.splitlines():
         parts = line.split(" ")
         if len(parts) == 3 and parts[0] == nonce and parts[1].isdigit() and parts[2] in ("0", "1"):

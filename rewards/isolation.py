@@ -1,7 +1,7 @@
 """Running user reward functions (trusted code) in a worker process, with a per-call time limit and guards.
 
 Reward functions are the user's own code, trusted like the rest of the job; what runs model-written code
-is rewards/sandbox.py (an OS sandbox). What an isolated reward gets, to contain mistakes, not attacks:
+is rl/sandbox.py (an OS sandbox). What an isolated reward gets, to contain mistakes, not attacks:
 - its own spawned process (no state shared with the trainer); a call that exceeds `timeout_s` has the
   worker killed and replaced, and a worker that dies (crash, memory limit) is replaced on the next call;
 - a fresh empty working directory (also its TMPDIR), deleted when the worker is replaced or closed;
@@ -10,7 +10,7 @@ is rewards/sandbox.py (an OS sandbox). What an isolated reward gets, to contain 
   DNS lookups; opening a file for writing, and removing/renaming/creating/chmod-ing paths, outside that
   directory; starting processes. It catches a reward that does so by mistake. It is NOT a security
   boundary (Python's documentation says so: ctypes or a C extension never raise its events): never let a
-  reward function execute model output itself; use `code_exec`/rewards.sandbox for that.
+  reward function execute model output itself; use `code_exec`/rl.sandbox for that.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown
 # Entries: reward functions `fn(prompt, completion, **fields)` (the contract in rewards/__init__.py).
 REWARDS: Registry[Callable[..., object]] = Registry(
     "reward", ("rewards.builtin", "rewards.code_exec", "rewards.reasoning", "rewards.cot"))
+# Entries: tool factories `fn(tool_cfg) -> envs.tools.Tool` (multi-turn episodes, rl/config/agent.py).
+TOOLS: Registry = Registry("tool", ("envs.tools",))
 CLUSTERS: Registry = Registry("cluster", ("rl.loop.cluster",))
 SWARM_TRANSPORTS: Registry = Registry("swarm transport", ("rl.swarm.transports", "rl.swarm.ray_transport"))
 CURRICULA: Registry = Registry("curriculum", ("envs.curriculum",))

@@ -74,6 +74,27 @@ class SamplingParams:
     """Set: sample thoughts then answers (GRPO-MA); None: one completion per sample."""
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What the env returns after a model turn: tokens to append (never trained on), and whether it is over."""
+
+    observation_ids: tuple[int, ...] = ()
+    done: bool = False
+    info: Mapping[str, object] = field(default_factory=dict)
+
+
+class MultiTurnEnv(Protocol):
+    """One episode's environment (rollout/episodes.py runs it, envs/ implements it)."""
+
+    def reset(self, prompt: Prompt) -> None:
+        """Start an episode for `prompt` (clear per-episode state)."""
+        ...
+
+    def step(self, turn_ids: Sequence[int]) -> StepResult:
+        """React to the tokens the model produced this turn."""
+        ...
+
+
 class RolloutEngine(Protocol):
     """A sampler: prompts in, a validated `RolloutBatch` out (rows grouped by prompt, in prompt order)."""
 

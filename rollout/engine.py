@@ -34,13 +34,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled completion of one prompt: token ids and their logprobs (same length)."""
+    """One sampled completion of one prompt: token ids and their logprobs (same length). A multi-turn
+    episode's completion also holds tool answers: `trained` is then False on those tokens (logprob 0)."""
 
     prompt: Prompt
     group: int
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str
+    trained: tuple[bool, ...] | None = None
+    """Per completion token: trained on (sampled by the model); None = all of them."""
 
 
 def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, pad_token_id: int,
@@ -58,12 +61,12 @@ def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, p
     loss = torch.zeros((n, width), dtype=torch.bool)
     logprobs = torch.zeros((n, width), dtype=torch.float32)
     for i, s in enumerate(samples):
-        if len(s.logprobs) != len(s.token_ids):
+        if len(s.logprobs) != len(s.token_ids) or (s.trained is not None and len(s.trained) != len(s.token_ids)):
             raise ValueError(f"sample {i}: {len(s.token_ids)} tokens but {len(s.logprobs)} logprobs")
         p, c = len(s.prompt.token_ids), len(s.token_ids)
         input_ids[i, : p + c] = torch.tensor(s.prompt.token_ids + s.token_ids, dtype=torch.long)
         attention[i, : p + c] = True
-        loss[i, p : p + c] = True
+        loss[i, p : p + c] = True if s.trained is None else torch.tensor(s.trained, dtype=torch.bool)
         logprobs[i, p : p + c] = torch.tensor(s.logprobs, dtype=torch.float32)
     texts = tokenizer.batch_decode([list(s.token_ids) for s in samples], skip_special_tokens=True)
     return RolloutBatch(

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from rl.config.adapters import AdapterConfig
+from rl.config.agent import AgentConfig
 from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig, resolve_correction_level
 from rl.config.base import Section
 from rl.config.curriculum import CurriculumConfig
@@ -193,6 +194,8 @@ class JobConfig(Section):
     """null = runs/<name>."""
     swarm: SwarmConfig | None = None
     """SAPO: share rollouts with a swarm of nodes and train on I local + J external ones; null = off."""
+    agent: AgentConfig | None = None
+    """Multi-turn episodes with tools (rl/config/agent.py); null = one completion per sample."""
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -203,6 +206,13 @@ class JobConfig(Section):
         labels = [r.label for r in self.rewards]
         if len(set(labels)) != len(labels):
             raise ValueError(f"rewards: two rewards share a name ({labels}); metrics would collide")
+        return self
+
+    @model_validator(mode="after")
+    def _episodes_fit(self) -> JobConfig:
+        if self.agent is not None and self.algorithm.name == "grpo_ma":
+            raise ValueError("agent (multi-turn episodes) with algorithm: grpo_ma is not supported: GRPO-MA samples "
+                             "thoughts then answers, a turn structure of its own; use algorithm: grpo")
         return self
 
     @model_validator(mode="after")

@@ -41,7 +41,18 @@ class RunParts:
 
 
 def build_env(job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Env:
-    return ENVS.entry_for(job.env)(job.env, tokenizer, job.seed)
+    env_cfg = job.env
+    if job.agent is not None:  # the prompts tell the model its tools (envs/tool_calls.py)
+        from envs.tool_calls import with_tools_prompt
+        from envs.tools import ToolBox
+
+        tools = ToolBox.from_configs(job.agent.tools)
+        try:
+            system = with_tools_prompt(env_cfg.system_prompt, job.agent.system_prompt, tools.specs)
+        finally:
+            tools.close()
+        env_cfg = env_cfg.model_copy(update={"system_prompt": system})
+    return ENVS.entry_for(env_cfg)(env_cfg, tokenizer, job.seed)
 
 
 def build_scorer(job: JobConfig) -> Scorer:

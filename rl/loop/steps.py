@@ -95,8 +95,11 @@ class RolloutPipeline:
 
 
 def rollout_metrics(batch: RolloutBatch, seconds: float) -> dict[str, float]:
+    from rollout.episodes import episode_metrics
+
     tokens = float(batch.completion_lengths.sum())
-    return {"time/rollout_s": seconds, "rollout/tokens": tokens, "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
+    return {**episode_metrics(batch), "time/rollout_s": seconds, "rollout/tokens": tokens,
+            "rollout/tokens_per_s": tokens / max(seconds, 1e-9),
             "rollout/completion_len_mean": tokens / max(batch.num_samples, 1),
             "rollout/truncated_frac": sum(r == "length" for r in batch.finish_reasons) / max(batch.num_samples, 1)}
 

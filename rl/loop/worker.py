@@ -17,6 +17,7 @@ from rl.types import FullWeights, LoraFiles, Prompt, RolloutEngine, SamplingPara
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
+    from rollout.episodes import EpisodeRollout
 
 
 class EngineWorker:
@@ -35,8 +36,12 @@ class EngineWorker:
                                                   seed=job.seed, model=shared_model, max_lora_rank=max_lora_rank)
         self.version = 0
         self._adapter_dir: Path | None = None  # the LoRA folder the engine serves now (see _serve)
+        # Multi-turn episodes run here, beside the engine: each rollout worker calls its own tools.
+        self.episodes = _episodes(job, model_dir, self.engine) if job.agent is not None else None
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
+        if self.episodes is not None:
+            return self.episodes.generate(prompts, params)
         if params.multi_answer is not None:  # GRPO-MA: thoughts, then answers per thought, on any engine
             from rollout.multi_answer import generate_multi_answer
 
@@ -88,9 +93,29 @@ class EngineWorker:
 
     def close(self) -> None:
         try:
+            if self.episodes is not None:
+                self.episodes.close()
             self.engine.close()
         finally:
             self._serve(None)  # nothing is served any more: no adapter folder outlives the worker
+
+
+def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeRollout:
+    """The job's tool episodes over `engine` (rl/config/agent.py)."""
+    from envs.tool_calls import CALL_CLOSE, ToolEpisode, observation_frame
+    from envs.tools import ToolBox
+    from rl.models import load_tokenizer
+    from rollout.episodes import EpisodeRollout
+
+    agent = job.agent
+    assert agent is not None
+    tokenizer = load_tokenizer(model_dir)
+    tools = ToolBox.from_configs(agent.tools)
+    frame = observation_frame(tokenizer)
+    budget = agent.max_total_tokens or job.rollout.max_new_tokens * agent.max_turns
+    return EpisodeRollout(engine, tokenizer, lambda: ToolEpisode(tokenizer, tools, frame, agent.max_observation_tokens),
+                          agent.max_turns, budget, job.rollout.max_prompt_tokens, stop=(CALL_CLOSE,),
+                          on_close=tools.close)
 
 
 def _write_adapter(files: Mapping[str, bytes], version: int) -> Path:

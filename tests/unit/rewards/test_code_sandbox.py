@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rewards import sandbox
 from rewards.calling import call_reward
 from rewards.code_exec import code_exec, score_code
+from rl import sandbox
 
 ADD = "\ndef add(a, b):\n    return a + b\n"
 TESTS = ["assert add(2, 3) == 5", "assert add(1, 1) == 2"]
@@ -98,7 +98,9 @@ def _assert_no_effect(places) -> None:
         assert not target.exists(), f"{target} was written from inside the sandbox"
     with pytest.raises(BlockingIOError):
         places["listener"].accept()  # nothing ever connected
-    assert _leftovers("spec.json") == [] and _leftovers(f"7{places['tag'][:4]}.5") == []
+    # a sandboxed runner (`python -I -S -c import...`), its bwrap, or the background sleep: none may outlive a call
+    assert _leftovers(" -I -S -c import") == [] and _leftovers("rlpost-sandbox-") == []
+    assert _leftovers(f"7{places['tag'][:4]}.5") == []
     assert (places["secret"]).read_text() == "hunter2"
 
 
@@ -182,3 +184,21 @@ def test_python_only_is_the_weaker_mode_it_says(tmp_path):
     assert score_code(HONEST, TESTS, sandbox="python_only").total == 1.0
     escape = f"```python\nopen({str(tmp_path / 'x')!r}, 'w').write('x')" + ADD + "```"
     assert score_code(escape, TESTS, sandbox="python_only").total == 0.0 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["ctypes system", "posix_spawn", "write by open", "write by posix.open",
+                                  "write by ctypes fopen", "read the run directory", "read a file in home",
+                                  "socket to a listener", "fork bomb", "memory bomb", "infinite loop",
+                                  "kill the parent", "background process", "ctypes fork, child stays"])
+def test_the_python_tool_contains_the_same_attacks(places, name):
+    """The agent's `python` tool (envs/tools.py) runs model code in the same sandbox: same attacks, no effect;
+    the model gets an error (or its traceback) as the tool's answer and the episode goes on."""
+    from envs.tools import PythonTool, ToolBox
+
+    tools = ToolBox({"python": PythonTool(timeout_s=2.0)})
+    code = hostile(places)[name].removeprefix("```python\n").removesuffix("```") + "\nprint('done', add(2, 3))"
+    answer = tools.call("python", {"code": code})
+    _assert_no_effect(places)
+    assert "done 5" not in answer, answer  # the attack never got past itself
+    assert answer.startswith("error:") or "Error" in answer, answer
+    assert tools.call("python", {"code": "print(6 * 7)"}) == "42\n"  # the tool still works afterwards

@@ -1,0 +1,78 @@
+"""`agent:` — multi-turn episodes with tools: the model acts, a tool answers, the model goes on.
+
+null (the default) = single-turn: one completion per sample. Set, every sample is an episode of up to
+`max_turns` model turns; a turn that ends in a tool call gets the tool's answer appended as context (never
+trained on) and the model continues, token-in/token-out (rollout/episodes.py, envs/tools.py).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from rl.config.base import Section, resolve_import_path
+
+
+class ToolConfig(Section):
+    """One tool: a built-in by `name` (`calculator`, `python`) or your function by `import_path`."""
+
+    name: str | None = None
+    """A built-in tool: `calculator` (+ - * / ** and parentheses, exact integers) or `python` (runs the code in
+    the OS sandbox of rl/sandbox.py and returns its stdout)."""
+    import_path: str | None = None
+    """`package.module:fn` or `file.py:fn`: `fn(**arguments) -> str`, with a docstring (the description the model
+    sees) and typed parameters (its argument schema). It runs in a worker process, timed out like rewards."""
+    timeout_s: float = Field(default=10.0, gt=0)
+    """Per-call time limit; a call that runs longer returns an error to the model (and is counted)."""
+    kwargs: dict[str, object] = Field(default_factory=dict)
+    """Settings of the tool (the python tool: `memory_mb`, `sandbox: bwrap|python_only`)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ToolConfig:
+        if (self.name is None) == (self.import_path is None):
+            raise ValueError("give exactly one of `name` (a built-in tool) or `import_path` (your function)")
+        if self.name is not None:
+            from rl.registries import TOOLS
+
+            if self.name not in TOOLS:
+                raise ValueError(TOOLS.unknown_message(self.name))
+            check = getattr(TOOLS.get(self.name), "preflight", None)  # the python tool: its sandbox runs here
+            if check is not None:
+                check(self.kwargs)
+        return self
+
+    @field_validator("import_path")
+    @classmethod
+    def _importable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else resolve_import_path(v, info, "tool file", noun="function")
+
+    @property
+    def label(self) -> str:
+        """The tool's name as the model calls it."""
+        return self.name or self.import_path.rpartition(":")[2]  # type: ignore[union-attr]
+
+
+class AgentConfig(Section):
+    """Episodes of several model turns with tools."""
+
+    tools: list[ToolConfig] = Field(default_factory=list)
+    """The tools the model may call (none: turns end the episode; still multi-turn for custom envs)."""
+    max_turns: int = Field(default=4, ge=1)
+    """Most model turns per episode; an episode still calling tools after this ends with finish reason
+    `length` (the turn budget ran out)."""
+    max_total_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens after the prompt (model and tool tokens together); null = rollout.max_new_tokens x
+    max_turns. An episode that reaches it is cut there (finish reason `length`). The engine must accept the
+    prompt plus this many tokens as a prompt: rollout.max_prompt_tokens (and vLLM's max_model_len) must be
+    large enough (checked)."""
+    max_observation_tokens: int = Field(default=128, ge=1)
+    """A tool's answer is cut to this many tokens (a tool returning garbage cannot flood the context)."""
+    system_prompt: str | None = None
+    """What the model is told about its tools, put before the env's own system prompt; null = generated
+    from the tools' names, descriptions and argument schemas, with the call format."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AgentConfig:
+        labels = [t.label for t in self.tools]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"agent.tools: two tools share a name ({labels}); the model could not tell them apart")
+        return self
