@@ -118,9 +118,16 @@ class Access:
     """Who may use a port and how fast: `token` None = anyone (loopback only); `rate_per_s` None = no limit."""
 
     token: str | None = None
-    rate_per_s: float | None = 50.0
+    rate_per_s: float | None = 50.0  # a SAPO node posts a few messages a step and polls at most 20 times a second
     burst: int = 500
     clients_per_ip: int = 16
+
+    def __post_init__(self) -> None:
+        check_token(self.token)
+        if (self.rate_per_s is not None and self.rate_per_s <= 0) or self.burst < 1 or self.clients_per_ip < 0:
+            raise UserError(f"rate limit {self.rate_per_s}/s, burst {self.burst}, {self.clients_per_ip} clients per "
+                            "address: the rate must be positive (or off), the burst at least 1 request and the "
+                            "clients per address at least 0 (0 = no per-address limit).")
 
     def describe(self) -> str:
         auth = "token required" if self.token else "NO token (anyone who can reach the port may use it)"
@@ -165,8 +172,13 @@ def exposure_line(host: str, port: int, access: Access, tls: bool) -> str:
     return f"listening on {host}:{port} ({where}): {access.describe()}, {'TLS' if tls else plain}"
 
 
-def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A server-side TLS context from a PEM certificate (chain) and its private key."""
+def server_tls(cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    """A server-side TLS context from a PEM certificate (chain) and its private key; None without either."""
+    if cert_file is None and key_file is None:
+        return None
+    if cert_file is None or key_file is None:
+        raise UserError("TLS needs both a certificate and its private key (--tls-cert and --tls-key); give both, "
+                        "or neither for plain HTTP.")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(cert_file, key_file)

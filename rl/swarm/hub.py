@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Generic, TypeVar
 from urllib.parse import parse_qs, urlparse
 
-from rl.netauth import CLIENT_HEADER, Access, Guard, check_token, client_id, exposure_line, require_token, server_tls
+from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, server_tls
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 256  # messages per GET
@@ -233,12 +233,12 @@ class Hub:
                  rate_per_s: float | None = Access.rate_per_s, burst: int = Access.burst,
                  clients_per_ip: int = Access.clients_per_ip, tls_cert: str | None = None,
                  tls_key: str | None = None) -> None:
-        require_token(host, check_token(token), "the swarm hub",
+        require_token(host, token, "the swarm hub",
                       f"Give one with `rl swarm-hub --token-file PATH` or the environment variable {TOKEN_ENV} "
                       "(for `serve: true`, the variable swarm.transport.token_env names; every node needs the same)")
         self.access = Access(token, rate_per_s, burst, clients_per_ip)
-        self.tls = tls_cert is not None or tls_key is not None
-        context = server_tls(tls_cert or "", tls_key or "") if self.tls else None
+        context = server_tls(tls_cert, tls_key)
+        self.tls = context is not None
         self.board = Board(max_messages, ttl_s)
         self.server = _Server((host, port), _handler(self.board, max_message_bytes, Guard(self.access)))
         if context is not None:  # the handshake runs on the handler's thread (under its timeout), not accept()'s

@@ -119,6 +119,19 @@ def test_a_hub_beyond_loopback_without_a_token_refuses_to_start():
     Hub("127.0.0.1", 0).close()  # loopback: a token is optional
 
 
+@pytest.mark.parametrize("settings, words", [
+    ({"token": "short"}, ["16", "secrets.token_urlsafe"]),
+    ({"burst": 0}, ["burst", "at least 1"]),
+    ({"rate_per_s": -1.0}, ["rate must be positive"]),
+    ({"tls_cert": "hub.crt"}, ["--tls-key"]),
+    ({"tls_cert": "/nonexistent.crt", "tls_key": "/nonexistent.key"}, ["/nonexistent.crt", "PEM"]),
+])
+def test_bad_hub_settings_are_user_errors_naming_the_fix(settings, words):
+    with pytest.raises(UserError) as info:
+        Hub("127.0.0.1", 0, **settings)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
 def test_the_cli_refuses_all_interfaces_without_a_token_with_exit_2():
     env = {k: v for k, v in os.environ.items() if k != "RLPOST_SWARM_TOKEN"}
     env["PYTHONPATH"] = str(REPO)
@@ -133,6 +146,9 @@ def test_the_cli_refuses_all_interfaces_without_a_token_with_exit_2():
         pytest.fail(f"the hub started on 0.0.0.0 without a token: {out!r}")
     assert proc.returncode == 2, (out, err)
     assert "token" in err and "--token-file" in err and "RLPOST_SWARM_TOKEN" in err and "Traceback" not in err
+    done = subprocess.run([sys.executable, "-m", "rl.cli", "swarm-hub", "--token-file", "/nonexistent/token"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+    assert done.returncode == 2 and "/nonexistent/token" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("how", ["env", "file", "flag"])
@@ -216,9 +232,10 @@ def flood_with_honest_nodes(hub, posts, honest_every, flooder_client):
     return sent
 
 
-def test_a_flood_of_10x_the_board_cannot_evict_two_honest_nodes(monkeypatch):
+@pytest.mark.parametrize("rate_per_s", [None, 50.0], ids=["eviction-alone", "default-rate-limit"])
+def test_a_flood_of_10x_the_board_cannot_evict_two_honest_nodes(monkeypatch, rate_per_s):
     monkeypatch.setenv("RLPOST_SWARM_TOKEN", TOKEN)
-    hub = Hub("127.0.0.1", 0, max_messages=64, token=TOKEN, rate_per_s=None)  # eviction alone, no rate limit
+    hub = Hub("127.0.0.1", 0, max_messages=64, token=TOKEN, rate_per_s=rate_per_s)
     try:
         sent = flood_with_honest_nodes(hub, 640, 32, lambda i: ("flooder", "127.0.0.1"))
         board = set(messages_of(hub.url))
@@ -277,6 +294,24 @@ def test_a_flooder_is_rate_limited_with_429_and_retry_after_and_honest_nodes_are
         assert codes.count(200) <= 20 + 5 * elapsed + 1 and codes.count(429) >= 150
         assert retry and all(r is not None and int(r) >= 1 for r in retry)
         assert a.errors == 0 and len([m for m in messages_of(hub.url) if b'"a"' in m]) == 4
+        a.close()
+    finally:
+        hub.close()
+
+
+def test_a_normal_node_never_meets_the_default_rate_limit(monkeypatch):
+    """A big SAPO step (64 groups at once) and 20 polls a second while waiting (node.POLL_S) for 3 s."""
+    monkeypatch.setenv("RLPOST_SWARM_TOKEN", TOKEN)
+    hub = Hub("127.0.0.1", 0, token=TOKEN)
+    try:
+        a = node(hub.url)
+        a.publish([b'{"i": %d}' % i for i in range(64)])
+        a.flush(timeout_s=30)
+        received, end = 0, time.monotonic() + 3
+        while time.monotonic() < end:
+            received += len(a.receive())
+            time.sleep(0.05)
+        assert received == 64 and a.errors == 0
         a.close()
     finally:
         hub.close()
