@@ -93,7 +93,7 @@ def cmd_swarm_hub(args: argparse.Namespace) -> int:
     hub = Hub(args.host, args.port, max_messages=args.max_messages, ttl_s=args.ttl_s, token=token,
               rate_per_s=args.rate or None, burst=args.burst, clients_per_ip=args.clients_per_ip,
               tls_cert=args.tls_cert, tls_key=args.tls_key)
-    print(f"swarm hub at {hub.url} {hub.exposure()} (Ctrl-C stops it)", flush=True)
+    print(f"swarm hub {hub.exposure()} (Ctrl-C stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["swarm"].add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
     subs["swarm-hub"].add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     subs["swarm-hub"].add_argument("--port", type=int, default=8765)
-    subs["swarm-hub"].add_argument("--max-messages", type=int, default=4096, help="messages kept (oldest dropped)")
+    subs["swarm-hub"].add_argument("--max-messages", type=int, default=4096,
+                                   help="messages kept (when full, the sender holding the most loses its oldest)")
     subs["swarm-hub"].add_argument("--ttl-s", type=float, default=600.0, help="seconds a message is kept")
     hub_auth = subs["swarm-hub"].add_mutually_exclusive_group()
     hub_auth.add_argument("--token-file", metavar="PATH",

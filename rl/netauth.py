@@ -61,8 +61,8 @@ def require_token(host: str, token: str | None, what: str, fix: str) -> None:
     """Refuse to open `what` beyond loopback without a token (`fix` says how to give one)."""
     if token is None and not is_loopback(host):
         raise UserError(f"{what} would listen on {host or 'all interfaces'}, beyond this machine, without a shared "
-                        f"token, so anyone who can reach the port could use it. {fix} (make a token with "
-                        f"`{MAKE_TOKEN}`), or listen on 127.0.0.1.")
+                        f"token, so anyone who can reach the port could use it. {fix}; make a token with "
+                        f"`{MAKE_TOKEN}`. Or listen on 127.0.0.1.")
 
 
 def read_token_file(path: str) -> str:

@@ -90,7 +90,7 @@ def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: in
     env = {**os.environ, transport.token_env: os.environ.get(transport.token_env) or secrets.token_urlsafe(32)}
     hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port,
               max_message_bytes=_swarm(job).max_message_bytes, token=env[transport.token_env])
-    print(f"swarm hub at {hub.url} {hub.exposure()}")
+    print(f"swarm hub at {hub.url}: {hub.exposure()}")
     procs = []
     try:
         for i in range(nodes):

@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Hashable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, server_tls
@@ -145,72 +145,79 @@ class Board:
         return len(self._items)
 
 
-def _handler(board: Board, max_message_bytes: int, guard: Guard) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 10  # seconds a client may take to send its request (a stalled peer frees its thread)
+class _Handler(BaseHTTPRequestHandler):
+    """The HTTP API; `_handler` binds a board, its size limit and its guard (the server builds one per request)."""
 
-        def _reply(self, code: int, body: dict, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+    board: ClassVar[Board]
+    max_message_bytes: ClassVar[int]
+    guard: ClassVar[Guard]
 
-        def _sender(self) -> Sender:
-            return str(self.client_address[0]), client_id(self.headers.get(CLIENT_HEADER))
+    timeout = 10  # seconds a client may take to send its request (a stalled peer frees its thread)
 
-        def _refused(self) -> bool:
-            """Answer 401 or 429 (and return True) unless the request may go on; its body is never read."""
-            address, client = self._sender()
-            verdict = guard.check(self.headers.get("Authorization"), address, client)
-            if verdict.status == 200:
-                return False
+    def _reply(self, code: int, body: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _sender(self) -> Sender:
+        return str(self.client_address[0]), client_id(self.headers.get(CLIENT_HEADER))
+
+    def _refused(self) -> bool:
+        """Answer 401 or 429 (and return True) unless the request may go on; its body is never read."""
+        address, client = self._sender()
+        verdict = self.guard.check(self.headers.get("Authorization"), address, client)
+        if verdict.status == 200:
+            return False
+        self.close_connection = True
+        if verdict.status == 401:
+            self._reply(401, {"error": "a valid bearer token is required"}, {"WWW-Authenticate": "Bearer"})
+        else:
+            self._reply(429, {"error": "rate limit exceeded"}, {"Retry-After": str(verdict.retry_after_s)})
+        return True
+
+    def do_POST(self) -> None:
+        if urlparse(self.path).path != "/messages":
+            return self._reply(404, {"error": "not found"})
+        if self._refused():
+            return None
+        length = int(self.headers.get("Content-Length") or -1)
+        if not 0 < length <= self.max_message_bytes:
             self.close_connection = True
-            if verdict.status == 401:
-                self._reply(401, {"error": "a valid bearer token is required"}, {"WWW-Authenticate": "Bearer"})
-            else:
-                self._reply(429, {"error": "rate limit exceeded"}, {"Retry-After": str(verdict.retry_after_s)})
-            return True
+            return self._reply(413, {"error": f"body must be 1..{self.max_message_bytes} bytes"})
+        body = self.rfile.read(length)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._reply(400, {"error": "body must be UTF-8"})
+        self._reply(200, {"seq": self.board.post(body, self._sender())})
 
-        def do_POST(self) -> None:
-            if urlparse(self.path).path != "/messages":
-                return self._reply(404, {"error": "not found"})
-            if self._refused():
-                return None
-            length = int(self.headers.get("Content-Length") or -1)
-            if not 0 < length <= max_message_bytes:
-                self.close_connection = True
-                return self._reply(413, {"error": f"body must be 1..{max_message_bytes} bytes"})
-            body = self.rfile.read(length)
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._reply(400, {"error": "body must be UTF-8"})
-            self._reply(200, {"seq": board.post(body, self._sender())})
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        if url.path == "/health":
+            return self._reply(200, {"messages": len(self.board)})
+        if url.path != "/messages":
+            return self._reply(404, {"error": "not found"})
+        if self._refused():
+            return None
+        try:
+            query = parse_qs(url.query)
+            after, limit = int(query.get("after", ["0"])[0]), int(query.get("limit", [str(MAX_PAGE)])[0])
+        except ValueError:
+            return self._reply(400, {"error": "after and limit must be integers"})
+        nxt, messages = self.board.since(after, min(limit, MAX_PAGE))
+        self._reply(200, {"board": self.board.id, "next": nxt, "messages": [m.decode("utf-8") for m in messages]})
 
-        def do_GET(self) -> None:
-            url = urlparse(self.path)
-            if url.path == "/health":
-                return self._reply(200, {"messages": len(board)})
-            if url.path != "/messages":
-                return self._reply(404, {"error": "not found"})
-            if self._refused():
-                return None
-            try:
-                query = parse_qs(url.query)
-                after, limit = int(query.get("after", ["0"])[0]), int(query.get("limit", [str(MAX_PAGE)])[0])
-            except ValueError:
-                return self._reply(400, {"error": "after and limit must be integers"})
-            nxt, messages = board.since(after, min(limit, MAX_PAGE))
-            self._reply(200, {"board": board.id, "next": nxt, "messages": [m.decode("utf-8") for m in messages]})
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet by default
+        pass
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet by default
-            pass
 
-    return Handler
+def _handler(board: Board, max_message_bytes: int, guard: Guard) -> type[_Handler]:
+    return type("Handler", (_Handler,), {"board": board, "max_message_bytes": max_message_bytes, "guard": guard})
 
 
 class _Server(ThreadingHTTPServer):
@@ -235,7 +242,7 @@ class Hub:
                  tls_key: str | None = None) -> None:
         require_token(host, token, "the swarm hub",
                       f"Give one with `rl swarm-hub --token-file PATH` or the environment variable {TOKEN_ENV} "
-                      "(for `serve: true`, the variable swarm.transport.token_env names; every node needs the same)")
+                      "(with `serve: true`: the variable swarm.transport.token_env names), the same on every node")
         self.access = Access(token, rate_per_s, burst, clients_per_ip)
         context = server_tls(tls_cert, tls_key)
         self.tls = context is not None

@@ -183,12 +183,14 @@ def test_the_cli_reads_the_token_and_says_what_it_is_exposed_to(how, tmp_path):
     assert ("ps" in err) == (how == "flag"), err  # --token shows in `ps`: warned
 
 
-def test_serve_true_hosts_a_hub_with_the_same_token(monkeypatch):
+def test_serve_true_hosts_a_hub_with_the_same_token(monkeypatch, capsys):
     monkeypatch.setenv("RLPOST_SWARM_TOKEN", TOKEN)
     url = f"http://127.0.0.1:{free_port()}"
     host, peer = node(url, serve=True), node(url, serve=True)
     try:
         assert host.hub is not None and peer.hub is None
+        exposure = capsys.readouterr().err
+        assert "(serve: true) listening on 127.0.0.1" in exposure and "token required" in exposure, exposure
         assert request(host.hub, "POST", body=b'{"n": 0}')[0] == 401
         peer.publish([b'{"n": 1}'])
         peer.flush()
