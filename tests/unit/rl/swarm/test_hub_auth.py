@@ -20,7 +20,7 @@ import pytest
 
 from rl.config.swarm import HttpTransport as HttpConfig
 from rl.errors import UserError
-from rl.swarm.hub import Board, Hub
+from rl.swarm.hub import TOKEN_ENV, Board, Hub
 from rl.swarm.transports import HttpTransport
 
 TOKEN = "0123456789abcdef-swarm-token"
@@ -209,7 +209,13 @@ def test_the_token_is_never_a_job_key():
     with pytest.raises(UserError, match="token"):
         load_job("tiny", ["swarm={local: 1, external: 1, transport: {name: http, token: abc}}"])
     job = load_job("tiny", ["swarm={local: 1, external: 1, transport: {name: http}}"])
-    assert job.swarm.transport.token_env == "RLPOST_SWARM_TOKEN"
+    assert job.swarm.transport.token_env == "RLPOST_SWARM_TOKEN" == TOKEN_ENV
+    for transport, words in (("{name: http, url: 'https://hub:8765', serve: true}", ["serve", "--tls-cert"]),
+                             ("{name: http, url: 'https://hub:8765', ca_file: nowhere.pem}", ["ca_file", "nowhere"]),
+                             ("{name: http, token_env: 'not a name'}", ["token_env"])):
+        with pytest.raises(UserError) as info:
+            load_job("tiny", [f"swarm={{local: 1, external: 1, transport: {transport}}}"])
+        assert all(w in str(info.value) for w in words), str(info.value)
 
 
 # ----- 2. a flood cannot push honest nodes out ----------------------------------------------------
