@@ -79,12 +79,21 @@ def cmd_swarm(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm_hub(args: argparse.Namespace) -> int:
+    import os
     import time
 
-    from rl.swarm.hub import Hub
+    from rl.netauth import read_token_file
+    from rl.swarm.hub import TOKEN_ENV, Hub
 
-    hub = Hub(args.host, args.port, max_messages=args.max_messages, ttl_s=args.ttl_s)
-    print(f"swarm hub listening at {hub.url} (Ctrl-C stops it)")
+    if args.token is not None:
+        print("warning: --token shows in `ps` and shell history to anyone on this machine; prefer --token-file "
+              f"or the environment variable {TOKEN_ENV}.", file=sys.stderr)
+    token = args.token or (read_token_file(args.token_file) if args.token_file else None) or \
+        os.environ.get(TOKEN_ENV) or None
+    hub = Hub(args.host, args.port, max_messages=args.max_messages, ttl_s=args.ttl_s, token=token,
+              rate_per_s=args.rate or None, burst=args.burst, clients_per_ip=args.clients_per_ip,
+              tls_cert=args.tls_cert, tls_key=args.tls_key)
+    print(f"swarm hub {hub.exposure()} (Ctrl-C stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -132,8 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     subs["swarm"].add_argument("--nodes", type=int, default=4, help="number of nodes (default 4)")
     subs["swarm-hub"].add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     subs["swarm-hub"].add_argument("--port", type=int, default=8765)
-    subs["swarm-hub"].add_argument("--max-messages", type=int, default=4096, help="messages kept (oldest dropped)")
+    subs["swarm-hub"].add_argument("--max-messages", type=int, default=4096,
+                                   help="messages kept (when full, the sender holding the most loses its oldest)")
     subs["swarm-hub"].add_argument("--ttl-s", type=float, default=600.0, help="seconds a message is kept")
+    hub_auth = subs["swarm-hub"].add_mutually_exclusive_group()
+    hub_auth.add_argument("--token-file", metavar="PATH",
+                          help="file holding the shared token nodes must send (default: $RLPOST_SWARM_TOKEN); "
+                               "required beyond loopback")
+    hub_auth.add_argument("--token", help="the shared token itself (visible in `ps`: prefer --token-file)")
+    subs["swarm-hub"].add_argument("--rate", type=float, default=50.0, metavar="PER_S",
+                                   help="requests per second per client (token bucket; 0 = no limit; default 50)")
+    subs["swarm-hub"].add_argument("--burst", type=int, default=500, help="bucket size per client (default 500)")
+    subs["swarm-hub"].add_argument("--clients-per-ip", type=int, default=16, metavar="N",
+                                   help="an address may use N clients' rate (0 = no per-address limit, e.g. behind a "
+                                        "reverse proxy; default 16)")
+    subs["swarm-hub"].add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    subs["swarm-hub"].add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     return parser
 
 

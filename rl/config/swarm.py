@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import Section
+from rl.config.base import Section, resolve_existing_file
 
 
 class MemoryTransport(Section):
@@ -29,6 +29,25 @@ class HttpTransport(Section):
     """Start the hub inside this node (listening on the url's host and port) if none answers there."""
     timeout_s: float = Field(default=2.0, gt=0)
     """Limit on every request: a slow or dead hub costs a node at most this per step."""
+    token_env: str = Field(default="RLPOST_SWARM_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The environment variable holding the hub's shared token (sent as a bearer token; also the token a
+    `serve: true` hub requires). Only the variable's name belongs in the job, which is copied to the run
+    directory; unset = no token, which a hub beyond loopback refuses (401)."""
+    ca_file: str | None = None
+    """For an https:// url: a PEM file of the certificate authority (or the self-signed certificate) the hub's
+    certificate must chain to; null = the system's CAs."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_existing_file(value, info, "swarm.transport.ca_file")
+
+    @model_validator(mode="after")
+    def _serve_is_plain_http(self) -> HttpTransport:
+        if self.serve and self.url.startswith("https:"):
+            raise ValueError("swarm.transport.serve: true hosts a plain-HTTP hub, but the url is https://; run "
+                             "`rl swarm-hub --tls-cert CERT --tls-key KEY` on the hub's machine and set serve: false")
+        return self
 
 
 class RayTransport(Section):

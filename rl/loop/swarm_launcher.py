@@ -2,7 +2,8 @@
 
 * memory: lock-step in this process. Every round all nodes generate and publish, then all train, so
   each node sees its peers' rollouts of the same round: a deterministic, controlled experiment.
-* http:   one `rl train` process per node and a hub in this process (nodes run at their own pace).
+* http:   one `rl train` process per node and a hub in this process (nodes run at their own pace), guarded by
+          the token in `swarm.transport.token_env` (one is made for the nodes when it is unset).
 * ray:    one Ray actor per node on a local (or `swarm.transport.address`) cluster, sharing a named
           exchange actor.
 
@@ -75,15 +76,21 @@ def _run_lockstep(job_ref: str, job: JobConfig, overrides: list[str], nodes: int
 
 
 def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: int) -> int:
+    import os
+    import secrets
     from urllib.parse import urlparse
 
     from rl.config.swarm import HttpTransport
     from rl.swarm.hub import Hub
 
-    url = urlparse(_transport(job, HttpTransport).url)
+    transport = _transport(job, HttpTransport)
+    url = urlparse(transport.url)
+    # The nodes are this process's children: without a token in the environment, one made here guards the hub
+    # (and reaches the nodes through their environment, never their job files or command lines).
+    env = {**os.environ, transport.token_env: os.environ.get(transport.token_env) or secrets.token_urlsafe(32)}
     hub = Hub(url.hostname or "127.0.0.1", 8765 if url.port is None else url.port,
-              max_message_bytes=_swarm(job).max_message_bytes)
-    print(f"swarm hub at {hub.url}")
+              max_message_bytes=_swarm(job).max_message_bytes, token=env[transport.token_env])
+    print(f"swarm hub at {hub.url}: {hub.exposure()}")
     procs = []
     try:
         for i in range(nodes):
@@ -92,7 +99,7 @@ def _run_processes(job_ref: str, job: JobConfig, overrides: list[str], nodes: in
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "rl.cli", "train", job_ref, *args],
-                                              stdout=log, stderr=subprocess.STDOUT))
+                                              stdout=log, stderr=subprocess.STDOUT, env=env))
             print(f"node{i}: pid {procs[-1].pid}, log {log_path}")
         codes = [p.wait() for p in procs]
     finally:

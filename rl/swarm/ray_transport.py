@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,9 +39,9 @@ class SwarmExchange:
     def __init__(self, max_messages: int = 4096, ttl_s: float = 600.0) -> None:
         self.board = Board(max_messages, ttl_s)
 
-    def publish(self, messages: list[bytes]) -> int:
+    def publish(self, messages: list[bytes], sender: str = "") -> int:
         for m in messages:
-            self.board.post(m)
+            self.board.post(m, ("ray", sender))  # the board's fair eviction keeps each node's share
         return len(self.board)
 
     def since(self, cursor: int, limit: int = MAX_PAGE) -> tuple[int, list[bytes]]:
@@ -74,6 +75,7 @@ class RayTransport:
         self.name, self.timeout_s = cfg.exchange, cfg.timeout_s
         self.actor: ActorHandle = exchange_actor(self.ray, self.name)
         self.cursor, self.errors, self._broken = 0, 0, False
+        self.sender = uuid.uuid4().hex[:16]
         self._last_publish: ObjectRef | None = None
 
     def publish(self, messages: Sequence[bytes]) -> None:
@@ -83,7 +85,7 @@ class RayTransport:
             self.errors += 1
             return
         try:
-            self._last_publish = self.actor.publish.remote(list(messages))  # fire and forget: never waits
+            self._last_publish = self.actor.publish.remote(list(messages), self.sender)  # fire and forget: never waits
         except Exception as exc:  # noqa: BLE001 - any Ray failure here only means "not shared this time"
             self.errors += 1
             log.debug("swarm: publishing to the exchange failed: %s", exc)

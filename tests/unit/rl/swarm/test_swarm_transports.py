@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from rl.config.swarm import HttpTransport as HttpConfig
 from rl.swarm.hub import Board, Hub
 from rl.swarm.transports import HttpTransport, MemoryTransport, reset_memory_board
 
 
 def http_cfg(url, serve=False, timeout_s=1.0):
-    return SimpleNamespace(name="http", url=url, serve=serve, timeout_s=timeout_s)
+    return HttpConfig(url=url, serve=serve, timeout_s=timeout_s)
 
 
 def free_port() -> int:
