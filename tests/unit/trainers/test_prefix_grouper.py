@@ -230,3 +230,21 @@ def test_smollm2_chat_groups_with_and_without_lora(smollm2_dir):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     assert_equivalent(*both_ways(model, batch), batch, logp_rtol=1e-5)
+
+
+def test_episodes_with_tool_answers_inside_completions_stay_exact():
+    """Multi-turn episodes (rollout/episodes.py): tool-answer tokens inside a completion are context, never loss;
+    the shared-prefix forward and the trainer's updates still equal the padded ones."""
+    batch = shared_batch([7, 12, 5], [[9, 6, 10], [8, 7], [10, 9, 6]], seed=5)
+    loss = batch.loss_mask.clone()
+    for i in range(batch.num_samples):
+        start = int(batch.prompt_lengths[i]) + 2
+        loss[i, start:start + 3] = False  # [turn: 2 tokens][tool answer: 3 tokens][turn ...]
+    batch = dataclasses.replace(batch, loss_mask=loss,
+                                sampling_logprobs=torch.where(loss, batch.sampling_logprobs, 0.0)).validate()
+    padded, grouped = both_ways(build_lm(), batch)
+    assert_equivalent(padded, grouped, batch)
+    base, m_base = trained_updates(batch, False, ppo_epochs=2)
+    shared, m_shared = trained_updates(batch, True, ppo_epochs=2)
+    assert_same_updates(base, shared, rtol=1e-5)
+    assert m_shared["loss"] == pytest.approx(m_base["loss"], rel=1e-4, abs=1e-6)
