@@ -1,4 +1,4 @@
-"""`code_exec` in the OS sandbox (bubblewrap + seccomp, rewards/sandbox.py) against today's code_exec (commit
+"""`code_exec` in the OS sandbox (bubblewrap + seccomp, rl/sandbox.py) against today's code_exec (commit
 fc3936c: one `python -I` process per completion for its assert tests, one per stdin/stdout case, sequential).
 
     python -m benchmarks.perf.code_exec_sandbox --out benchmarks/results/code_exec_sandbox/results.json
@@ -23,7 +23,7 @@ alternating order (A B C D, D C B A, ...), `--repeats` rounds; ratios to `today`
 median and range over rounds. Every arm's per-completion totals are asserted equal to `today`'s on each workload
 (same work or no comparison).
 
-Start-up cost per call: `--calls` sequential `rewards.sandbox.run_python("pass", ...)` under bwrap and under
+Start-up cost per call: `--calls` sequential `rl.sandbox.run_python("pass", ...)` under bwrap and under
 python_only, against a bare `python -I -S -c pass` (the interpreter bwrap runs) and `python -I -c pass` (what
 today's code_exec started per call: the venv's interpreter with site), in rounds of alternating order; median ms
 per call. Every setting lives in `Settings`, once; the load average is recorded around every child.
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 from benchmarks._report import REPO, abba, emit, spread
 
 if TYPE_CHECKING:  # not at run time: the `today` child's rewards/ (fc3936c) has no sandbox module
-    from rewards.sandbox import SandboxMode
+    from rl.sandbox import SandboxMode
 
 ARMS = ("today", "bwrap", "bwrap_1worker", "python_only")
 TODAY_COMMIT = "fc3936c"
@@ -234,7 +234,7 @@ def child(arm: str, spec_path: str, order: Sequence[str]) -> dict[str, Any]:
     assert source.startswith(str(Path(expected_root).resolve()) + os.sep), f"{arm} imported {source}"
     preflight_s = 0.0
     if arm in ARM_SANDBOX:  # what the job does when its rewards are built: the one-off bwrap probe
-        from rewards.sandbox import require
+        from rl.sandbox import require
 
         start = time.perf_counter()
         require(ARM_SANDBOX[arm])
@@ -251,7 +251,7 @@ def child(arm: str, spec_path: str, order: Sequence[str]) -> dict[str, Any]:
 
 # ----- start-up cost per call ---------------------------------------------------------------------------------
 def startup_child(s: Settings) -> dict[str, Any]:
-    from rewards.sandbox import Limits, interpreter, require, run_python
+    from rl.sandbox import Limits, interpreter, require, run_python
 
     limits = Limits(timeout_s=s.timeout_s, memory_mb=s.memory_mb)
     for mode in ("bwrap", "python_only"):
