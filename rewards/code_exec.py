@@ -37,7 +37,7 @@ CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 STARTUP_S = 5.0  # interpreter start-up inside the sandbox, on top of the tests' own time
 GUARD = """\
 sys.path.insert(0, {root!r})
-from rewards.isolation import trusted_code_guard
+from rewards.guard import trusted_code_guard
 del sys.path[0]
 sys.addaudithook(trusted_code_guard(os.getcwd()))
 """
