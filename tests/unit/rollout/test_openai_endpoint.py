@@ -1,0 +1,206 @@
+"""The OpenAI-compatible endpoint (rollout/openai_server.py, rollout/endpoint_rollout.py) over the real hf engine,
+driven by the real `openai` client: an agent's 3-turn conversation is recorded exactly as sampled (tokens, mask,
+log-probs equal to the learner's), concurrent agents share engine calls, an agent that raises or hangs is
+contained, and the bearer token is enforced."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from common import learner_logprobs, prompts_for
+
+from rl.config import load_job
+from rl.models import load_causal_lm, load_tokenizer
+from rl.netauth import Access
+from rl.types import SamplingParams
+from rollout.chat_session import SessionSpec
+from rollout.endpoint_rollout import EndpointRollout, openai_client
+from rollout.engine import build_engine
+from rollout.openai_server import ChatServer
+
+TOKEN = "a-test-token-of-enough-characters"
+
+
+class Recording:
+    """The real hf engine, with every `generate` call's sampled turns recorded (to know what it sampled)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls, self.sampled, self.lock = engine, 0, {}, threading.Lock()
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def generate(self, prompts, params):
+        batch = self.engine.generate(prompts, params)
+        with self.lock:
+            self.calls += 1
+            for i, p in enumerate(prompts):
+                self.sampled[p.prompt_id] = batch.input_ids[i][batch.loss_mask[i]].tolist()
+        return batch
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    return Recording(build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", seed=0))
+
+
+def _chat(client: openai.OpenAI, messages: list[dict], **kw) -> str:
+    reply = client.chat.completions.create(model="policy", messages=messages, max_tokens=6, **kw)
+    return reply.choices[0].message.content or ""
+
+
+def turns_agent(turns: int, replies: dict | None = None):
+    """An agent of `turns` completions, each followed by a user message; records the replies it got."""
+
+    def run(client: openai.OpenAI, question: str, fields: dict) -> None:
+        messages = [{"role": "user", "content": question}]
+        for t in range(turns):
+            content = _chat(client, messages)
+            if replies is not None:
+                replies.setdefault(question, []).append(content)
+            messages += [{"role": "assistant", "content": content}, {"role": "user", "content": f"go on {t}"}]
+
+    return run
+
+
+def test_a_three_turn_openai_conversation_trains_on_exactly_the_served_tokens(engine, tokenizer, tiny_model_dir):
+    prompts = prompts_for(tiny_model_dir, count=2)
+    replies: dict = {}
+    rollout = EndpointRollout(engine, tokenizer, turns_agent(3, replies), concurrency=4)
+    try:
+        batch = rollout.generate(prompts, SamplingParams(group_size=2, max_new_tokens=6, seed=3))
+    finally:
+        rollout.close()
+    assert batch.num_samples == 4 and batch.group_ids.tolist() == [0, 0, 1, 1]
+    for i in range(4):
+        g, j = divmod(i, 2)
+        served = [engine.sampled[f"{prompts[g].prompt_id}#{j}#{t}"] for t in range(3)]
+        p = int(batch.prompt_lengths[i])
+        first = tokenizer.apply_chat_template([{"role": "user", "content": prompts[g].meta["question"]}],
+                                              tokenize=False, add_generation_prompt=True)
+        assert batch.input_ids[i, :p].tolist() == tokenizer(first, add_special_tokens=False)["input_ids"]
+        row, mask = batch.input_ids[i, p:].tolist(), batch.loss_mask[i, p:].tolist()
+        trained = [t for t, m in zip(row, mask) if m]
+        assert trained == served[0] + served[1] + served[2]  # exactly the engine's tokens, nothing re-tokenised
+        assert row[: len(served[0])] == served[0] and all(mask[: len(served[0])])
+        gap = tokenizer.decode(row[len(served[0]): mask.index(True, len(served[0]))])
+        assert "go on 0" in gap and "assistant" in gap  # the new user turn is context, not trained
+        assert batch.sample_meta[i]["turns"] == 3 and batch.finish_reasons[i] in ("stop", "length")
+    assert sorted(len(r) for r in replies.values()) == [6, 6]  # 2 episodes x 3 turns per question
+    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+    diff = (learner_logprobs(model, batch, 1.0) - batch.sampling_logprobs).abs()[batch.loss_mask]
+    print(f"max |learner - sampler| logprob over {int(batch.loss_mask.sum())} served tokens: {float(diff.max()):.2e}")
+    assert float(diff.max()) < 1e-4
+    assert (batch.sampling_logprobs[~batch.loss_mask] == 0).all()
+
+
+def test_concurrent_agents_share_engine_calls(engine, tokenizer, tiny_model_dir):
+    prompts = prompts_for(tiny_model_dir, count=4)
+    rollout = EndpointRollout(engine, tokenizer, turns_agent(2), concurrency=8, window_s=0.05)
+    try:
+        batch = rollout.generate(prompts, SamplingParams(group_size=2, max_new_tokens=6))
+    finally:
+        rollout.close()
+    requests = rollout.server.batcher.requests
+    print(f"{requests} requests served in {engine.calls} engine calls")
+    assert requests == 16 and batch.num_samples == 8
+    assert engine.calls < requests / 2
+
+
+def test_an_agent_that_raises_or_hangs_is_contained(engine, tokenizer, tiny_model_dir):
+    prompts = prompts_for(tiny_model_dir, count=3)
+    bad = {prompts[0].meta["question"]: "raise", prompts[1].meta["question"]: "hang"}
+    late: list[BaseException] = []
+
+    def run(client: openai.OpenAI, question: str, fields: dict) -> None:
+        messages = [{"role": "user", "content": question}]
+        content = _chat(client, messages)
+        if bad.get(question) == "raise":
+            raise RuntimeError("the agent broke")
+        if bad.get(question) == "hang":
+            time.sleep(3)  # past timeout_s: the episode ends without it; its late request is refused
+            try:
+                _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "x"}])
+            except openai.BadRequestError as exc:
+                late.append(exc)
+            return
+        _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "more"}])
+
+    rollout = EndpointRollout(engine, tokenizer, run, concurrency=3, timeout_s=1.5)
+    try:
+        start = time.monotonic()
+        batch = rollout.generate(prompts, SamplingParams(group_size=1, max_new_tokens=6))
+        assert time.monotonic() - start < 3
+        assert batch.finish_reasons[0] == "abort" and batch.sample_meta[0]["agent_error"] == 1.0
+        assert batch.finish_reasons[1] == "abort" and batch.sample_meta[1]["agent_timeout"] == 1.0
+        assert [m["turns"] for m in batch.sample_meta] == [1, 1, 2]  # each kept what it was served
+        assert batch.finish_reasons[2] in ("stop", "length") and batch.sample_meta[2]["agent_error"] == 0.0
+        assert all(int(batch.loss_mask[i].sum()) > 0 for i in range(3))
+        time.sleep(2.5)
+        assert late and "closed" in str(late[0])
+    finally:
+        rollout.close()
+
+
+@pytest.fixture
+def guarded(engine, tokenizer, tiny_model_dir):
+    server = ChatServer(engine, tokenizer, access=Access(TOKEN, rate_per_s=None))
+    prompt = prompts_for(tiny_model_dir, count=1)[0]
+    server.open_session("s1", SessionSpec(prompt, 0, 0, SamplingParams(max_new_tokens=4)))
+    yield server, prompt
+    server.close()
+
+
+def test_no_token_or_a_wrong_token_is_401(guarded):
+    server, prompt = guarded
+    messages = [{"role": "user", "content": prompt.meta["question"]}]
+    with pytest.raises(openai.AuthenticationError):
+        _chat(openai_client(server.url, "a-wrong-token-of-enough-chars", "s1", 30), messages)
+    with pytest.raises(urllib.error.HTTPError) as no_token:
+        urllib.request.urlopen(server.url + "/models", timeout=10)
+    assert no_token.value.code == 401
+    assert _chat(openai_client(server.url, TOKEN, "s1", 30), messages) is not None
+    assert openai_client(server.url, TOKEN, "s1", 30).models.list().data[0].id == "rlpost"
+
+
+def test_an_edited_history_or_another_temperature_is_refused(guarded):
+    server, prompt = guarded
+    client = openai_client(server.url, TOKEN, "s1", 30)
+    messages = [{"role": "user", "content": prompt.meta["question"]}]
+    content = _chat(client, messages)
+    with pytest.raises(openai.BadRequestError, match="do not extend"):
+        _chat(client, [*messages, {"role": "assistant", "content": content + " edited"},
+                       {"role": "user", "content": "next"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "next"}],
+              temperature=0.3)
+    with pytest.raises(openai.BadRequestError, match="unknown or closed session"):
+        _chat(openai_client(server.url, TOKEN, "nobody", 30), messages)
+    assert server.sessions["s1"].turns == 1
+
+
+def test_a_turn_the_model_closed_itself_is_not_closed_twice(tokenizer, tiny_model_dir):
+    """The template closes an assistant turn with EOS (`<|im_end|>`); a reply that sampled it gets only the rest."""
+    from rollout.chat_session import Session
+
+    prompt = prompts_for(tiny_model_dir, count=1)[0]
+    first = [("user", "hi")]
+    for ended_by_eos in (True, False):
+        session = Session(SessionSpec(prompt, 0, 0, SamplingParams()))
+        context = session.context(tokenizer, first)
+        sampled = tokenizer("yo", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended_by_eos
+        session.record(tokenizer, first, context, (sampled, [0.0] * len(sampled), "stop"), "yo")
+        nxt = session.context(tokenizer, [*first, ("assistant", "yo"), ("user", "again")])
+        assert tokenizer.decode(nxt) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+                                         "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
