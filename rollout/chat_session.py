@@ -96,7 +96,7 @@ class Session:
         served = [*self.messages[:-1], ("assistant", _SERVED)]
         text = render(tokenizer, [*served, *messages[known:]])
         delta = text[text.index(_SERVED) + len(_SERVED):]
-        last = tokenizer.decode(self.ids[-1:] or self.prompt_ids[-1:], skip_special_tokens=False)
+        last = text_of(tokenizer, self.ids[-1:] or self.prompt_ids[-1:], skip_special=False)
         if last and last in tokenizer.all_special_tokens and delta.startswith(last):
             delta = delta[len(last):]  # the model closed its turn itself (EOS sampled): do not close it twice
         return _ids(tokenizer, delta)
@@ -122,6 +122,12 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> s
     text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
                                          add_generation_prompt=True)
     assert isinstance(text, str)  # tokenize=False renders text
+    return text
+
+
+def text_of(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], skip_special: bool = True) -> str:
+    text = tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+    assert isinstance(text, str)  # one sequence of ids decodes to one text
     return text
 
 

@@ -29,7 +29,7 @@ from rl.batch import RolloutBatch
 from rl.errors import UserError
 from rl.netauth import Access
 from rl.types import Prompt, RolloutEngine, SamplingParams
-from rollout.chat_session import Session, SessionSpec
+from rollout.chat_session import Session, SessionSpec, text_of
 from rollout.engine import Sample, build_batch
 from rollout.openai_server import SESSION_HEADER, ChatServer
 
@@ -95,7 +95,7 @@ class EndpointRollout:
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
             return Sample(Prompt(spec.prompt.prompt_id, spec.prompt.text, spec.prompt.token_ids, meta), spec.group,
                           (eos,), (0.0,), "abort", (False,))
-        text = self.tokenizer.decode(list(session.prompt_ids), skip_special_tokens=False)
+        text = text_of(self.tokenizer, session.prompt_ids, skip_special=False)
         return Sample(Prompt(spec.prompt.prompt_id, text, session.prompt_ids, meta), spec.group, tuple(session.ids),
                       tuple(session.logprobs), finish, tuple(session.trained))
 

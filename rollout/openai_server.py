@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rl.batch import RolloutBatch
 from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token
 from rl.types import Prompt, RolloutEngine, SamplingParams
-from rollout.chat_session import Refused, Session, SessionSpec, normalise
+from rollout.chat_session import Refused, Session, SessionSpec, normalise, text_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -207,7 +207,7 @@ def _params(spec: SessionSpec, request: ChatRequest) -> SamplingParams:
 
 def _reply_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop: Sequence[str]) -> str:
     """The served tokens as text, without the stop string that ended them (as the OpenAI API returns it)."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    text = text_of(tokenizer, ids)
     for s in stop:
         if s and s in text:
             return text[: text.index(s)]

@@ -117,6 +117,7 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
 
         spec = agent.openai_agent
         run = load_callable(spec.import_path, "openai agent", ("client", "question", "fields"))
+        # its signature is checked; what it returns is ignored (typed object, the agent type says None)
         return EndpointRollout(engine, tokenizer, run, spec.concurrency, spec.timeout_s,  # type: ignore[arg-type]
                                agent.max_turns)
     tools = ToolBox.from_configs(agent.tools)

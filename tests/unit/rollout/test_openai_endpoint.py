@@ -204,3 +204,18 @@ def test_a_turn_the_model_closed_itself_is_not_closed_twice(tokenizer, tiny_mode
         nxt = session.context(tokenizer, [*first, ("assistant", "yo"), ("user", "again")])
         assert tokenizer.decode(nxt) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
                                          "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_openai_agent_key_checks_the_agent_before_any_model_loads(tmp_path):
+    import pydantic
+
+    from rl.config.agent import AgentConfig
+
+    (tmp_path / "agent.py").write_text("def run(client):\n    pass\n\ndef good(client, question, fields):\n    pass\n")
+    with pytest.raises(pydantic.ValidationError, match=r"must accept \(client, question, fields\)"):
+        AgentConfig.model_validate({"openai_agent": {"import_path": f"{tmp_path}/agent.py:run"}})
+    with pytest.raises(pydantic.ValidationError, match="calls its own tools"):
+        AgentConfig.model_validate({"openai_agent": {"import_path": f"{tmp_path}/agent.py:good"},
+                                    "tools": [{"name": "calculator"}]})
+    cfg = AgentConfig.model_validate({"openai_agent": {"import_path": f"{tmp_path}/agent.py:good"}})
+    assert cfg.openai_agent is not None and cfg.openai_agent.concurrency == 16
