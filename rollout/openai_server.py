@@ -61,6 +61,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = None
+    tools: list[dict[str, object]] | None = None
+    """Refused when given: the endpoint has no function calling (describe tools in the prompt, parse the text)."""
 
 
 class _Batcher:
@@ -171,6 +173,9 @@ class ChatServer:
         if session is None:
             raise Refused(f"unknown or closed session {session_id!r} (an episode that ended or timed out is closed): "
                           f"send the {SESSION_HEADER} header of an open episode.")
+        if request.tools:
+            raise Refused("`tools` (function calling) is not supported by this endpoint: describe the tools in the "
+                          "system prompt and parse the model's text, or leave them to rlpost's agent.tools.")
         messages = normalise(request.messages)
         with session.lock:
             context = session.context(self.tokenizer, messages)

@@ -185,6 +185,8 @@ def test_an_edited_history_or_another_temperature_is_refused(guarded):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "next"}],
               temperature=0.3)
+    with pytest.raises(openai.BadRequestError, match="function calling"):
+        _chat(client, messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="unknown or closed session"):
         _chat(openai_client(server.url, TOKEN, "nobody", 30), messages)
     assert server.sessions["s1"].turns == 1
@@ -219,3 +221,39 @@ def test_the_openai_agent_key_checks_the_agent_before_any_model_loads(tmp_path):
                                     "tools": [{"name": "calculator"}]})
     cfg = AgentConfig.model_validate({"openai_agent": {"import_path": f"{tmp_path}/agent.py:good"}})
     assert cfg.openai_agent is not None and cfg.openai_agent.concurrency == 16
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_conversations_follow_pushed_weights_and_match_the_learner(tokenizer, tiny_model_dir):
+    """Over the vLLM engine: a 3-turn conversation after a weight push is sampled by the pushed weights (the
+    learner's log-probs under them equal the sampler's), and a greedy conversation is the hf engine's."""
+    import torch
+
+    vllm = build_engine(load_job("tiny", ["rollout.backend=vllm"]).rollout, tiny_model_dir, "float32", "cpu", 0)
+    hf = build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", seed=0)
+    try:
+        torch.manual_seed(1)  # perturbed weights: the learner's next policy, and varied greedy text
+        weights = {k: v + 0.3 * torch.randn_like(v) for k, v in load_causal_lm(tiny_model_dir).state_dict().items()}
+        vllm.push_weights(weights.items(), 1)
+        hf.push_weights(weights.items(), 1)
+        prompts = prompts_for(tiny_model_dir, count=3)
+        rollout = EndpointRollout(Recording(vllm), tokenizer, turns_agent(3))
+        try:
+            sampled = rollout.generate(prompts, SamplingParams(group_size=2, max_new_tokens=5, seed=4))
+            greedy = rollout.generate(prompts, SamplingParams(group_size=1, max_new_tokens=6, greedy=True))
+        finally:
+            rollout.close()
+        assert sampled.policy_version == 1 and {m["turns"] for m in sampled.sample_meta} == {3}
+        diff = (learner_logprobs(hf.model, sampled, 1.0) - sampled.sampling_logprobs).abs()[sampled.loss_mask]
+        print(f"vLLM via the endpoint, 3 turns: max |learner - sampler| logprob = {float(diff.max()):.2e}")
+        assert float(diff.max()) < 1e-3
+        on_hf = EndpointRollout(hf, tokenizer, turns_agent(3))
+        try:
+            same = on_hf.generate(prompts, SamplingParams(group_size=1, max_new_tokens=6, greedy=True))
+        finally:
+            on_hf.close()
+        assert len(set(greedy.completion_texts)) > 1 and torch.equal(greedy.input_ids, same.input_ids)
+        assert torch.equal(greedy.loss_mask, same.loss_mask)
+    finally:
+        vllm.close()
