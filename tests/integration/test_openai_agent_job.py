@@ -1,12 +1,13 @@
 """The real CLI on the tiny job with `agent.openai_agent`: an agent written against the `openai` client (2 turns per
-episode) trains for 2 steps through the rollout worker's chat-completions endpoint, and its metrics are written."""
+episode) trains for 2 steps through the rollout worker's chat-completions endpoint, its metrics are written, and a
+second run samples and trains the same (the agents' threads and engine-call batching do not change the episodes)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
-from helpers import metrics, rl
+from helpers import metrics, rl, stable
 
 AGENT_FILE = '''
 import openai
@@ -38,3 +39,6 @@ def test_an_openai_client_agent_trains_for_two_steps(tmp_path: Path):
     for r in rows:  # 8 episodes of 2 served replies of at most 6 tokens; the learner trains on those tokens only
         assert 0 < r["train/tokens"] == r["rollout/tokens"] <= 8 * 2 * 6, r
         assert r["grad_norm"] > 0 and r["reward/errors/math_answer"] == 0
+    again = rl("train", str(path), f"run_dir={tmp_path / 'again'}", "trainer.max_steps=2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stable(metrics(tmp_path / "again")) == stable(metrics(run_dir))  # seeded per (prompt, episode, turn)

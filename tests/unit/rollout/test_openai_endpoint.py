@@ -5,6 +5,7 @@ contained, and the bearer token is enforced."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import urllib.error
@@ -257,3 +258,20 @@ def test_vllm_conversations_follow_pushed_weights_and_match_the_learner(tokenize
         assert torch.equal(greedy.loss_mask, same.loss_mask)
     finally:
         vllm.close()
+
+
+def test_episodes_are_reproducible_whatever_shares_their_engine_calls(engine, tokenizer, tiny_model_dir):
+    """Turn t of episode j of a prompt is seeded from (seed, prompt, j, t): one agent at a time or eight at once
+    (other engine calls, other batch mates) sample the same episodes; another seed samples others."""
+    prompts = prompts_for(tiny_model_dir, count=4)
+    params = SamplingParams(group_size=2, max_new_tokens=6, seed=11)
+    batches = []
+    for concurrency, seed in ((1, 11), (8, 11), (8, 12)):
+        rollout = EndpointRollout(engine, tokenizer, turns_agent(2), concurrency=concurrency)
+        try:
+            batches.append(rollout.generate(prompts, dataclasses.replace(params, seed=seed)))
+        finally:
+            rollout.close()
+    one, eight, other = batches
+    assert one.input_ids.tolist() == eight.input_ids.tolist() and one.loss_mask.tolist() == eight.loss_mask.tolist()
+    assert one.input_ids.tolist() != other.input_ids.tolist()
