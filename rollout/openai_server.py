@@ -103,16 +103,22 @@ class _Batcher:
         for prompt, params, future in items:
             by_params.setdefault(params, []).append((prompt, future))
         for params, group in by_params.items():
-            try:
-                batch = self.engine.generate([p for p, _ in group], params)
-            except Exception as exc:  # noqa: BLE001 - the requests that asked get the error; the server goes on
-                for _, future in group:
-                    future.set_exception(exc)
-                continue
-            self.calls += 1
-            self.requests += len(group)
-            for (_, future), turn in zip(group, _rows(batch)):
-                future.set_result(turn)
+            self._generate(group, params)
+
+    def _generate(self, group: Sequence[tuple[Prompt, Future[Turn]]], params: SamplingParams) -> None:
+        try:
+            batch = self.engine.generate([p for p, _ in group], params)
+        except Exception as exc:  # noqa: BLE001 - the request that caused it gets the error; the server goes on
+            if len(group) == 1:
+                group[0][1].set_exception(exc)
+            else:  # e.g. one agent's context over the engine's limit: the others' turns must not fail with it
+                for one in group:
+                    self._generate([one], params)
+            return
+        self.calls += 1
+        self.requests += len(group)
+        for (_, future), turn in zip(group, _rows(batch)):
+            future.set_result(turn)
 
 
 def _rows(batch: RolloutBatch) -> list[Turn]:

@@ -275,3 +275,29 @@ def test_episodes_are_reproducible_whatever_shares_their_engine_calls(engine, to
     one, eight, other = batches
     assert one.input_ids.tolist() == eight.input_ids.tolist() and one.loss_mask.tolist() == eight.loss_mask.tolist()
     assert one.input_ids.tolist() != other.input_ids.tolist()
+
+
+def test_one_agents_overlong_context_fails_only_its_own_turn(engine, tokenizer, tiny_model_dir):
+    """Requests batched into one engine call: the engine refusing one (a prompt over rollout.max_prompt_tokens)
+    fails that request with the engine's message, and the others in the same call are served."""
+    prompts = prompts_for(tiny_model_dir, count=4)
+    long_one, errors = prompts[0].meta["question"], []
+
+    def run(client: openai.OpenAI, question: str, fields: dict) -> None:
+        messages = [{"role": "user", "content": question + (" 7" * 2000 if question == long_one else "")}]
+        try:
+            content = _chat(client, messages)
+        except openai.BadRequestError as exc:
+            errors.append(str(exc))
+            raise
+        _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "more"}])
+
+    rollout = EndpointRollout(engine, tokenizer, run, concurrency=4, window_s=0.3)
+    try:
+        batch = rollout.generate(prompts, SamplingParams(group_size=1, max_new_tokens=6))
+    finally:
+        rollout.close()
+    assert len(errors) == 1 and "max_prompt_tokens" in errors[0]
+    assert batch.finish_reasons[0] == "abort" and batch.sample_meta[0]["turns"] == 0
+    assert [m["turns"] for m in batch.sample_meta[1:]] == [2, 2, 2]
+    assert int(batch.loss_mask[0].sum()) == 0  # nothing served, nothing trained
