@@ -63,6 +63,8 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     tools: list[dict[str, object]] | None = None
     """Refused when given: the endpoint has no function calling (describe tools in the prompt, parse the text)."""
+    stream: bool = False
+    """Refused when true: replies come whole."""
 
 
 class _Batcher:
@@ -182,6 +184,8 @@ class ChatServer:
         if request.tools:
             raise Refused("`tools` (function calling) is not supported by this endpoint: describe the tools in the "
                           "system prompt and parse the model's text, or leave them to rlpost's agent.tools.")
+        if request.stream:
+            raise Refused("stream=true is not supported by this endpoint; leave `stream` unset.")
         messages = normalise(request.messages)
         with session.lock:
             context = session.context(self.tokenizer, messages)

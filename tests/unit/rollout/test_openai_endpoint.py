@@ -188,6 +188,8 @@ def test_an_edited_history_or_another_temperature_is_refused(guarded):
               temperature=0.3)
     with pytest.raises(openai.BadRequestError, match="function calling"):
         _chat(client, messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        _chat(client, messages, stream=True)
     with pytest.raises(openai.BadRequestError, match="unknown or closed session"):
         _chat(openai_client(server.url, TOKEN, "nobody", 30), messages)
     assert server.sessions["s1"].turns == 1
@@ -301,3 +303,13 @@ def test_one_agents_overlong_context_fails_only_its_own_turn(engine, tokenizer, 
     assert batch.finish_reasons[0] == "abort" and batch.sample_meta[0]["turns"] == 0
     assert [m["turns"] for m in batch.sample_meta[1:]] == [2, 2, 2]
     assert int(batch.loss_mask[0].sum()) == 0  # nothing served, nothing trained
+
+
+def test_a_turn_past_max_turns_is_refused_and_the_episode_ends_with_length(engine, tokenizer, tiny_model_dir):
+    rollout = EndpointRollout(engine, tokenizer, turns_agent(3), max_turns=2)
+    try:
+        batch = rollout.generate(prompts_for(tiny_model_dir, count=1), SamplingParams(max_new_tokens=4))
+    finally:
+        rollout.close()
+    assert batch.sample_meta[0]["turns"] == 2 and batch.sample_meta[0]["truncation"] == "max_turns"
+    assert batch.finish_reasons[0] == "length" and batch.sample_meta[0]["agent_error"] == 1.0
