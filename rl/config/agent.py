@@ -51,6 +51,34 @@ class ToolConfig(Section):
         return self.name or self.import_path.rpartition(":")[2]  # type: ignore[union-attr]
 
 
+class OpenAIAgentConfig(Section):
+    """Your agent, written against the OpenAI client, as the episode: rlpost serves the policy on a loopback
+    chat-completions endpoint and trains on exactly the tokens it served (rollout/endpoint_rollout.py)."""
+
+    import_path: str
+    """`package.module:run` or `file.py:run`: `run(client: openai.OpenAI, question: str, fields: dict) -> None`
+    drives one episode's conversation through `client.chat.completions.create` (any `model` name; sampling is the
+    job's: leave temperature and top_p unset). `fields` are the prompt's reward fields (e.g. `answer`)."""
+    concurrency: int = Field(default=16, ge=1)
+    """Episodes run at once (each on a thread); their turns share engine calls."""
+    timeout_s: float = Field(default=120.0, gt=0)
+    """Per-episode time limit; an agent that runs longer (or raises) ends its episode with what it had (finish
+    reason `abort`, counted in the row's `agent_timeout` / `agent_error`)."""
+
+    @field_validator("import_path")
+    @classmethod
+    def _loads(cls, v: str, info: ValidationInfo) -> str:
+        from rl.errors import UserError
+        from rl.plugins import load_callable
+
+        path = resolve_import_path(v, info, "agent file", noun="run")
+        try:
+            load_callable(path, "openai agent", ("client", "question", "fields"))
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return path
+
+
 class AgentConfig(Section):
     """Episodes of several model turns with tools."""
 
@@ -69,10 +97,16 @@ class AgentConfig(Section):
     system_prompt: str | None = None
     """What the model is told about its tools, put before the env's own system prompt; null = generated
     from the tools' names, descriptions and argument schemas, with the call format."""
+    openai_agent: OpenAIAgentConfig | None = None
+    """Set: each episode is your OpenAI-client agent's conversation (its own tools, its own turns, at most
+    `max_turns` completions); null = rlpost's tool episodes over `tools`."""
 
     @model_validator(mode="after")
     def _distinct(self) -> AgentConfig:
         labels = [t.label for t in self.tools]
         if len(set(labels)) != len(labels):
             raise ValueError(f"agent.tools: two tools share a name ({labels}); the model could not tell them apart")
+        if self.openai_agent is not None and self.tools:
+            raise ValueError("agent.tools and agent.openai_agent are both set: an OpenAI-client agent calls its own "
+                             "tools; remove agent.tools (or openai_agent to use rlpost's tool episodes)")
         return self

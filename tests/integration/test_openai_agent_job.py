@@ -1,0 +1,44 @@
+"""The real CLI on the tiny job with `agent.openai_agent`: an agent written against the `openai` client (2 turns per
+episode) trains for 2 steps through the rollout worker's chat-completions endpoint, its metrics are written, and a
+second run samples and trains the same (the agents' threads and engine-call batching do not change the episodes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from helpers import metrics, rl, stable
+
+AGENT_FILE = '''
+import openai
+
+
+def run(client: openai.OpenAI, question: str, fields: dict) -> None:
+    messages = [{"role": "user", "content": question}]
+    for turn in range(2):
+        reply = client.chat.completions.create(model="anything", messages=messages, max_tokens=6)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        messages.append({"role": "user", "content": "Check it and give the final answer."})
+'''
+
+
+def test_an_openai_client_agent_trains_for_two_steps(tmp_path: Path):
+    (tmp_path / "my_agent.py").write_text(AGENT_FILE)
+    job = yaml.safe_load((Path(__file__).parents[2] / "rl" / "jobs" / "tiny.yaml").read_text())
+    job.update(name="tiny_openai_agent",
+               agent={"max_turns": 3, "openai_agent": {"import_path": "my_agent.py:run", "concurrency": 8,
+                                                        "timeout_s": 60}})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "run"
+    done = rl("train", str(path), f"run_dir={run_dir}", "trainer.max_steps=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in metrics(run_dir) if r["step"] > 0]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["agent/turns_mean"] == 2 for r in rows), rows  # every episode: the agent's 2 completions
+    for r in rows:  # 8 episodes of 2 served replies of at most 6 tokens; the learner trains on those tokens only
+        assert 0 < r["train/tokens"] == r["rollout/tokens"] <= 8 * 2 * 6, r
+        assert r["grad_norm"] > 0 and r["reward/errors/math_answer"] == 0
+    again = rl("train", str(path), f"run_dir={tmp_path / 'again'}", "trainer.max_steps=2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stable(metrics(tmp_path / "again")) == stable(metrics(run_dir))  # seeded per (prompt, episode, turn)
