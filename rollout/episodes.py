@@ -156,4 +156,6 @@ def episode_metrics(batch: RolloutBatch) -> dict[str, float]:
            "agent/tool_errors_mean": mean("errors")}
     for reason in ("max_turns", "token_budget", "prompt_limit"):
         out[f"agent/truncated_{reason}_frac"] = sum(1.0 for m in metas if m.get("truncation") == reason) / n
+    if any("agent_error" in m for m in metas):  # OpenAI-client agents (rollout/endpoint_rollout.py)
+        out["agent/errors_frac"], out["agent/timeouts_frac"] = mean("agent_error"), mean("agent_timeout")
     return out
