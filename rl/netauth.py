@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import math
 import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from rl.errors import UserError
+
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
 
 CLIENT_HEADER = "X-Rlpost-Client"
 CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -195,3 +199,16 @@ def client_tls(ca_file: str | None) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise UserError(f"cannot load the CA file {ca_file}: {exc}; give a PEM file with the hub's certificate "
                         "or its CA.") from None
+
+
+def send_json(handler: BaseHTTPRequestHandler, code: int, body: Mapping[str, object],
+              headers: Mapping[str, str] | None = None) -> None:
+    """Answer a request with a JSON body (the hub's and the chat endpoint's one reply shape)."""
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)

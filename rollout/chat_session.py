@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from rl.errors import UserError
 from rl.types import Prompt, SamplingParams
+from rollout.engine import Transcript
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,9 +50,7 @@ class Session:
     spec: SessionSpec
     messages: list[Message] = field(default_factory=list)
     prompt_ids: tuple[int, ...] = ()
-    ids: list[int] = field(default_factory=list)
-    trained: list[bool] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    tokens: Transcript = field(default_factory=Transcript)
     turns: int = 0
     finish: str | None = None
     truncation: str = ""
@@ -67,7 +66,7 @@ class Session:
             raise Refused(f"this episode has used its {self.spec.max_turns} model turns (agent.max_turns).")
         if not self.prompt_ids:
             return tuple(_ids(tokenizer, render(tokenizer, messages)))
-        return (*self.prompt_ids, *self.ids, *self._delta_ids(tokenizer, messages))
+        return (*self.prompt_ids, *self.tokens.ids, *self._delta_ids(tokenizer, messages))
 
     def record(self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], context: Sequence[int],
                turn: tuple[list[int], list[float], str], reply: str) -> None:
@@ -76,13 +75,8 @@ class Session:
         if not self.prompt_ids:
             self.prompt_ids = tuple(context)
         else:
-            delta = list(context[len(self.prompt_ids) + len(self.ids):])
-            self.ids += delta
-            self.trained += [False] * len(delta)
-            self.logprobs += [0.0] * len(delta)
-        self.ids += ids
-        self.trained += [True] * len(ids)
-        self.logprobs += lps
+            self.tokens.context(list(context[len(self.prompt_ids) + len(self.tokens):]))
+        self.tokens.sampled(ids, lps)
         self.messages = [*messages, ("assistant", reply)]
         self.turns += 1
         self.finish = reason
@@ -96,7 +90,7 @@ class Session:
         served = [*self.messages[:-1], ("assistant", _SERVED)]
         text = render(tokenizer, [*served, *messages[known:]])
         delta = text[text.index(_SERVED) + len(_SERVED):]
-        last = text_of(tokenizer, self.ids[-1:] or self.prompt_ids[-1:], skip_special=False)
+        last = text_of(tokenizer, self.tokens.ids[-1:] or self.prompt_ids[-1:], skip_special=False)
         if last and last in tokenizer.all_special_tokens and delta.startswith(last):
             delta = delta[len(last):]  # the model closed its turn itself (EOS sampled): do not close it twice
         return _ids(tokenizer, delta)

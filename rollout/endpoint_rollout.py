@@ -96,8 +96,7 @@ class EndpointRollout:
             return Sample(Prompt(spec.prompt.prompt_id, spec.prompt.text, spec.prompt.token_ids, meta), spec.group,
                           (eos,), (0.0,), "abort", (False,))
         text = text_of(self.tokenizer, session.prompt_ids, skip_special=False)
-        return Sample(Prompt(spec.prompt.prompt_id, text, session.prompt_ids, meta), spec.group, tuple(session.ids),
-                      tuple(session.logprobs), finish, tuple(session.trained))
+        return session.tokens.sample(Prompt(spec.prompt.prompt_id, text, session.prompt_ids, meta), spec.group, finish)
 
 
 def openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.OpenAI:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,33 @@ class Sample:
     finish_reason: str
     trained: tuple[bool, ...] | None = None
     """Per completion token: trained on (sampled by the model); None = all of them."""
+
+
+@dataclass
+class Transcript:
+    """An episode's tokens after its prompt, as they grow turn by turn (rollout/episodes.py, chat_session.py):
+    model turns are trained on and keep their sampling logprobs; context (tool answers, new chat messages) is
+    not trained on (logprob 0). Nothing is ever re-tokenised."""
+
+    ids: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def sampled(self, ids: Sequence[int], logprobs: Sequence[float]) -> None:
+        self.ids += ids
+        self.trained += [True] * len(ids)
+        self.logprobs += logprobs
+
+    def context(self, ids: Sequence[int]) -> None:
+        self.ids += ids
+        self.trained += [False] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample(self, prompt: Prompt, group: int, finish_reason: str) -> Sample:
+        return Sample(prompt, group, tuple(self.ids), tuple(self.logprobs), finish_reason, tuple(self.trained))
 
 
 def build_batch(samples: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, pad_token_id: int,

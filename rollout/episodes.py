@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from rl.batch import RolloutBatch
 from rl.types import MultiTurnEnv, Prompt, SamplingParams
-from rollout.engine import Sample, build_batch
+from rollout.engine import Sample, Transcript, build_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,9 +40,7 @@ class _Episode:
     group: int
     env: MultiTurnEnv
     index: int  # which of its prompt's group_size episodes: seeds its later turns
-    ids: list[int] = field(default_factory=list)
-    trained: list[bool] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    tokens: Transcript = field(default_factory=Transcript)
     turns: int = 0
     finish: str | None = None
     truncation: str = ""
@@ -52,8 +50,7 @@ class _Episode:
         """The episode as a row; its meta gains `turns`, `truncation` and the env's last info (tool `calls`,
         `errors`), which reach the rewards as fields and the step's `agent/*` metrics."""
         meta = {**self.prompt.meta, **self.info, "turns": self.turns, "truncation": self.truncation}
-        return Sample(dataclasses.replace(self.prompt, meta=meta), self.group, tuple(self.ids), tuple(self.logprobs),
-                      self.finish or "length", tuple(self.trained))
+        return self.tokens.sample(dataclasses.replace(self.prompt, meta=meta), self.group, self.finish or "length")
 
 
 def _turns(batch: RolloutBatch) -> list[tuple[list[int], list[float], str]]:
@@ -100,17 +97,15 @@ class EpisodeRollout:
         # its own prompt id: the engine seeds each request from (seed, prompt_id, occurrence), so turn t of
         # episode j of a prompt has the same seed whatever else is in the call
         return Prompt(prompt_id=f"{e.prompt.prompt_id}#{e.index}#{e.turns}", text=e.prompt.text,
-                      token_ids=tuple(e.prompt.token_ids) + tuple(e.ids), meta=e.prompt.meta)
+                      token_ids=tuple(e.prompt.token_ids) + tuple(e.tokens.ids), meta=e.prompt.meta)
 
     def _advance(self, episodes: Sequence[_Episode], turns: Sequence[tuple[list[int], list[float], str]]
                  ) -> list[_Episode]:
         """Append each episode's turn and its env's answer; the episodes still running."""
         live = []
         for e, (ids, lps, reason) in zip(episodes, turns):
-            room = self.max_total_tokens - len(e.ids)
-            e.ids += ids[:room]
-            e.trained += [True] * len(ids[:room])
-            e.logprobs += lps[:room]
+            room = self.max_total_tokens - len(e.tokens)
+            e.tokens.sampled(ids[:room], lps[:room])
             e.turns += 1
             if len(ids) > room:
                 e.finish, e.truncation = "length", "token_budget"
@@ -120,10 +115,7 @@ class EpisodeRollout:
             if result.done:
                 e.finish = reason if reason in ("stop", "length") else "abort"
                 continue
-            observation = list(result.observation_ids)[: self.max_total_tokens - len(e.ids)]
-            e.ids += observation
-            e.trained += [False] * len(observation)
-            e.logprobs += [0.0] * len(observation)
+            e.tokens.context(list(result.observation_ids)[: self.max_total_tokens - len(e.tokens)])
             e.finish, e.truncation = "length", self._out_of_room(e)
             if not e.truncation:
                 e.finish = None
@@ -134,9 +126,9 @@ class EpisodeRollout:
         """Why an episode that called a tool cannot take another turn ('' when it can)."""
         if e.turns >= self.max_turns:
             return "max_turns"
-        if len(e.ids) >= self.max_total_tokens:
+        if len(e.tokens) >= self.max_total_tokens:
             return "token_budget"
-        if len(e.prompt.token_ids) + len(e.ids) > self.max_prompt_tokens:
+        if len(e.prompt.token_ids) + len(e.tokens) > self.max_prompt_tokens:
             return "prompt_limit"
         return ""
 

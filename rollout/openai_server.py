@@ -21,7 +21,6 @@ bearer token (required beyond loopback), optional rate limits, the start-up `exp
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rl.batch import RolloutBatch
-from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token
+from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, send_json
 from rl.types import Prompt, RolloutEngine, SamplingParams
 from rollout.chat_session import Refused, Session, SessionSpec, normalise, text_of
 
@@ -245,14 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may take to send its request
 
     def _reply(self, code: int, body: dict[str, object], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, body, headers)
 
     def _error(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
         kind = {401: "authentication_error", 429: "rate_limit_error"}.get(code, "invalid_request_error")

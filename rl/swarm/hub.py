@@ -21,7 +21,6 @@ HTTP API: POST /messages (body = one message, UTF-8) -> {"seq": n}; GET /message
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -32,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar, Generic, TypeVar
 from urllib.parse import parse_qs, urlparse
 
-from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, server_tls
+from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, send_json, server_tls
 
 log = logging.getLogger(__name__)
 MAX_PAGE = 256  # messages per GET
@@ -155,14 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # seconds a client may take to send its request (a stalled peer frees its thread)
 
     def _reply(self, code: int, body: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, body, headers)
 
     def _sender(self) -> Sender:
         return str(self.client_address[0]), client_id(self.headers.get(CLIENT_HEADER))
