@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 SandboxMode = Literal["bwrap", "python_only"]
 SCRATCH = "/sandbox"  # where the scratch directory appears inside the bwrap sandbox
 NOBODY = "65534"
+OWNER_ENV = "RLPOST_SANDBOX_OWNER"
 PROBE_TIMEOUT_S = 20.0
 
 
@@ -172,7 +173,9 @@ def bwrap_command(bwrap: str, scratch: str, seccomp_fd: int, argv: Sequence[str]
             "--die-with-parent", "--new-session", "--cap-drop", "ALL", *_system_dirs(),
             "--proc", "/proc", "--dev", "/dev", "--bind", scratch, SCRATCH, "--chdir", SCRATCH,
             "--clearenv", "--setenv", "HOME", SCRATCH, "--setenv", "TMPDIR", SCRATCH, "--setenv", "PATH",
-            "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--remount-ro", "/", "--seccomp", str(seccomp_fd),
+            "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+            "--setenv", OWNER_ENV, str(os.getpid()),  # whose sandbox this is: a leak can be traced to its owner
+            "--remount-ro", "/", "--seccomp", str(seccomp_fd),
             "--", *argv]
 
 

@@ -80,15 +80,21 @@ def hostile(places) -> dict[str, str]:
 
 
 def _leftovers(marker: str) -> list[str]:
-    """Command lines of live processes that mention `marker` (nothing may survive a call)."""
+    """Command lines of live processes that mention `marker` and belong to this test process's sandboxes (nothing
+    may survive a call): a bwrap naming our pid as the owner, or a process with that owner in its environment
+    (inherited by anything started inside). Other test sessions' sandboxes on the same machine are not ours."""
+    owner = f"{sandbox.OWNER_ENV}={os.getpid()}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+                raw = (proc / "cmdline").read_bytes()
+                environ = (proc / "environ").read_bytes()
             except OSError:
                 continue
-            if marker in cmdline:
+            cmdline = raw.replace(b"\0", b" ").decode("utf-8", "replace")
+            mine = owner in environ or f"{sandbox.OWNER_ENV} {os.getpid()} " in cmdline
+            if marker in cmdline and mine:
                 found.append(cmdline[:200])
     return found
 
