@@ -41,11 +41,15 @@ def _math_verify_timeout() -> int | None:
 
 
 @REWARDS.register("math_answer")
-def math_answer(prompt: str, completion: str, answer: object = None, **fields: object) -> float | None:
+def math_answer(prompt: str, completion: str, answer: object = None, final_turn: str | None = None,
+                **fields: object) -> float | None:
     """1.0 if the completion's final answer is mathematically equivalent to `answer` (math-verify: boxed
-    answers, fractions, LaTeX, and plain numbers such as "12"), else 0.0; None when the sample has no answer."""
+    answers, fractions, LaTeX, and plain numbers such as "12"), else 0.0; None when the sample has no answer.
+    In a multi-turn episode only the model's last turn (`final_turn`) is its answer: a number in a tool's answer
+    earlier in the transcript is not."""
     if answer is None:
         return None
+    completion = completion if final_turn is None else final_turn
     from math_verify import parse, verify
 
     timeout = _math_verify_timeout()
@@ -77,10 +81,13 @@ def _sympy_form(parsed: list) -> Basic | None:
 
 
 @REWARDS.register("last_number")
-def last_number(prompt: str, completion: str, answer: object = None, **fields: object) -> float | None:
-    """1.0 if the last number in the completion equals `answer` numerically (commas ignored)."""
+def last_number(prompt: str, completion: str, answer: object = None, final_turn: str | None = None,
+                **fields: object) -> float | None:
+    """1.0 if the last number in the completion (an episode: in the model's last turn) equals `answer`
+    numerically (commas ignored)."""
     if answer is None:
         return None
+    completion = completion if final_turn is None else final_turn
     found = NUMBER.findall(completion.replace(",", ""))
     try:
         return 1.0 if found and float(found[-1]) == float(str(answer).replace(",", "")) else 0.0

@@ -13,6 +13,11 @@ others are still live; vLLM batches them continuously, the hf engine in rounds. 
 turn has no tool call (`stop`), or with `length` when its turn budget (`agent.max_turns`), its token
 budget (`agent.max_total_tokens`) or the engine's prompt limit (`rollout.max_prompt_tokens`) runs out
 (the row's meta says which: `truncation`; `episode_metrics` logs the fractions).
+
+`agent.prefill` starts every episode's first turn with fixed text: its tokens are context in the row
+(loss mask off) that the model continues, and the first turn the env parses is prefill + sampled tokens.
+Rewards get the whole transcript as `completion` and the model's last turn as the field `final_turn`
+(answer rewards score that: a number in a tool's answer is not the model's answer).
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ class _Episode:
     finish: str | None = None
     truncation: str = ""
     info: Mapping[str, object] = field(default_factory=dict)
+    last: list[int] = field(default_factory=list)  # the model's last turn (with the prefill on turn 1)
 
-    def sample(self) -> Sample:
+    def sample(self, final_turn: str) -> Sample:
         """The episode as a row; its meta gains `turns`, `truncation` and the env's last info (tool `calls`,
         `errors`), which reach the rewards as fields and the step's `agent/*` metrics."""
-        meta = {**self.prompt.meta, **self.info, "turns": self.turns, "truncation": self.truncation}
+        meta = {**self.prompt.meta, **self.info, "turns": self.turns, "truncation": self.truncation,
+                "final_turn": final_turn}
         return self.tokens.sample(dataclasses.replace(self.prompt, meta=meta), self.group, self.finish or "length")
 
 
@@ -68,11 +75,12 @@ class EpisodeRollout:
 
     def __init__(self, inner: Generates, tokenizer: PreTrainedTokenizerBase, new_env: Callable[[], MultiTurnEnv],
                  max_turns: int, max_total_tokens: int, max_prompt_tokens: int, stop: Sequence[str] = (),
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, prefill: str = "") -> None:
         self.inner, self.tokenizer, self.new_env, self.on_close = inner, tokenizer, new_env, on_close
         self.max_turns, self.max_total_tokens, self.max_prompt_tokens = max_turns, max_total_tokens, max_prompt_tokens
         self.stop = tuple(stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prefill: list[int] = tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
 
     def close(self) -> None:
         """Release what the episodes hold (the tools' workers); the inner engine is its owner's to close."""
@@ -81,17 +89,22 @@ class EpisodeRollout:
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
         params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, *self.stop))))
-        first = self.inner.generate(prompts, params)
+        started = [dataclasses.replace(p, token_ids=tuple(p.token_ids) + tuple(self.prefill)) for p in prompts]
+        first = self.inner.generate(started if self.prefill else prompts, params)
         groups = first.group_ids.tolist()
         episodes = [_Episode(prompts[g], g, self.new_env(), i - groups.index(g)) for i, g in enumerate(groups)]
         for e in episodes:
             e.env.reset(e.prompt)
+            e.tokens.context(self.prefill)
+            e.last = list(self.prefill)
         live = self._advance(episodes, _turns(first))
         while live:
             params_t = dataclasses.replace(params, group_size=1)
             batch = self.inner.generate([self._continuation(e) for e in live], params_t)
             live = self._advance(live, _turns(batch))
-        return build_batch([e.sample() for e in episodes], self.tokenizer, self.pad_id, first.policy_version)
+        finals = self.tokenizer.batch_decode([e.last for e in episodes], skip_special_tokens=True)
+        samples = [e.sample(text) for e, text in zip(episodes, finals)]
+        return build_batch(samples, self.tokenizer, self.pad_id, first.policy_version)
 
     def _continuation(self, e: _Episode) -> Prompt:
         # its own prompt id: the engine seeds each request from (seed, prompt_id, occurrence), so turn t of
@@ -106,11 +119,12 @@ class EpisodeRollout:
         for e, (ids, lps, reason) in zip(episodes, turns):
             room = self.max_total_tokens - len(e.tokens)
             e.tokens.sampled(ids[:room], lps[:room])
+            e.last = (e.last if e.turns == 0 else []) + ids[:room]
             e.turns += 1
             if len(ids) > room:
                 e.finish, e.truncation = "length", "token_budget"
                 continue
-            result = e.env.step(ids)
+            result = e.env.step(e.last)
             e.info = result.info
             if result.done:
                 e.finish = reason if reason in ("stop", "length") else "abort"

@@ -97,6 +97,12 @@ class AgentConfig(Section):
     system_prompt: str | None = None
     """What the model is told about its tools, put before the env's own system prompt; null = generated
     from the tools' names, descriptions and argument schemas, with the call format."""
+    prefill: str | None = None
+    """Text that starts the model's first turn of every episode (train and eval), e.g. the opening of a tool
+    call `<tool_call>{"name": "calculator", "arguments": {"expression": "`: the model continues it. It is
+    context (never trained on), part of the turn the tools parse and of the transcript the rewards score, and
+    counts toward `max_total_tokens`. For a small model that never calls a tool on its own, it gives RL a call
+    to reinforce (the `tool_use` job); null = the model starts its turn freely."""
     openai_agent: OpenAIAgentConfig | None = None
     """Set: each episode is your OpenAI-client agent's conversation (its own tools, its own turns, at most
     `max_turns` completions); null = rlpost's tool episodes over `tools`."""
@@ -106,6 +112,9 @@ class AgentConfig(Section):
         labels = [t.label for t in self.tools]
         if len(set(labels)) != len(labels):
             raise ValueError(f"agent.tools: two tools share a name ({labels}); the model could not tell them apart")
+        if self.openai_agent is not None and self.prefill is not None:
+            raise ValueError("agent.prefill applies to rlpost's tool episodes; an OpenAI-client agent writes its own "
+                             "messages: remove agent.prefill (or openai_agent)")
         if self.openai_agent is not None and self.tools:
             raise ValueError("agent.tools and agent.openai_agent are both set: an OpenAI-client agent calls its own "
                              "tools; remove agent.tools (or openai_agent to use rlpost's tool episodes)")

@@ -125,7 +125,7 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
     budget = agent.max_total_tokens or job.rollout.max_new_tokens * agent.max_turns
     return EpisodeRollout(engine, tokenizer, lambda: ToolEpisode(tokenizer, tools, frame, agent.max_observation_tokens),
                           agent.max_turns, budget, job.rollout.max_prompt_tokens, stop=(CALL_CLOSE,),
-                          on_close=tools.close)
+                          on_close=tools.close, prefill=agent.prefill or "")
 
 
 def _write_adapter(files: Mapping[str, bytes], version: int) -> Path:

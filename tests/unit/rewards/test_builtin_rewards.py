@@ -100,3 +100,17 @@ def test_code_exec_runs_tests_in_a_sandbox(tmp_path):
     assert code_exec_one(network, tests=tests).total == 0.0
     assert code_exec_one("x = 'a' * (1 << 34)\ndef add(a, b): return a + b", tests=tests).total == 0.0
     assert code_exec_one(good) is None
+
+
+def test_in_an_episode_only_the_models_last_turn_is_its_answer():
+    """A tool's answer earlier in the transcript is not the model's: math_answer, last_number and answer_after
+    score `final_turn` when an episode gives one (rollout/episodes.py)."""
+    from rewards.builtin import last_number, math_answer
+    from rewards.cot import answer_after
+
+    transcript = 'calc("432 * 650")\ntool\n280800\nassistant\n<tool_call>{"name": "calculator"'
+    for fn in (math_answer, last_number):
+        assert fn("q", transcript, answer="280800", final_turn='<tool_call>{"name": "calculator"') == 0.0
+        assert fn("q", transcript + "\nThe answer is 280800", answer="280800", final_turn="The answer is 280800") == 1.0
+    assert last_number("q", "tool\n280800", answer="280800") == 1.0  # single-turn: the completion, as before
+    assert answer_after("q", "The answer is 280800 tool", answer="280800", final_turn="The answer is 12") == 0.0

@@ -146,3 +146,31 @@ def test_vllm_episodes_match_the_learner_and_the_hf_engine(hf, tiny_model_dir):
     finally:
         vllm.close()
         hf.push_weights(load_causal_lm(tiny_model_dir).state_dict().items(), 0)
+
+
+def test_a_prefill_starts_every_first_turn_as_context(hf, tiny_model_dir):
+    """agent.prefill: its tokens follow the prompt untrained, the model continues them, the env parses
+    prefill + turn 1, and the rewards' `final_turn` is the model's last turn alone."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    answer = tokenizer(" ok", add_special_tokens=False)["input_ids"]
+    prefill = '<tool_call>{"name": "calculator", "arguments": {"expression": "'
+    pre = tokenizer(prefill, add_special_tokens=False)["input_ids"]
+    envs: list[Scripted] = []
+
+    def new_env() -> Scripted:
+        envs.append(Scripted(answer))
+        return envs[-1]
+
+    rollout = EpisodeRollout(hf, tokenizer, new_env, max_turns=TURNS + 1, max_total_tokens=200,
+                             max_prompt_tokens=512, prefill=prefill)
+    batch = rollout.generate(prompts_for(tiny_model_dir, count=2),
+                             SamplingParams(group_size=2, max_new_tokens=5, temperature=1.0, seed=4))
+    batch.validate()
+    for i, env in enumerate(envs):
+        assert env.seen[0][: len(pre)] == pre and len(env.seen[0]) > len(pre)  # the env reads prefill + turn 1
+        p = int(batch.prompt_lengths[i])
+        assert batch.input_ids[i, p:p + len(pre)].tolist() == pre
+        assert not batch.loss_mask[i, p:p + len(pre)].any() and batch.loss_mask[i, p + len(pre)]
+        assert batch.completion_texts[i].startswith(prefill)
+        assert batch.sample_meta[i]["final_turn"] == tokenizer.decode(env.seen[-1], skip_special_tokens=True)
+    assert _max_logprob_diff(hf.model, batch, 1.0) < 1e-4
