@@ -5,6 +5,7 @@ without one (the tiny model's ChatML, as SmolLM2's) falls back to rlpost's docum
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from rl.models import load_tokenizer
 from rl.tool_format import CALL_FORMATS, continuation, detect, observation_frame, parse_llama_json, parse_tagged
 
 QWEN25 = (Path(__file__).parent / "data" / "qwen2_5_chat_template.jinja").read_text()
+CALCULATOR_SCHEMA = {"type": "function", "function": {"name": "calculator", "description": Calculator.spec.description,
+                                                      "parameters": Calculator.spec.parameters}}
 
 
 @pytest.fixture
@@ -93,3 +96,34 @@ def test_llama_style_json_calls_parse():
     assert parse_tagged('<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b"}</tool_call>') \
         == [("a", {}), ("b", {})]
     assert json.loads(CALL_FORMATS.get("llama3_json").write("f", {"x": 1})) == {"name": "f", "parameters": {"x": 1}}
+
+
+@pytest.mark.parametrize("tool_format", ["auto", "tags"])
+def test_a_job_on_a_model_with_a_tool_template_uses_its_syntax_in_prompts_and_episodes(tiny_model_dir, tmp_path,
+                                                                                       tool_format):
+    """The run's wiring: the env's prompts (rl/loop/runtime.build_env) and the worker's tool episodes
+    (rl/loop/worker._episodes) on a model whose own chat template is Qwen2.5's."""
+    from rl.config import load_job
+    from rl.loop.runtime import build_env
+    from rl.loop.worker import _episodes
+
+    model_dir = tmp_path / "qwen-templated"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "chat_template.jinja").write_text(QWEN25)
+    job = load_job("tiny")
+    job = job.model_copy(update={"agent": AgentConfig(tools=[{"name": "calculator"}], tool_format=tool_format)})
+    tokenizer = load_tokenizer(str(model_dir))
+    prompt = next(iter(build_env(job, tokenizer).test_prompts()))
+    system = [{"role": "system", "content": job.env.system_prompt}] if job.env.system_prompt else []
+    native = tokenizer.apply_chat_template([*system, {"role": "user", "content": prompt.meta["question"]}],
+                                           tools=[CALCULATOR_SCHEMA], tokenize=False, add_generation_prompt=True)
+    assert (prompt.text == native) == (tool_format == "auto")
+    assert ("# Tools\n\nYou may call" in prompt.text) == (tool_format == "auto")
+    episodes = _episodes(job, str(model_dir), engine=None)
+    try:
+        env = episodes.new_env()
+        assert env.call_format.name == {"auto": "hermes", "tags": "tags"}[tool_format]
+        assert episodes.stop == ("</tool_call>",)
+        assert env.frame[0] == "<|im_end|>\n<|im_start|>user\n<tool_response>\n"  # Qwen's tool turn either way
+    finally:
+        episodes.close()
