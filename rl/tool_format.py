@@ -156,20 +156,22 @@ class CallFormat:
     """The tools' description where the template does not put its own in the system turn."""
     write: Callable[[str, Mapping[str, object]], str]
     """A call as the model writes it (an earlier call in a history the template cannot render)."""
+    strip_calls: Callable[[str], str]
+    """A turn's text without its calls (the `content` beside `tool_calls` in an OpenAI reply)."""
 
-    def strip_calls(self, text: str) -> str:
-        """The turn's text without its calls (the `content` beside `tool_calls` in an OpenAI reply)."""
-        return "" if self.parse is parse_llama_json else _TAGGED.sub("", text).strip()
+
+def _without_tags(text: str) -> str:
+    return _TAGGED.sub("", text).strip()
 
 
 CALL_FORMATS: Registry[CallFormat] = Registry("tool-call format")
 for _fmt in (
     CallFormat("hermes", True, ("<tool_call>", "tools"), (CALL_CLOSE,), parse_tagged, _hermes_text,
-               lambda n, a: f"{CALL_OPEN}\n{json.dumps({'name': n, 'arguments': a})}\n{CALL_CLOSE}"),
+               lambda n, a: f"{CALL_OPEN}\n{json.dumps({'name': n, 'arguments': a})}\n{CALL_CLOSE}", _without_tags),
     CallFormat("llama3_json", True, ('"parameters"', "tools"), (), parse_llama_json, _llama_text,
-               lambda n, a: json.dumps({"name": n, "parameters": a})),
+               lambda n, a: json.dumps({"name": n, "parameters": a}), lambda text: ""),  # the call is the turn
     CallFormat("tags", False, (), (CALL_CLOSE,), parse_tagged, tags_system_text,
-               lambda n, a: f"{CALL_OPEN}{json.dumps({'name': n, 'arguments': a})}{CALL_CLOSE}"),
+               lambda n, a: f"{CALL_OPEN}{json.dumps({'name': n, 'arguments': a})}{CALL_CLOSE}", _without_tags),
 ):
     CALL_FORMATS.register(_fmt.name)(_fmt)
 TAGS = CALL_FORMATS.get("tags")

@@ -127,3 +127,19 @@ def test_a_job_on_a_model_with_a_tool_template_uses_its_syntax_in_prompts_and_ep
         assert env.frame[0] == "<|im_end|>\n<|im_start|>user\n<tool_response>\n"  # Qwen's tool turn either way
     finally:
         episodes.close()
+
+
+def test_a_llama_style_template_is_detected_and_described_where_it_puts_no_tools_in_the_system_turn(
+        tiny_model_dir, calculator):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = (Path(__file__).parent / "data" / "llama3_1_style_chat_template.jinja").read_text()
+    fmt = detect(tokenizer)
+    assert fmt.name == "llama3_json" and fmt.stop == ()
+    # its tools go in the first user turn, which an env's system prompt cannot carry: the format's own words
+    system = with_tools_prompt("Answer briefly.", None, calculator.specs, tokenizer, "auto")
+    assert system.startswith("Given the following functions") and system.endswith("\n\nAnswer briefly.")
+    assert fmt.parse('{"name": "calculator", "parameters": {"expression": "2 * 3"}}') == [
+        ("calculator", {"expression": "2 * 3"})]
+    before, after = observation_frame(tokenizer, fmt)
+    assert (before, after) == ("<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n",
+                               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
