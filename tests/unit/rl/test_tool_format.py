@@ -60,6 +60,8 @@ def test_a_call_in_the_templates_format_parses_and_its_answer_is_the_templates_t
     episode = ToolEpisode(qwen, calculator, frame, max_observation_tokens=64, call_format=fmt)
     result = episode.step(qwen(call, add_special_tokens=False)["input_ids"])
     assert qwen.decode(list(result.observation_ids)) == frame[0] + "5535" + frame[1]
+    closed = episode.step(qwen(call, add_special_tokens=False)["input_ids"] + [qwen.eos_token_id])
+    assert qwen.decode(list(closed.observation_ids)) == frame[0].removeprefix("<|im_end|>") + "5535" + frame[1]
 
 
 def test_a_template_without_tool_syntax_falls_back_to_tags(tiny_model_dir, calculator):
