@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from rl.batch import RolloutBatch
+from rl.errors import UserError
 from rl.types import MultiTurnEnv, Prompt, SamplingParams
 from rollout.engine import Sample, Transcript, build_batch
 
@@ -81,6 +82,9 @@ class EpisodeRollout:
         self.stop = tuple(stop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prefill: list[int] = tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []
+        if len(self.prefill) >= max_total_tokens:
+            raise UserError(f"agent.prefill is {len(self.prefill)} tokens, which leaves no room in the episode's "
+                            f"token budget ({max_total_tokens}): raise agent.max_total_tokens or shorten the prefill")
 
     def close(self) -> None:
         """Release what the episodes hold (the tools' workers); the inner engine is its owner's to close."""
@@ -117,7 +121,7 @@ class EpisodeRollout:
         """Append each episode's turn and its env's answer; the episodes still running."""
         live = []
         for e, (ids, lps, reason) in zip(episodes, turns):
-            room = self.max_total_tokens - len(e.tokens)
+            room = max(0, self.max_total_tokens - len(e.tokens))
             e.tokens.sampled(ids[:room], lps[:room])
             e.last = (e.last if e.turns == 0 else []) + ids[:room]
             e.turns += 1

@@ -1,6 +1,8 @@
 """The real CLI on the tiny job with `agent:` (tools: calculator, python): episodes go through the training loop,
-its metrics, checkpoints, exact resume after SIGKILL and `rl eval`. (The random tiny model makes no tool calls, so
-its episodes end after one turn; tests/unit/rollout/test_episodes.py drives 3-turn episodes over both engines.)"""
+its metrics, checkpoints, exact resume after SIGKILL and `rl eval`. The random tiny model never writes a tool call,
+so `agent.prefill` starts every episode with a whole calculator call: the calculator really runs, its answer is
+context and the model takes a second turn, in training, after the resume and in eval.
+(tests/unit/rollout/test_episodes.py drives 3-turn episodes over both engines.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import yaml
 from helpers import RL, metrics, rl, stable
 
 AGENT = {"tools": [{"name": "calculator"}, {"name": "python", "timeout_s": 5}], "max_turns": 3,
-         "max_total_tokens": 24}
+         "max_total_tokens": 256,  # the tiny model's tokenizer spends ~80 tokens on the prefill
+         "prefill": '<tool_call>{"name": "calculator", "arguments": {"expression": "6 * 7"}}</tool_call>'}
 
 
 def _job(tmp_path: Path) -> Path:
@@ -32,7 +35,10 @@ def test_an_agent_job_trains_resumes_exactly_and_evaluates(tmp_path):
     done = rl("train", str(job), f"run_dir={full}", "trainer.max_steps=4", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(full)
-    assert all(r["agent/turns_mean"] >= 1 and "agent/tool_calls_mean" in r for r in rows if r["step"] > 0)
+    steps = [r for r in rows if r["step"] > 0]
+    assert len(steps) == 4  # every episode: the prefilled call, its answer, a second model turn
+    assert all(r["agent/tool_calls_mean"] >= 1 and r["agent/turns_mean"] >= 2 for r in steps), steps
+    assert all(r["agent/tool_errors_mean"] == 0 for r in steps)  # the calculator answered every call
     proc = subprocess.Popen([*RL, "train", str(job), f"run_dir={cut}", "trainer.max_steps=4"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
