@@ -1,0 +1,115 @@
+"""`verifiers` environments (the real library, tests/unit/rollout/verifiers_envs.py) through the chat endpoint over
+the real hf engine (rollout/verifiers_rollout.py): the prompts are the env's dataset, each episode is the env's own
+rollout, the learner trains on exactly the served tokens (log-probs equal to the learner's), and the env's rubric
+score reaches the rewards."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from common import learner_logprobs
+
+from rl.config.agent import VerifiersConfig
+from rl.models import load_causal_lm, load_tokenizer
+from rl.registries import REWARDS
+from rl.types import SamplingParams
+from rollout.engine import build_engine
+from rollout.verifiers_rollout import VerifiersPrompts, VerifiersRollout
+
+
+class Recording:
+    """The real hf engine, with every call's sampled tokens recorded per request id (what it served)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.sampled, self.lock = engine, {}, threading.Lock()
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def generate(self, prompts, params):
+        batch = self.engine.generate(prompts, params)
+        with self.lock:
+            for i, p in enumerate(prompts):
+                self.sampled[p.prompt_id] = batch.input_ids[i][batch.loss_mask[i]].tolist()
+        return batch
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    from rl.config import load_job
+
+    return Recording(build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", seed=0))
+
+
+def _run(engine, tokenizer, kind: str, prompts: int = 2, group: int = 2, **cfg):
+    config = VerifiersConfig(env="verifiers_envs", kwargs={"kind": kind}, **cfg)
+    chosen = VerifiersPrompts(config, tokenizer).train_prompts()[:prompts]
+    rollout = VerifiersRollout(engine, tokenizer, config, max_turns=8)
+    try:
+        return chosen, rollout.generate(chosen, SamplingParams(group_size=group, max_new_tokens=6, seed=5))
+    finally:
+        rollout.close()
+
+
+def _served_exactly(engine, batch, prompts, tiny_model_dir) -> None:
+    for i in range(batch.num_samples):
+        g, j = divmod(i, 2)
+        served = [engine.sampled[f"{prompts[g].prompt_id}#{j}#{t}"] for t in range(batch.sample_meta[i]["turns"])]
+        p = int(batch.prompt_lengths[i])
+        trained = [t for t, m in zip(batch.input_ids[i, p:].tolist(), batch.loss_mask[i, p:].tolist()) if m]
+        assert trained == [t for turn in served for t in turn]  # exactly the engine's tokens, nothing re-tokenised
+    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+    diff = (learner_logprobs(model, batch, 1.0) - batch.sampling_logprobs).abs()[batch.loss_mask]
+    print(f"max |learner - sampler| logprob over {int(batch.loss_mask.sum())} served tokens: {float(diff.max()):.2e}")
+    assert int(batch.loss_mask.sum()) > 0 and float(diff.max()) < 1e-4
+    assert (batch.sampling_logprobs[~batch.loss_mask] == 0).all()
+
+
+def test_the_prompts_are_the_verifiers_envs_dataset(tokenizer):
+    prompts = VerifiersPrompts(VerifiersConfig(env="verifiers_envs", kwargs={"size": 5}), tokenizer)
+    train = prompts.train_prompts()
+    assert [p.meta["answer"] for p in train] == ["0", "1", "2", "3", "4"]
+    assert "Repeat the number 3." in train[3].text and train[3].meta["vf_input"]["example_id"] == 3
+    assert len({p.prompt_id for p in train}) == 5
+    assert [p.meta["answer"] for p in prompts.test_prompts()] == ["0", "1", "2", "3", "4"]  # verifiers' fallback
+
+
+def test_a_single_turn_env_trains_on_the_served_tokens_and_its_rubric_is_the_reward(engine, tokenizer,
+                                                                                     tiny_model_dir):
+    prompts, batch = _run(engine, tokenizer, "single")
+    assert batch.num_samples == 4 and batch.group_ids.tolist() == [0, 0, 1, 1]
+    assert [m["turns"] for m in batch.sample_meta] == [1, 1, 1, 1]
+    _served_exactly(engine, batch, prompts, tiny_model_dir)
+    reward = REWARDS.get("verifiers")
+    for i, meta in enumerate(batch.sample_meta):
+        text = batch.completion_texts[i]
+        metrics = meta["vf_metrics"]
+        assert metrics["brevity"] == pytest.approx(1.0 / (1.0 + len(text.strip())), rel=0.3)
+        assert meta["vf_reward"] == pytest.approx(metrics["exact"] + 0.5 * metrics["brevity"])
+        assert reward("", text, **meta) == meta["vf_reward"]
+        assert reward("", text, metric="brevity", **meta) == metrics["brevity"]
+    assert len({m["vf_reward"] for m in batch.sample_meta}) > 1  # the episodes differ: GRPO has a signal
+
+
+def test_a_multi_turn_env_runs_its_turns_through_the_endpoint(engine, tokenizer, tiny_model_dir):
+    prompts, batch = _run(engine, tokenizer, "multi")
+    assert [m["turns"] for m in batch.sample_meta] == [3, 3, 3, 3]  # the env's max_turns=3
+    for i in range(4):
+        p = int(batch.prompt_lengths[i])
+        row, mask = batch.input_ids[i, p:].tolist(), batch.loss_mask[i, p:].tolist()
+        context = tokenizer.decode([t for t, m in zip(row, mask) if not m])
+        assert "go on 0" in context and "go on 1" in context  # the env's messages: context, never trained
+        assert batch.sample_meta[i]["vf_metrics"]["num_turns"] == 3
+    _served_exactly(engine, batch, prompts, tiny_model_dir)
+
+
+def test_an_unknown_env_is_refused_at_validation():
+    with pytest.raises(ValueError, match="no module 'no_such_vf_env' is installed"):
+        VerifiersConfig(env="no-such-vf-env")
