@@ -28,6 +28,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rl.errors import UserError
@@ -89,7 +90,8 @@ def _prompt(tokenizer: PreTrainedTokenizerBase, env: str, split: str, row: Mappi
     vf_input = {k: row[k] for k in ("prompt", "answer", "info", "task", "example_id") if k in row}
     text = render(tokenizer, [(str(m["role"]), str(m.get("content") or "")) for m in messages])
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return Prompt(f"vf:{env}:{split}:{row.get('example_id')}", text, ids,
+    name = Path(env).stem if env.endswith(".py") else env  # ids stay the same wherever the file lies
+    return Prompt(f"vf:{name}:{split}:{row.get('example_id')}", text, ids,
                   {"answer": row.get("answer"), "vf_input": vf_input})
 
 
