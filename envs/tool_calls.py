@@ -1,90 +1,53 @@
-"""The tool-call format, tool answers as chat turns, and the per-episode tool env.
+"""Tool episodes: the prompts that tell the model its tools, and the per-episode env that answers its calls.
 
-Format (the tag format of Hermes/Qwen-style models, documented here because SmolLM2's chat template has no
-tool syntax of its own): the model writes
+The call format (how tools are described, how a call is written and read, how an answer is framed) is the
+contract-layer rl/tool_format.py, shared with the OpenAI-compatible endpoint: the chat template's own tool syntax
+where it has one (Qwen2.5/Hermes `<tool_call>` JSON, Llama-3.1 JSON; `agent.tool_format: auto`), else rlpost's
+documented tag format (SmolLM2's template has none):
 
     <tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>
 
-and its turn ends there (`</tool_call>` is a stop string). The answer is appended as a `tool` turn of the
-model's chat template, followed by the template's generation prompt, so the model continues as the
-assistant: for ChatML (SmolLM2) `<|im_end|>\\n<|im_start|>tool\\n5535<|im_end|>\\n<|im_start|>assistant\\n`.
-The framing is read off the template once (with placeholder contents), and only the tool's answer is
-tokenised: the model's own tokens are never re-tokenised. A template that cannot render a `tool` turn gets
-a `user` turn holding `<tool_response>...</tool_response>`; a model without a template gets those tags alone.
-A turn without a tool call is the final answer: the episode ends.
+A turn with a call gets the tool's answer as the template's tool turn, followed by its generation prompt, so the
+model continues as the assistant (for ChatML: `<|im_end|>\\n<|im_start|>tool\\n5535<|im_end|>\\n<|im_start|>
+assistant\\n`). Only the answer is tokenised: the model's own tokens are never re-tokenised. A turn without a
+call is the final answer: the episode ends.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from envs.tools import ToolBox, ToolSpec, describe
+from envs.tools import ToolBox, ToolSpec
+from rl.tool_format import AUTO, TAGS, CallFormat, detect, system_prompt, tool_schema, unclosed
 from rl.types import Prompt, StepResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
-RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
-_TURN, _ANSWER = "\x00ASSISTANT-TURN\x00", "\x00TOOL-ANSWER\x00"
+
+def schemas(specs: Sequence[ToolSpec]) -> list[dict[str, object]]:
+    """The tools as OpenAI function schemas (what chat templates' `tools=` takes)."""
+    return [tool_schema(s.name, s.description, s.parameters) for s in specs]
 
 
-def parse_call(text: str) -> tuple[str, Mapping[str, object]] | str | None:
-    """The turn's last tool call as (name, arguments); an error message for a malformed one; None: no call."""
-    calls = CALL.findall(text)
-    if not calls:
-        return None if CALL_OPEN not in text else f"error: a tool call must end with {CALL_CLOSE}"
-    try:
-        call = json.loads(calls[-1])
-    except json.JSONDecodeError as exc:
-        return f"error: the tool call is not valid JSON ({exc.msg}); write {CALL_OPEN}{{\"name\": ..., " \
-               f"\"arguments\": {{...}}}}{CALL_CLOSE}"
-    if isinstance(call, list) and len(call) == 1:  # [{"name": ...}]: the list form some models write
-        call = call[0]
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return "error: a tool call is a JSON object with a \"name\" and an \"arguments\" object"
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, dict):
-        return "error: \"arguments\" must be a JSON object"
-    return call["name"], arguments
+def with_tools_prompt(system: str | None, agent_prompt: str | None, specs: Sequence[ToolSpec],
+                      tokenizer: PreTrainedTokenizerBase | None = None, tool_format: str = AUTO) -> str | None:
+    """The system prompt of an env whose episodes have tools (agent.system_prompt, then the env's own).
 
-
-def observation_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """(text before, text after) a tool's answer, to append after the model's tool-call turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "\n" + RESPONSE_OPEN, RESPONSE_CLOSE + "\n"
-    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _TURN}]
-    for role, (head, foot) in (("tool", ("", "")), ("user", (RESPONSE_OPEN, RESPONSE_CLOSE))):
-        try:
-            text = tokenizer.apply_chat_template([*turns, {"role": role, "content": head + _ANSWER + foot}],
-                                                 tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - a template may refuse a role (jinja raise_exception): try the next
-            continue
-        assert isinstance(text, str)  # tokenize=False renders text
-        if _TURN in text and _ANSWER in text and text.index(_TURN) < text.index(_ANSWER):
-            before, _, after = text[text.index(_TURN) + len(_TURN):].partition(_ANSWER)
-            return before, after
-    return "\n" + RESPONSE_OPEN, RESPONSE_CLOSE + "\n"
-
-
-def system_text(specs: Sequence[ToolSpec]) -> str:
-    """What the model is told about its tools and the call format (agent.system_prompt: null)."""
-    return ("You can call tools. To call one, write exactly\n" + CALL_OPEN + '{"name": "<tool>", "arguments": '
-            '{<arguments>}}' + CALL_CLOSE + "\nand stop; its answer comes back in the next message. Tools:\n"
-            + describe(specs) + "\nWhen you have the answer, give it without a tool call.")
-
-
-def with_tools_prompt(system: str | None, agent_prompt: str | None, specs: Sequence[ToolSpec]) -> str | None:
-    """The system prompt of an env whose episodes have tools: the tools' description, then the env's own."""
+    Tag format: `agent_prompt` (null: rlpost's generated description) replaces the description. A native format:
+    the template's own tool block, with `agent_prompt` and the env's prompt as the system turn's text (the env's
+    [system, user] prompt is then the template's rendering with `tools=`). No tokenizer: the tag format."""
     if not specs and agent_prompt is None:
         return system
-    head = agent_prompt if agent_prompt is not None else system_text(specs)
-    return head + ("\n\n" + system if system else "")
+    fmt = TAGS if tokenizer is None else detect(tokenizer, tool_format)
+    if not fmt.native:
+        head = agent_prompt if agent_prompt is not None else fmt.describe(schemas(specs))
+        return head + ("\n\n" + system if system else "")
+    assert tokenizer is not None  # native formats come from a tokenizer's template
+    text = "\n\n".join(t for t in (agent_prompt, system) if t) or None
+    return system_prompt(tokenizer, fmt, text, schemas(specs))
 
 
 @dataclass
@@ -97,6 +60,7 @@ class ToolEpisode:
     max_observation_tokens: int
     calls: int = 0
     errors: int = 0
+    call_format: CallFormat = TAGS
 
     def reset(self, prompt: Prompt) -> None:
         self.calls = self.errors = 0
@@ -104,13 +68,14 @@ class ToolEpisode:
     def step(self, turn_ids: Sequence[int]) -> StepResult:
         text = self.tokenizer.decode(list(turn_ids), skip_special_tokens=True)
         assert isinstance(text, str)  # one id list decodes to one text
-        call = parse_call(text)
-        if call is None:
+        parsed = self.call_format.parse(text)
+        if parsed is None:
             return StepResult(done=True, info={"calls": self.calls, "errors": self.errors})
         self.calls += 1
-        answer = call if isinstance(call, str) else self.tools.call(*call)
+        answer = parsed if isinstance(parsed, str) else self.tools.call(*parsed[-1])  # the turn's last call
         self.errors += answer.startswith("error:")
-        ids = self.tokenizer(self.frame[0] + answer + self.frame[1], add_special_tokens=False)["input_ids"]
+        head = unclosed(self.tokenizer, turn_ids[-1] if turn_ids else None, self.frame[0])
+        ids = self.tokenizer(head + answer + self.frame[1], add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_observation_tokens:  # keep the frame's end, so the model still gets its turn
             tail = self.tokenizer(self.frame[1], add_special_tokens=False)["input_ids"]
             ids = ids[: max(0, self.max_observation_tokens - len(tail))] + tail

@@ -1,9 +1,16 @@
 """An OpenAI-compatible chat-completions endpoint over a rollout engine, recording what it serves.
 
 `ChatServer(engine, tokenizer)` listens on (host, port) (port 0: a free one) and answers
-`POST /v1/chat/completions` (messages, max_tokens, temperature, top_p, stop, seed, n=1; `model` is echoed, not
-checked) and `GET /v1/models`, so any agent written against the OpenAI client talks to the policy being trained.
-It samples with the engine the rollout worker owns, so its weights follow the learner with no extra step.
+`POST /v1/chat/completions` (messages, max_tokens, temperature, top_p, stop, seed, n=1, tools, tool_choice
+"auto"/"none"; `model` is echoed, not checked) and `GET /v1/models`, so any agent written against the OpenAI client
+talks to the policy being trained. It samples with the engine the rollout worker owns, so its weights follow the
+learner with no extra step.
+
+Tools (OpenAI function schemas) are described in the first request's prompt the call format's way
+(rl/tool_format.py: the chat template's own tool syntax where it has one, else rlpost's tag format, whose
+`</tool_call>` then ends a turn); the completion's calls come back parsed as the message's `tool_calls` (id,
+type function, function.name, function.arguments as a JSON string) with finish_reason "tool_calls". The next
+request repeats that message as served and adds `role: tool` answers, framed as the template's tool turn.
 
 Every request names its episode's session in the `X-Rlpost-Session` header (the OpenAI client sends it on every
 call when built with `default_headers`); rollout/chat_session.py keeps each session as tokens and refuses a
@@ -21,6 +28,7 @@ bearer token (required beyond loopback), optional rate limits, the start-up `exp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -35,8 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rl.batch import RolloutBatch
 from rl.netauth import CLIENT_HEADER, Access, Guard, client_id, exposure_line, require_token, send_json
+from rl.tool_format import AUTO, CallFormat, Schema, detect
 from rl.types import Prompt, RolloutEngine, SamplingParams
-from rollout.chat_session import Refused, Session, SessionSpec, normalise, text_of
+from rollout.chat_session import Message, Refused, Session, SessionSpec, normalise, text_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,7 +70,9 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     seed: int | None = None
     tools: list[dict[str, object]] | None = None
-    """Refused when given: the endpoint has no function calling (describe tools in the prompt, parse the text)."""
+    """OpenAI function tools (`{"type": "function", "function": {"name", "description", "parameters"}}`)."""
+    tool_choice: str | dict[str, object] | None = None
+    """"auto" (the default with tools: the model decides) or "none" (described, calls not read); others refused."""
     stream: bool = False
     """Refused when true: replies come whole."""
 
@@ -131,11 +142,12 @@ class ChatServer:
     """The endpoint on (host, port) over `engine` (not owned: closing the server leaves it running)."""
 
     def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, host: str = "127.0.0.1",
-                 port: int = 0, access: Access | None = None, window_s: float = 0.02) -> None:
+                 port: int = 0, access: Access | None = None, window_s: float = 0.02, tool_format: str = AUTO) -> None:
         self.access = access or Access(rate_per_s=None)
         require_token(host, self.access.token, "the chat-completions endpoint",
                       "Give the server an Access(token=...)")
         self.tokenizer = tokenizer
+        self.call_format = detect(tokenizer, tool_format)  # agent.tool_format: the template's own, else tags
         self.batcher = _Batcher(engine, window_s)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -180,24 +192,22 @@ class ChatServer:
         if session is None:
             raise Refused(f"unknown or closed session {session_id!r} (an episode that ended or timed out is closed): "
                           f"send the {SESSION_HEADER} header of an open episode.")
-        if request.tools:
-            raise Refused("`tools` (function calling) is not supported by this endpoint: describe the tools in the "
-                          "system prompt and parse the model's text, or leave them to rlpost's agent.tools.")
+        tools, fmt = _tools(request, self.call_format)
         if request.stream:
             raise Refused("stream=true is not supported by this endpoint; leave `stream` unset.")
         messages = normalise(request.messages)
         with session.lock:
-            context = session.context(self.tokenizer, messages)
-            params = _params(session.spec, request)
+            context = session.context(self.tokenizer, messages, self.call_format, tools)
+            params = _params(session.spec, request, fmt.stop if fmt else ())
             seed_tag = "" if request.seed is None else f"#s{request.seed}"
             spec = session.spec
             prompt = Prompt(f"{spec.prompt.prompt_id}#{spec.index}#{session.turns}{seed_tag}", "", context)
             turn = self.batcher.submit(prompt, params)
-            reply = _reply_text(self.tokenizer, turn[0], params.stop)
+            reply, message = _reply(self.tokenizer, turn[0], params.stop, fmt)
             if session.closed:  # abandoned while the engine ran: nothing more is recorded
                 raise Refused("this session was closed while its request ran (the episode timed out).")
-            session.record(self.tokenizer, messages, context, turn, reply)
-        return _response(request.model, reply, turn, len(context))
+            session.record(messages, context, turn, reply, tools)
+        return _response(request.model, message, turn, len(context))
 
     def close(self) -> None:
         self.server.shutdown()
@@ -206,7 +216,22 @@ class ChatServer:
         self.thread.join(timeout=5)
 
 
-def _params(spec: SessionSpec, request: ChatRequest) -> SamplingParams:
+def _tools(request: ChatRequest, fmt: CallFormat) -> tuple[list[Schema], CallFormat | None]:
+    """The request's tools, and the format its completion's calls are read in (None: none are read)."""
+    if request.tool_choice not in (None, "auto", "none"):
+        raise Refused(f"tool_choice={request.tool_choice!r} is not supported by this endpoint: use \"auto\" (the "
+                      "model decides whether to call a tool) or \"none\"; a call cannot be forced without changing "
+                      "what the policy samples.")
+    tools: list[Schema] = list(request.tools or [])
+    for tool in tools:
+        fn = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise Refused('each of `tools` must be {"type": "function", "function": {"name": ..., "description": ..., '
+                          '"parameters": {...}}}')
+    return tools, fmt if tools and request.tool_choice != "none" else None
+
+
+def _params(spec: SessionSpec, request: ChatRequest, call_stop: Sequence[str] = ()) -> SamplingParams:
     base = spec.params
     for name, asked, have in (("temperature", request.temperature, base.temperature),
                               ("top_p", request.top_p, base.top_p)):
@@ -215,24 +240,39 @@ def _params(spec: SessionSpec, request: ChatRequest) -> SamplingParams:
                           f"the sampler's settings. Leave {name} unset (or set rollout.{name} in the job).")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     limit = request.max_completion_tokens or request.max_tokens or base.max_new_tokens
-    return dataclasses.replace(base, group_size=1, stop=tuple(dict.fromkeys((*base.stop, *stop))),
+    return dataclasses.replace(base, group_size=1, stop=tuple(dict.fromkeys((*base.stop, *stop, *call_stop))),
                                max_new_tokens=limit)
 
 
-def _reply_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop: Sequence[str]) -> str:
-    """The served tokens as text, without the stop string that ended them (as the OpenAI API returns it)."""
-    text = text_of(tokenizer, ids)
+def _reply_text(text: str, stop: Sequence[str]) -> str:
+    """The served text without the stop string that ended it (as the OpenAI API returns it)."""
     for s in stop:
         if s and s in text:
             return text[: text.index(s)]
     return text
 
 
-def _response(model: str, reply: str, turn: Turn, prompt_tokens: int) -> dict[str, object]:
+def _reply(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop: Sequence[str],
+           fmt: CallFormat | None) -> tuple[Message, dict[str, object]]:
+    """The served turn as the session keeps it and as the response's message (its calls parsed when tools are on);
+    a malformed call is left as text (the agent sees what the model wrote)."""
+    text = text_of(tokenizer, ids)
+    calls = fmt.parse(text) if fmt is not None else None
+    if fmt is None or not isinstance(calls, list):
+        content = _reply_text(text, stop)
+        return Message("assistant", content), {"role": "assistant", "content": content}
+    content = fmt.strip_calls(text)
+    served = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+               "function": {"name": name, "arguments": json.dumps(arguments)}} for name, arguments in calls]
+    kept = tuple((name, json.dumps(arguments, sort_keys=True)) for name, arguments in calls)
+    return Message("assistant", content, kept), {"role": "assistant", "content": content or None, "tool_calls": served}
+
+
+def _response(model: str, message: dict[str, object], turn: Turn, prompt_tokens: int) -> dict[str, object]:
     ids, _, reason = turn
+    finish = "tool_calls" if message.get("tool_calls") else "length" if reason == "length" else "stop"
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                         "finish_reason": "length" if reason == "length" else "stop",
+            "model": model, "choices": [{"index": 0, "message": message, "finish_reason": finish,
                                          "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
                       "total_tokens": prompt_tokens + len(ids)}}

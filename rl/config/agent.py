@@ -135,11 +135,24 @@ class AgentConfig(Section):
     system_prompt: str | None = None
     """What the model is told about its tools, put before the env's own system prompt; null = generated
     from the tools' names, descriptions and argument schemas, with the call format."""
+    tool_format: str = "auto"
+    """How tools are described and calls written (rl/tool_format.py): `auto` = the chat template's own tool
+    syntax where it has one (`hermes`: Qwen2.5/Hermes `<tool_call>` JSON; `llama3_json`), else `tags` (rlpost's
+    documented `<tool_call>{"name": ..., "arguments": ...}</tool_call>` with a generated description)."""
     openai_agent: OpenAIAgentConfig | None = None
     """Set: each episode is your OpenAI-client agent's conversation (its own tools, its own turns, at most
     `max_turns` completions); null = rlpost's tool episodes over `tools`."""
     verifiers: VerifiersConfig | None = None
     """Set: each episode is a `verifiers` environment's rollout (its prompts, turns, tools and rubric)."""
+
+    @field_validator("tool_format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from rl.tool_format import AUTO, CALL_FORMATS
+
+        if v != AUTO and v not in CALL_FORMATS:
+            raise ValueError(CALL_FORMATS.unknown_message(v) + f" (or {AUTO!r})")
+        return v
 
     @model_validator(mode="after")
     def _distinct(self) -> AgentConfig:

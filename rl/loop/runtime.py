@@ -52,7 +52,8 @@ def build_env(job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Env:
 
         tools = ToolBox.from_configs(job.agent.tools)
         try:
-            system = with_tools_prompt(env_cfg.system_prompt, job.agent.system_prompt, tools.specs)
+            system = with_tools_prompt(env_cfg.system_prompt, job.agent.system_prompt, tools.specs, tokenizer,
+                                       job.agent.tool_format)
         finally:
             tools.close()
         env_cfg = env_cfg.model_copy(update={"system_prompt": system})

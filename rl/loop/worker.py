@@ -104,9 +104,10 @@ class EngineWorker:
 def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeRollout | ServedRollout:
     """The job's tool episodes, its OpenAI-client agent's or its verifiers environment's conversations, over
     `engine` (rl/config/agent.py)."""
-    from envs.tool_calls import CALL_CLOSE, ToolEpisode, observation_frame
+    from envs.tool_calls import ToolEpisode
     from envs.tools import ToolBox
     from rl.models import load_tokenizer
+    from rl.tool_format import detect, observation_frame
     from rollout.episodes import EpisodeRollout
 
     agent = job.agent
@@ -126,10 +127,12 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
         return EndpointRollout(engine, tokenizer, run, spec.concurrency, spec.timeout_s,  # type: ignore[arg-type]
                                agent.max_turns, max_total_tokens=agent.max_total_tokens)
     tools = ToolBox.from_configs(agent.tools)
-    frame = observation_frame(tokenizer)
+    fmt = detect(tokenizer, agent.tool_format)  # the template's own tool syntax, else the tag format
+    frame = observation_frame(tokenizer, fmt)
     budget = agent.max_total_tokens or job.rollout.max_new_tokens * agent.max_turns
-    return EpisodeRollout(engine, tokenizer, lambda: ToolEpisode(tokenizer, tools, frame, agent.max_observation_tokens),
-                          agent.max_turns, budget, job.rollout.max_prompt_tokens, stop=(CALL_CLOSE,),
+    return EpisodeRollout(engine, tokenizer,
+                          lambda: ToolEpisode(tokenizer, tools, frame, agent.max_observation_tokens, call_format=fmt),
+                          agent.max_turns, budget, job.rollout.max_prompt_tokens, stop=fmt.stop,
                           on_close=tools.close)
 
 

@@ -1,6 +1,6 @@
-"""Tools for multi-turn episodes (envs/tools.py, envs/tool_calls.py): the call format, tool answers as chat
-turns, and containment: a user tool that hangs, raises or returns garbage gives the model an error and the
-episode goes on (real worker processes, a real hang)."""
+"""Tools for multi-turn episodes (envs/tools.py, envs/tool_calls.py, rl/tool_format.py): the call format, tool
+answers as chat turns, and containment: a user tool that hangs, raises or returns garbage gives the model an error
+and the episode goes on (real worker processes, a real hang)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from envs.tool_calls import CALL_CLOSE, ToolEpisode, observation_frame, parse_call, with_tools_prompt
+from envs.tool_calls import ToolEpisode, with_tools_prompt
 from envs.tools import Calculator, ToolBox, UserTool
 from rl.config.agent import AgentConfig, ToolConfig
 from rl.models import load_tokenizer
+from rl.tool_format import CALL_CLOSE, observation_frame, parse_call
 
 TOOLS_PY = '''
 import time

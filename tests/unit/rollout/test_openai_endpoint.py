@@ -6,10 +6,12 @@ contained, and the bearer token is enforced."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -186,8 +188,12 @@ def test_an_edited_history_or_another_temperature_is_refused(guarded):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "next"}],
               temperature=0.3)
-    with pytest.raises(openai.BadRequestError, match="function calling"):
-        _chat(client, messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="tool_choice='required' is not supported"):
+        _chat(client, messages, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+              tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="tools differ"):  # the prompt described no tools
+        _chat(client, [*messages, {"role": "assistant", "content": content}, {"role": "user", "content": "next"}],
+              tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
     with pytest.raises(openai.BadRequestError, match="stream"):
         _chat(client, messages, stream=True)
     with pytest.raises(openai.BadRequestError, match="unknown or closed session"):
@@ -197,16 +203,16 @@ def test_an_edited_history_or_another_temperature_is_refused(guarded):
 
 def test_a_turn_the_model_closed_itself_is_not_closed_twice(tokenizer, tiny_model_dir):
     """The template closes an assistant turn with EOS (`<|im_end|>`); a reply that sampled it gets only the rest."""
-    from rollout.chat_session import Session
+    from rollout.chat_session import Message, Session
 
     prompt = prompts_for(tiny_model_dir, count=1)[0]
-    first = [("user", "hi")]
+    first = [Message("user", "hi")]
     for ended_by_eos in (True, False):
         session = Session(SessionSpec(prompt, 0, 0, SamplingParams()))
         context = session.context(tokenizer, first)
         sampled = tokenizer("yo", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended_by_eos
-        session.record(tokenizer, first, context, (sampled, [0.0] * len(sampled), "stop"), "yo")
-        nxt = session.context(tokenizer, [*first, ("assistant", "yo"), ("user", "again")])
+        session.record(first, context, (sampled, [0.0] * len(sampled), "stop"), Message("assistant", "yo"))
+        nxt = session.context(tokenizer, [*first, Message("assistant", "yo"), Message("user", "again")])
         assert tokenizer.decode(nxt) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
                                          "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
 
@@ -313,3 +319,134 @@ def test_a_turn_past_max_turns_is_refused_and_the_episode_ends_with_length(engin
         rollout.close()
     assert batch.sample_meta[0]["turns"] == 2 and batch.sample_meta[0]["truncation"] == "max_turns"
     assert batch.finish_reasons[0] == "length" and batch.sample_meta[0]["agent_error"] == 1.0
+
+
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression exactly.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+QWEN25 = (Path(__file__).parents[1] / "rl" / "data" / "qwen2_5_chat_template.jinja").read_text()
+
+
+class Steered(Recording):
+    """The real hf engine, except that turn 0 of every episode "samples" the call text `call` (the random tiny model
+    writes no tool calls): its ids, with the log-probs the tiny model gives them in exactly the context it was
+    served in (one fp32 forward), as a sampler that drew them would record. The later turns are really sampled."""
+
+    def __init__(self, engine, model, tokenizer, call: str) -> None:
+        super().__init__(engine)
+        self.model, self.tokenizer = model, tokenizer
+        self.call = tokenizer(call, add_special_tokens=False)["input_ids"]
+        self.contexts: dict[str, list[int]] = {}
+
+    def generate(self, prompts, params):
+        with self.lock:
+            self.contexts.update({p.prompt_id: list(p.token_ids) for p in prompts})
+        if any(p.prompt_id.split("#")[2] != "0" for p in prompts):
+            return super().generate(prompts, params)
+        import torch
+
+        from rollout.engine import Sample, build_batch
+
+        samples = []
+        for p in prompts:
+            ids = torch.tensor([[*p.token_ids, *self.call]])
+            with torch.no_grad():
+                logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            lps = logp[len(p.token_ids) - 1:].gather(1, ids[0, len(p.token_ids):, None]).squeeze(1).tolist()
+            samples.append(Sample(p, 0, tuple(self.call), tuple(lps), "stop"))
+            self.sampled[p.prompt_id] = list(self.call)
+        self.calls += 1
+        return build_batch(samples, self.tokenizer, self.tokenizer.pad_token_id, 0)
+
+
+def tool_agent(log: list):
+    """A tool-using agent written against the OpenAI client: it passes `tools`, runs the calls it gets back,
+    answers each with a `tool` message, then asks a follow-up question (3 completions)."""
+
+    def run(client: openai.OpenAI, question: str, fields: dict) -> None:
+        messages: list = [{"role": "user", "content": question}]
+        for turn in range(3):
+            reply = client.chat.completions.create(model="policy", messages=messages, tools=[CALCULATOR],
+                                                   tool_choice="auto", max_tokens=6)
+            choice = reply.choices[0]
+            log.append(choice)
+            messages.append(choice.message)  # the reply as served, as agents pass it back
+            for call in choice.message.tool_calls or []:
+                expression = json.loads(call.function.arguments)["expression"]
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": str(eval(expression))})
+            if not choice.message.tool_calls:
+                messages.append({"role": "user", "content": f"thanks {turn}"})
+
+    return run
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen2.5"])
+def test_tools_through_the_endpoint_train_on_exactly_the_served_tokens(template, tiny_model_dir):
+    """OpenAI `tools=`: the prompt describes them (the template's own tool block where it has one, else the tag
+    format's text), the served call comes back as `tool_calls` (finish_reason "tool_calls"), the `tool` answer is
+    accepted and framed as the template's tool turn, and the learner trains on exactly the served tokens."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    if template == "qwen2.5":
+        tokenizer.chat_template = QWEN25
+    call = {"chatml": '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>',
+            "qwen2.5": '<tool_call>\n{"name": "calculator", "arguments": {"expression": "123 * 45"}}\n</tool_call>'}
+    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+    job = load_job("tiny", ["rollout.max_prompt_tokens=960"])  # the tools' description makes prompts longer
+    engine = Steered(build_engine(job.rollout, tiny_model_dir, "float32", "cpu", seed=0), model, tokenizer,
+                     call[template])
+    prompts, log = prompts_for(tiny_model_dir, count=1), []
+    rollout = EndpointRollout(engine, tokenizer, tool_agent(log), concurrency=1)
+    try:
+        batch = rollout.generate(prompts, SamplingParams(group_size=2, max_new_tokens=6, seed=5))
+    finally:
+        rollout.close()
+    first = log[0]
+    assert first.finish_reason == "tool_calls" and first.message.content is None
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in first.message.tool_calls] == [
+        ("function", "calculator", {"expression": "123 * 45"})]
+    assert first.message.tool_calls[0].id.startswith("call_")
+    assert len(log) == 6 and all(c.finish_reason in ("stop", "length", "tool_calls") for c in log[1:])
+    pid = prompts[0].prompt_id
+    prompt_text = tokenizer.decode(engine.contexts[f"{pid}#0#0"])
+    tool_block = {"chatml": "You can call tools. To call one, write exactly\n<tool_call>",
+                  "qwen2.5": "# Tools\n\nYou may call one or more functions to assist with the user query."}
+    assert tool_block[template] in prompt_text and '"name": "calculator"' in prompt_text
+    answer_turn = {"chatml": "<|im_start|>tool\n5535<|im_end|>\n<|im_start|>assistant\n",
+                   "qwen2.5": "<|im_start|>user\n<tool_response>\n5535\n</tool_response><|im_end|>\n"
+                              "<|im_start|>assistant\n"}
+    for i in range(2):
+        served = [engine.sampled[f"{pid}#{i}#{t}"] for t in range(3)]
+        second = engine.contexts[f"{pid}#{i}#1"]
+        assert second[:len(engine.contexts[f"{pid}#{i}#0"])] == engine.contexts[f"{pid}#{i}#0"]
+        assert tokenizer.decode(second).endswith(call[template] + "<|im_end|>\n" + answer_turn[template])
+        p = int(batch.prompt_lengths[i])
+        row, mask = batch.input_ids[i, p:].tolist(), batch.loss_mask[i, p:].tolist()
+        assert [t for t, m in zip(row, mask) if m] == served[0] + served[1] + served[2]  # nothing re-tokenised
+        assert batch.sample_meta[i]["turns"] == 3
+    diff = (learner_logprobs(model, batch, 1.0) - batch.sampling_logprobs).abs()[batch.loss_mask]
+    print(f"{template}: max |learner - sampler| logprob over {int(batch.loss_mask.sum())} served tokens: "
+          f"{float(diff.max()):.2e}")
+    assert float(diff.max()) < 1e-4
+
+
+def test_tool_choice_none_describes_the_tools_but_reads_no_calls(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "2 * 3"}}</tool_call>'
+    engine = Steered(build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", seed=0),
+                     load_causal_lm(tiny_model_dir, "float32", "cpu"), tokenizer, call)
+    server = ChatServer(engine, tokenizer, access=Access(TOKEN, rate_per_s=None))
+    prompt = prompts_for(tiny_model_dir, count=1)[0]
+    server.open_session("s1", SessionSpec(prompt, 0, 0, SamplingParams(max_new_tokens=4)))
+    try:
+        client = openai_client(server.url, TOKEN, "s1", 30)
+        reply = client.chat.completions.create(model="p", messages=[{"role": "user", "content": "hi"}],
+                                               tools=[CALCULATOR], tool_choice="none")
+        assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
+        assert reply.choices[0].message.content == call
+        with pytest.raises(openai.BadRequestError, match="tool_calls must be"):
+            client.chat.completions.create(model="p", tools=[CALCULATOR], messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": call, "tool_calls": [{"type": "function", "id": "x",
+                                                                       "function": {"name": "f", "arguments": "{"}}]}])
+    finally:
+        server.close()
