@@ -83,11 +83,13 @@ class ServedRollout:
     (not owned: `close` stops the server and the runner). `max_total_tokens` cuts a longer episode's row there."""
 
     def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, runner: Runner,
-                 max_turns: int = 1_000_000, max_total_tokens: int | None = None, window_s: float = 0.02) -> None:
+                 max_turns: int = 1_000_000, max_total_tokens: int | None = None, window_s: float = 0.02,
+                 tool_format: str = "auto") -> None:
         self.engine, self.tokenizer, self.runner = engine, tokenizer, runner
         self.max_turns, self.max_total_tokens = max_turns, max_total_tokens
         self.token = secrets.token_urlsafe(32)
-        self.server = ChatServer(engine, tokenizer, access=Access(self.token, rate_per_s=None), window_s=window_s)
+        self.server = ChatServer(engine, tokenizer, access=Access(self.token, rate_per_s=None), window_s=window_s,
+                                 tool_format=tool_format)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def close(self) -> None:
@@ -170,9 +172,9 @@ class EndpointRollout(ServedRollout):
 
     def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, agent: Agent, concurrency: int = 16,
                  timeout_s: float = 120.0, max_turns: int = 1_000_000, window_s: float = 0.02,
-                 max_total_tokens: int | None = None) -> None:
+                 max_total_tokens: int | None = None, tool_format: str = "auto") -> None:
         super().__init__(engine, tokenizer, AgentRunner(agent, concurrency, timeout_s), max_turns, max_total_tokens,
-                         window_s)
+                         window_s, tool_format)
 
 
 def openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.OpenAI:

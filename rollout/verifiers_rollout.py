@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rl.errors import UserError
+from rl.tool_format import render
 from rl.types import Prompt, RolloutEngine
-from rollout.chat_session import render
 from rollout.endpoint_rollout import Episode, Outcome, ServedRollout, async_openai_client
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def _prompt(tokenizer: PreTrainedTokenizerBase, env: str, split: str, row: Mappi
         raise UserError(f"verifiers environment {env!r}: its prompts are not chat messages; rlpost serves chat "
                         "environments (message_type 'chat').")
     vf_input = {k: row[k] for k in ("prompt", "answer", "info", "task", "example_id") if k in row}
-    text = render(tokenizer, [(str(m["role"]), str(m.get("content") or "")) for m in messages])
+    text = render(tokenizer, [{"role": str(m["role"]), "content": str(m.get("content") or "")} for m in messages])
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     name = Path(env).stem if env.endswith(".py") else env  # ids stay the same wherever the file lies
     return Prompt(f"vf:{name}:{split}:{row.get('example_id')}", text, ids,
@@ -172,6 +172,6 @@ class VerifiersRollout(ServedRollout):
     """`generate` over `engine` whose episodes are the environment's rollouts (rl/loop/worker.py builds it)."""
 
     def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, cfg: VerifiersConfig,
-                 max_turns: int = 1_000_000, max_total_tokens: int | None = None) -> None:
+                 max_turns: int = 1_000_000, max_total_tokens: int | None = None, tool_format: str = "auto") -> None:
         runner = VerifiersRunner(load_env(cfg.env, cfg.kwargs), cfg.concurrency, cfg.timeout_s)
-        super().__init__(engine, tokenizer, runner, max_turns, max_total_tokens)
+        super().__init__(engine, tokenizer, runner, max_turns, max_total_tokens, tool_format=tool_format)

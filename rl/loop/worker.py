@@ -116,7 +116,8 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
     if agent.verifiers is not None:  # a verifiers environment's rollouts, on the same endpoint
         from rollout.verifiers_rollout import VerifiersRollout
 
-        return VerifiersRollout(engine, tokenizer, agent.verifiers, agent.max_turns, agent.max_total_tokens)
+        return VerifiersRollout(engine, tokenizer, agent.verifiers, agent.max_turns, agent.max_total_tokens,
+                                agent.tool_format)
     if agent.openai_agent is not None:  # the endpoint samples with this worker's engine: weights follow the learner
         from rl.plugins import load_callable
         from rollout.endpoint_rollout import EndpointRollout
@@ -125,7 +126,8 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
         run = load_callable(spec.import_path, "openai agent", ("client", "question", "fields"))
         # its signature is checked; what it returns is ignored (typed object, the agent type says None)
         return EndpointRollout(engine, tokenizer, run, spec.concurrency, spec.timeout_s,  # type: ignore[arg-type]
-                               agent.max_turns, max_total_tokens=agent.max_total_tokens)
+                               agent.max_turns, max_total_tokens=agent.max_total_tokens,
+                               tool_format=agent.tool_format)
     tools = ToolBox.from_configs(agent.tools)
     fmt = detect(tokenizer, agent.tool_format)  # the template's own tool syntax, else the tag format
     frame = observation_frame(tokenizer, fmt)

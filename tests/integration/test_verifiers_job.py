@@ -1,7 +1,8 @@
-"""The real CLI on the tiny job with `agent.verifiers`: a single-turn and a multi-turn `verifiers` environment
-(tests/unit/rollout/verifiers_envs.py, verifiers' own SingleTurnEnv / MultiTurnEnv, loaded from the job) train for 2
-steps through the rollout worker's chat-completions endpoint; the prompts are the env's dataset, the reward its
-rubric's score (the built-in `verifiers` reward), the trained tokens the served ones; `rl eval` runs its episodes."""
+"""The real CLI on the tiny job with `agent.verifiers`: a single-turn, a multi-turn and a tool `verifiers` environment
+(tests/unit/rollout/verifiers_envs.py: verifiers' own SingleTurnEnv / MultiTurnEnv / ToolEnv, loaded from the job)
+train for 2 steps through the rollout worker's chat-completions endpoint; the prompts are the env's dataset, the
+reward its rubric's score (the built-in `verifiers` reward), the trained tokens the served ones; `rl eval` runs its
+episodes."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ def _job(tmp_path: Path, kind: str) -> Path:
                agent={"max_turns": 4, "verifiers": {"env": str(ENVS), "kwargs": {"kind": kind, "size": 16},
                                                     "concurrency": 8, "timeout_s": 60}})
     job["rollout"]["max_new_tokens"] = 6
+    job["rollout"]["max_prompt_tokens"] = 960  # a tool env's prompt describes its tools
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
 
 
-@pytest.mark.parametrize(("kind", "turns"), [("single", 1), ("multi", 3)])
+# tool: vf.ToolEnv's tools go to the endpoint as OpenAI `tools` (the random tiny model calls none, so 1 turn;
+# tests/unit/rollout/test_verifiers_rollout.py drives a served call through the env's tool)
+@pytest.mark.parametrize(("kind", "turns"), [("single", 1), ("multi", 3), ("tool", 1)])
 def test_a_verifiers_env_trains_for_two_steps_through_the_endpoint(tmp_path: Path, kind: str, turns: int):
     job = _job(tmp_path, kind)
     run_dir = tmp_path / "run"

@@ -113,3 +113,58 @@ def test_a_multi_turn_env_runs_its_turns_through_the_endpoint(engine, tokenizer,
 def test_an_unknown_env_is_refused_at_validation():
     with pytest.raises(ValueError, match="no module 'no_such_vf_env' is installed"):
         VerifiersConfig(env="no-such-vf-env")
+
+
+class Steered(Recording):
+    """The real hf engine, except that turn 0 of every episode "samples" the call text `call` (the random tiny model
+    writes no tool calls): its ids, with the log-probs the tiny model gives them in exactly the context it was served
+    in (one fp32 forward), as a sampler that drew them would record. The later turns are really sampled."""
+
+    def __init__(self, engine, model, tokenizer, call: str) -> None:
+        super().__init__(engine)
+        self.model, self.tokenizer = model, tokenizer
+        self.call = tokenizer(call, add_special_tokens=False)["input_ids"]
+        self.contexts: dict[str, list[int]] = {}
+
+    def generate(self, prompts, params):
+        with self.lock:
+            self.contexts.update({p.prompt_id: list(p.token_ids) for p in prompts})
+        if any(p.prompt_id.split("#")[2] != "0" for p in prompts):
+            return super().generate(prompts, params)
+        import torch
+
+        from rollout.engine import Sample, build_batch
+
+        samples = []
+        for p in prompts:
+            ids = torch.tensor([[*p.token_ids, *self.call]])
+            with torch.no_grad():
+                logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            lps = logp[len(p.token_ids) - 1:].gather(1, ids[0, len(p.token_ids):, None]).squeeze(1).tolist()
+            samples.append(Sample(p, 0, tuple(self.call), tuple(lps), "stop"))
+            with self.lock:
+                self.sampled[p.prompt_id] = list(self.call)
+        return build_batch(samples, self.tokenizer, self.tokenizer.pad_token_id, 0)
+
+
+def test_a_tool_env_calls_its_tool_through_the_endpoints_tools(tokenizer, tiny_model_dir):
+    """vf.ToolEnv sends its tools as OpenAI `tools`: the prompt describes them, the served call comes back as
+    `tool_calls`, the env runs `add` and answers with a `tool` message (context), the model goes on; the learner
+    trains on exactly the served tokens."""
+    from rl.config import load_job
+
+    call = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+    job = load_job("tiny", ["rollout.max_prompt_tokens=960"])  # the tools' description makes prompts longer
+    engine = Steered(build_engine(job.rollout, tiny_model_dir, "float32", "cpu", seed=0), model, tokenizer, call)
+    prompts, batch = _run(engine, tokenizer, "tool")
+    for i in range(batch.num_samples):
+        g, j = divmod(i, 2)
+        pid = f"{prompts[g].prompt_id}#{j}"
+        first = tokenizer.decode(engine.contexts[f"{pid}#0"])
+        assert '"name": "add"' in first and "Add two integers." in first  # the env's tool, described
+        second = tokenizer.decode(engine.contexts[f"{pid}#1"])
+        assert second.startswith(first) and call in second and "<|im_start|>tool\n5<|im_end|>" in second
+        metrics = batch.sample_meta[i]["vf_metrics"]  # the call, then a real turn without one: the env stops
+        assert batch.sample_meta[i]["turns"] == 2 and metrics["add_calls"] == metrics["total_tool_calls"] == 1
+    _served_exactly(engine, batch, prompts, tiny_model_dir)
