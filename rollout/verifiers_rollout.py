@@ -25,6 +25,7 @@ This module is the one place rlpost imports `verifiers` (an optional dependency:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -103,31 +104,57 @@ class VerifiersRunner:
 
     def __init__(self, env: object, concurrency: int = 16, timeout_s: float = 120.0) -> None:
         self.env, self.concurrency, self.timeout_s = env, concurrency, timeout_s
+        self._start_loop()
+
+    def _start_loop(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="verifiers-loop", daemon=True)
         self.thread.start()
 
     def run(self, episodes: Sequence[Episode], url: str, token: str, cut: Callable[[int], None]) -> list[Outcome]:
-        return asyncio.run_coroutine_threadsafe(self._run(episodes, url, token, cut), self.loop).result()
+        done: dict[int, tuple[Outcome, object | None]] = {}
+        future = asyncio.run_coroutine_threadsafe(self._run(episodes, url, token, cut, done), self.loop)
+        waves = -(-len(episodes) // self.concurrency)  # each wave of episodes within timeout_s, then the scoring
+        try:
+            return future.result(timeout=self.timeout_s * (waves + 1))
+        except concurrent.futures.TimeoutError:
+            # Only a synchronous call that blocks the loop (the env's own code, e.g. a sync tool that hangs) gets
+            # here: asyncio cannot cut it. The step ends with what it has; the next one gets a fresh loop (the
+            # blocked thread is left behind, a daemon).
+            log.warning("verifiers environment: a synchronous call blocked the event loop past the episodes' time "
+                        "limit; %d of %d episodes cut off (finish reason abort)", len(episodes) - len(done),
+                        len(episodes))
+            for i in range(len(episodes)):
+                if i not in done:
+                    cut(i)
+            self._start_loop()
+            return [done[i][0] if i in done else Outcome("timeout", {"vf_reward": 0.0}) for i in range(len(episodes))]
+        finally:
+            for outcome, _ in done.values():
+                outcome.meta.setdefault("vf_reward", 0.0)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
-    async def _run(self, episodes: Sequence[Episode], url: str, token: str,
-                   cut: Callable[[int], None]) -> list[Outcome]:
+    async def _run(self, episodes: Sequence[Episode], url: str, token: str, cut: Callable[[int], None],
+                   done: dict[int, tuple[Outcome, object | None]]) -> list[Outcome]:
         slots = asyncio.Semaphore(self.concurrency)
-        done = await asyncio.gather(*(self._episode(i, e, url, token, cut, slots) for i, e in enumerate(episodes)))
-        outcomes = [outcome for outcome, _ in done]
+        await asyncio.gather(*(self._episode(i, e, url, token, cut, slots, done) for i, e in enumerate(episodes)))
         groups: dict[int, list[tuple[Outcome, object]]] = {}
-        for e, (outcome, state) in zip(episodes, done):
+        for i, e in enumerate(episodes):
+            outcome, state = done[i]
             if state is not None:
                 groups.setdefault(e.spec.group, []).append((outcome, state))
         for members in groups.values():
             await self._score(members)
-        return outcomes
+        return [done[i][0] for i in range(len(episodes))]
 
     async def _episode(self, i: int, episode: Episode, url: str, token: str, cut: Callable[[int], None],
+                       slots: asyncio.Semaphore, done: dict[int, tuple[Outcome, object | None]]) -> None:
+        done[i] = await self._rollout(i, episode, url, token, cut, slots)
+
+    async def _rollout(self, i: int, episode: Episode, url: str, token: str, cut: Callable[[int], None],
                        slots: asyncio.Semaphore) -> tuple[Outcome, object | None]:
         import verifiers as vf
 
@@ -141,10 +168,10 @@ class VerifiersRunner:
                                                self.timeout_s)
             except asyncio.TimeoutError:
                 cut(i)
-                return Outcome("timeout", {"vf_reward": 0.0}), None
+                return Outcome("timeout"), None
             except Exception as exc:  # noqa: BLE001 - an environment failing is contained and counted
                 log.warning("verifiers environment: episode %d raised %s: %s", i, type(exc).__name__, exc)
-                return Outcome("error", {"vf_reward": 0.0}), None
+                return Outcome("error"), None
             finally:
                 await client.close()
         if state.get("error") is not None:  # verifiers ended it on an error of its own (e.g. an empty reply)
@@ -158,9 +185,7 @@ class VerifiersRunner:
             await rubric.score_group(states)
         except Exception as exc:  # noqa: BLE001 - a failing rubric scores its group 0, the run goes on
             log.warning("verifiers environment: the rubric raised %s: %s", type(exc).__name__, exc)
-            for outcome, _ in members:
-                outcome.meta["vf_reward"] = 0.0
-            return
+            return  # its episodes score 0 (run's default)
         for outcome, state in members:
             outcome.meta["vf_reward"] = float(state.get("reward") or 0.0)  # type: ignore[attr-defined]
             metrics = state.get("metrics") or {}  # type: ignore[attr-defined]

@@ -168,3 +168,34 @@ def test_a_tool_env_calls_its_tool_through_the_endpoints_tools(tokenizer, tiny_m
         metrics = batch.sample_meta[i]["vf_metrics"]  # the call, then a real turn without one: the env stops
         assert batch.sample_meta[i]["turns"] == 2 and metrics["add_calls"] == metrics["total_tool_calls"] == 1
     _served_exactly(engine, batch, prompts, tiny_model_dir)
+
+
+def test_an_env_that_hangs_or_raises_is_contained_and_the_run_goes_on(tokenizer, tiny_model_dir):
+    """Example 0 hangs (async: cut at timeout_s), 1 raises (its episode ends with what it had), 3 is fine; then
+    example 2 blocks the event loop itself (a sync call that hangs): the step still ends, and the next step runs on a
+    fresh loop. Every cut episode ends with finish `abort`, scores 0 and is counted."""
+    import time
+
+    from rl.config import load_job
+
+    engine = build_engine(load_job("tiny").rollout, tiny_model_dir, "float32", "cpu", seed=0)
+    config = VerifiersConfig(env="verifiers_envs", kwargs={"kind": "faulty"}, timeout_s=3)
+    prompts = VerifiersPrompts(config, tokenizer).train_prompts()
+    rollout = VerifiersRollout(engine, tokenizer, config, max_turns=8)
+    params = SamplingParams(group_size=2, max_new_tokens=4, seed=1)
+    try:
+        batch = rollout.generate([prompts[0], prompts[1], prompts[3]], params)
+        meta = batch.sample_meta
+        assert [m["agent_timeout"] for m in meta] == [1, 1, 0, 0, 0, 0]
+        assert [m["agent_error"] for m in meta] == [0, 0, 1, 1, 0, 0]
+        assert list(batch.finish_reasons[:4]) == ["abort"] * 4 and [m["turns"] for m in meta] == [1, 1, 1, 1, 3, 3]
+        assert [m["vf_reward"] for m in meta[:4]] == [0.0] * 4 and all(m["vf_reward"] > 0 for m in meta[4:])
+        start = time.monotonic()
+        stuck = rollout.generate([prompts[2]], params)
+        assert time.monotonic() - start < 3 * 2 + 5  # timeout_s x (1 wave + scoring), not the 30-s block
+        assert list(stuck.finish_reasons) == ["abort", "abort"] and all(m["agent_timeout"] for m in stuck.sample_meta)
+        after = rollout.generate([prompts[4]], params)  # a fresh event loop
+        assert [m["turns"] for m in after.sample_meta] == [3, 3]
+        assert not any(m["agent_timeout"] for m in after.sample_meta)
+    finally:
+        rollout.close()
