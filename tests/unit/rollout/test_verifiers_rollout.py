@@ -110,9 +110,21 @@ def test_a_multi_turn_env_runs_its_turns_through_the_endpoint(engine, tokenizer,
     _served_exactly(engine, batch, prompts, tiny_model_dir)
 
 
-def test_an_unknown_env_is_refused_at_validation():
+def test_an_unknown_env_or_a_clashing_agent_key_is_refused_at_validation(tmp_path):
+    import pydantic
+
+    from rl.config.agent import AgentConfig
+
     with pytest.raises(ValueError, match="no module 'no_such_vf_env' is installed"):
         VerifiersConfig(env="no-such-vf-env")
+    with pytest.raises(ValueError, match="verifiers environment file not found"):
+        VerifiersConfig(env=str(tmp_path / "missing.py"))
+    agent = tmp_path / "agent.py"
+    agent.write_text("def run(client, question, fields):\n    pass\n")
+    with pytest.raises(pydantic.ValidationError, match="openai_agent and agent.verifiers are both set"):
+        AgentConfig(verifiers={"env": "verifiers_envs"}, openai_agent={"import_path": f"{agent}:run"})
+    with pytest.raises(pydantic.ValidationError, match="brings its own tools"):
+        AgentConfig(verifiers={"env": "verifiers_envs"}, tools=[{"name": "calculator"}])
 
 
 class Steered(Recording):
