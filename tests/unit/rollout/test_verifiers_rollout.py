@@ -121,7 +121,7 @@ def test_an_unknown_env_or_a_clashing_agent_key_is_refused_at_validation(tmp_pat
         VerifiersConfig(env=str(tmp_path / "missing.py"))
     agent = tmp_path / "agent.py"
     agent.write_text("def run(client, question, fields):\n    pass\n")
-    with pytest.raises(pydantic.ValidationError, match="openai_agent and agent.verifiers are both set"):
+    with pytest.raises(pydantic.ValidationError, match=r"openai_agent and agent\.verifiers are both set"):
         AgentConfig(verifiers={"env": "verifiers_envs"}, openai_agent={"import_path": f"{agent}:run"})
     with pytest.raises(pydantic.ValidationError, match="brings its own tools"):
         AgentConfig(verifiers={"env": "verifiers_envs"}, tools=[{"name": "calculator"}])
