@@ -58,17 +58,16 @@ def _run(engine, tokenizer, kind: str, prompts: int = 2, group: int = 2, **cfg):
         rollout.close()
 
 
-def _served_exactly(engine, batch, prompts, tiny_model_dir) -> None:
+def _served_exactly(engine, batch, prompts, model, bound: float = 1e-4) -> None:
     for i in range(batch.num_samples):
         g, j = divmod(i, 2)
         served = [engine.sampled[f"{prompts[g].prompt_id}#{j}#{t}"] for t in range(batch.sample_meta[i]["turns"])]
         p = int(batch.prompt_lengths[i])
         trained = [t for t, m in zip(batch.input_ids[i, p:].tolist(), batch.loss_mask[i, p:].tolist()) if m]
         assert trained == [t for turn in served for t in turn]  # exactly the engine's tokens, nothing re-tokenised
-    model = load_causal_lm(tiny_model_dir, "float32", "cpu")
     diff = (learner_logprobs(model, batch, 1.0) - batch.sampling_logprobs).abs()[batch.loss_mask]
     print(f"max |learner - sampler| logprob over {int(batch.loss_mask.sum())} served tokens: {float(diff.max()):.2e}")
-    assert int(batch.loss_mask.sum()) > 0 and float(diff.max()) < 1e-4
+    assert int(batch.loss_mask.sum()) > 0 and float(diff.max()) < bound
     assert (batch.sampling_logprobs[~batch.loss_mask] == 0).all()
 
 
@@ -86,7 +85,7 @@ def test_a_single_turn_env_trains_on_the_served_tokens_and_its_rubric_is_the_rew
     prompts, batch = _run(engine, tokenizer, "single")
     assert batch.num_samples == 4 and batch.group_ids.tolist() == [0, 0, 1, 1]
     assert [m["turns"] for m in batch.sample_meta] == [1, 1, 1, 1]
-    _served_exactly(engine, batch, prompts, tiny_model_dir)
+    _served_exactly(engine, batch, prompts, load_causal_lm(tiny_model_dir, "float32", "cpu"))
     reward = REWARDS.get("verifiers")
     for i, meta in enumerate(batch.sample_meta):
         text = batch.completion_texts[i]
@@ -107,7 +106,7 @@ def test_a_multi_turn_env_runs_its_turns_through_the_endpoint(engine, tokenizer,
         context = tokenizer.decode([t for t, m in zip(row, mask) if not m])
         assert "go on 0" in context and "go on 1" in context  # the env's messages: context, never trained
         assert batch.sample_meta[i]["vf_metrics"]["num_turns"] == 3
-    _served_exactly(engine, batch, prompts, tiny_model_dir)
+    _served_exactly(engine, batch, prompts, load_causal_lm(tiny_model_dir, "float32", "cpu"))
 
 
 def test_an_unknown_env_or_a_clashing_agent_key_is_refused_at_validation(tmp_path):
@@ -179,7 +178,7 @@ def test_a_tool_env_calls_its_tool_through_the_endpoints_tools(tokenizer, tiny_m
         assert second.startswith(first) and call in second and "<|im_start|>tool\n5<|im_end|>" in second
         metrics = batch.sample_meta[i]["vf_metrics"]  # the call, then a real turn without one: the env stops
         assert batch.sample_meta[i]["turns"] == 2 and metrics["add_calls"] == metrics["total_tool_calls"] == 1
-    _served_exactly(engine, batch, prompts, tiny_model_dir)
+    _served_exactly(engine, batch, prompts, model)
 
 
 def test_an_env_that_hangs_or_raises_is_contained_and_the_run_goes_on(tokenizer, tiny_model_dir):
@@ -211,3 +210,27 @@ def test_an_env_that_hangs_or_raises_is_contained_and_the_run_goes_on(tokenizer,
         assert not any(m["agent_timeout"] for m in after.sample_meta)
     finally:
         rollout.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_multi_turn_env_over_vllm_follows_pushed_weights_and_matches_the_learner(tokenizer, tiny_model_dir):
+    """Over the vLLM engine after a weight push: the env's 3-turn episodes are sampled by the pushed weights (the
+    learner's log-probs under them equal the sampler's on exactly the served tokens)."""
+    import torch
+
+    from rl.config import load_job
+
+    vllm = build_engine(load_job("tiny", ["rollout.backend=vllm"]).rollout, tiny_model_dir, "float32", "cpu", 0)
+    try:
+        torch.manual_seed(1)  # perturbed weights: the learner's next policy
+        model = load_causal_lm(tiny_model_dir, "float32", "cpu")
+        weights = {k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        vllm.push_weights(weights.items(), 1)
+        model.load_state_dict(weights)
+        engine = Recording(vllm)
+        prompts, batch = _run(engine, tokenizer, "multi")
+        assert batch.policy_version == 1 and [m["turns"] for m in batch.sample_meta] == [3, 3, 3, 3]
+        _served_exactly(engine, batch, prompts, model, bound=1e-3)  # the pushed weights, as the learner has them
+    finally:
+        vllm.close()
