@@ -95,6 +95,18 @@ def last_number(prompt: str, completion: str, answer: object = None, final_turn:
         return 0.0
 
 
+@REWARDS.register("verifiers")
+def verifiers_score(prompt: str, completion: str, vf_reward: object = None, vf_metrics: object = None,
+                    metric: str | None = None, **fields: object) -> float | None:
+    """The episode's score from its `verifiers` environment's rubric (agent.verifiers, rollout/verifiers_rollout.py):
+    the rubric's weighted reward, or with `metric` one reward function's score; None outside such episodes."""
+    if metric is None:
+        return None if vf_reward is None else float(vf_reward)  # type: ignore[arg-type]
+    if not isinstance(vf_metrics, dict) or metric not in vf_metrics:
+        return None
+    return float(vf_metrics[metric])
+
+
 @REWARDS.register("format")
 def format_reward(prompt: str, completion: str, pattern: str = r"(?s)<think>.*</think>\s*<answer>.*</answer>",
                   **fields: object) -> float:

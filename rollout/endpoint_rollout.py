@@ -12,18 +12,26 @@ prompt are its GRPO group and the rewards score the whole transcript with the pr
 An agent that raises, or runs past `timeout_s` (its session is closed at once, so a late request is refused and
 nothing more is recorded), ends its episode with what it had and finish reason `abort`; `agent_error` /
 `agent_timeout` in the row's meta count them (and a warning says how many). An episode that was refused a turn
-past `agent.max_turns` ends with `length` (truncation `max_turns`).
+past `agent.max_turns` ends with `length` (truncation `max_turns`); one whose tokens after the prompt pass
+`agent.max_total_tokens` has its row cut there, exactly as served, and ends with `length` (truncation
+`token_budget`; the agent's turns past the budget are not trained on).
+
+`ServedRollout` is the machinery (sessions, seeds, time limits, the rows) for any `Runner` that holds the episodes'
+conversations: `AgentRunner` here (threads, the sync OpenAI client), rollout/verifiers_rollout.py (a `verifiers`
+environment's own rollouts, on an event loop).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from rl.batch import RolloutBatch
 from rl.errors import UserError
@@ -41,66 +49,137 @@ log = logging.getLogger(__name__)
 Agent = Callable[["openai.OpenAI", str, dict[str, object]], None]
 
 
-class EndpointRollout:
-    """`generate` that runs the user's OpenAI-client agent over `engine` (not owned: `close` stops the server)."""
+@dataclass(frozen=True)
+class Episode:
+    """One episode on the endpoint: its session (the `X-Rlpost-Session` header) and what it stands for."""
 
-    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, agent: Agent, concurrency: int = 16,
-                 timeout_s: float = 120.0, max_turns: int = 1_000_000, window_s: float = 0.02) -> None:
-        self.engine, self.tokenizer, self.agent = engine, tokenizer, agent
-        self.concurrency, self.timeout_s, self.max_turns = concurrency, timeout_s, max_turns
+    session_id: str
+    spec: SessionSpec
+
+
+@dataclass
+class Outcome:
+    """How an episode's runner left it: "ok", "error" (it raised) or "timeout" (cut off), and fields for the row's
+    meta (they reach the rewards, e.g. a verifiers rubric's score)."""
+
+    status: str = "ok"
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """Drives the episodes' conversations against the endpoint at `url` (bearer `token`); calls `cut(i)` the moment
+    episode i runs past its time limit (its session is closed: a late request is refused, nothing more recorded)."""
+
+    label: str
+
+    def run(self, episodes: Sequence[Episode], url: str, token: str,
+            cut: Callable[[int], None]) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class ServedRollout:
+    """`generate` whose episodes are conversations a `runner` holds with `engine` served on a loopback endpoint
+    (not owned: `close` stops the server and the runner). `max_total_tokens` cuts a longer episode's row there."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, runner: Runner,
+                 max_turns: int = 1_000_000, max_total_tokens: int | None = None, window_s: float = 0.02,
+                 tool_format: str = "auto") -> None:
+        self.engine, self.tokenizer, self.runner = engine, tokenizer, runner
+        self.max_turns, self.max_total_tokens = max_turns, max_total_tokens
         self.token = secrets.token_urlsafe(32)
-        self.server = ChatServer(engine, tokenizer, access=Access(self.token, rate_per_s=None), window_s=window_s)
+        self.server = ChatServer(engine, tokenizer, access=Access(self.token, rate_per_s=None), window_s=window_s,
+                                 tool_format=tool_format)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def close(self) -> None:
-        self.server.close()
+        try:
+            self.runner.close()
+        finally:
+            self.server.close()
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> RolloutBatch:
-        episodes = [(uuid.uuid4().hex, SessionSpec(p, g, j, params, self.max_turns))
+        episodes = [Episode(uuid.uuid4().hex, SessionSpec(p, g, j, params, self.max_turns))
                     for g, p in enumerate(prompts) for j in range(params.group_size)]
-        for sid, spec in episodes:
-            self.server.open_session(sid, spec)
-        calls = [self._call(sid, spec.prompt) for sid, spec in episodes]
-        cut: dict[int, Session] = {}  # sessions of agents that timed out, closed the moment they did
+        for e in episodes:
+            self.server.open_session(e.session_id, e.spec)
+        cut: dict[int, Session] = {}  # sessions of episodes that timed out, closed the moment they did
 
         def on_timeout(i: int) -> None:
-            cut[i] = self.server.abandon(episodes[i][0])
+            cut[i] = self.server.abandon(episodes[i].session_id)
 
-        outcomes = run_all(calls, self.concurrency, self.timeout_s, on_timeout)
-        samples = [self._sample(cut[i] if i in cut else self.server.close_session(sid), outcome)
-                   for i, ((sid, _), outcome) in enumerate(zip(episodes, outcomes))]
-        failed = {k: outcomes.count(k) for k in ("error", "timeout") if k in outcomes}
+        outcomes = self.runner.run(episodes, self.server.url, self.token, on_timeout)
+        samples = [self._sample(cut[i] if i in cut else self.server.close_session(e.session_id), outcome)
+                   for i, (e, outcome) in enumerate(zip(episodes, outcomes))]
+        statuses = [o.status for o in outcomes]
+        failed = {k: statuses.count(k) for k in ("error", "timeout") if k in statuses}
         if failed:
-            log.warning("openai agent: %s of %d episodes ended early (ended with what they had, finish reason abort)",
-                        ", ".join(f"{n} {k}" for k, n in failed.items()), len(episodes))
+            log.warning("%s: %s of %d episodes ended early (ended with what they had, finish reason abort)",
+                        self.runner.label, ", ".join(f"{n} {k}" for k, n in failed.items()), len(episodes))
         return build_batch(samples, self.tokenizer, self.pad_id, self.engine.policy_version)
 
-    def _call(self, session_id: str, prompt: Prompt) -> Callable[[], None]:
-        def call() -> None:
-            client = openai_client(self.server.url, self.token, session_id, self.timeout_s)
-            try:
-                fields = dict(prompt.meta)
-                self.agent(client, str(fields.get("question", prompt.text)), fields)
-            finally:
-                client.close()
-
-        return call
-
-    def _sample(self, session: Session, outcome: str) -> Sample:
+    def _sample(self, session: Session, outcome: Outcome) -> Sample:
         spec = session.spec
-        meta = {**spec.prompt.meta, "turns": session.turns, "truncation": session.truncation,
-                "agent_error": float(outcome == "error"), "agent_timeout": float(outcome == "timeout")}
-        finish = "length" if session.truncation else "abort" if outcome != "ok" else session.finish or "abort"
+        over = self.max_total_tokens is not None and len(session.tokens) > self.max_total_tokens
+        truncation = "token_budget" if over else session.truncation
+        meta = {**spec.prompt.meta, **outcome.meta, "turns": session.turns, "truncation": truncation,
+                "agent_error": float(outcome.status == "error"), "agent_timeout": float(outcome.status == "timeout")}
+        finish = "length" if truncation else "abort" if outcome.status != "ok" else session.finish or "abort"
         if not session.prompt_ids:  # no turn was served: the prompt alone, nothing to train on
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
             return Sample(Prompt(spec.prompt.prompt_id, spec.prompt.text, spec.prompt.token_ids, meta), spec.group,
                           (eos,), (0.0,), "abort", (False,))
         text = text_of(self.tokenizer, session.prompt_ids, skip_special=False)
-        return session.tokens.sample(Prompt(spec.prompt.prompt_id, text, session.prompt_ids, meta), spec.group, finish)
+        sample = session.tokens.sample(Prompt(spec.prompt.prompt_id, text, session.prompt_ids, meta), spec.group,
+                                       finish)
+        if over:  # the budget's first tokens, exactly as served (the rest is dropped, never re-tokenised)
+            n = self.max_total_tokens
+            sample = dataclasses.replace(sample, token_ids=sample.token_ids[:n], logprobs=sample.logprobs[:n],
+                                         trained=None if sample.trained is None else sample.trained[:n])
+        return sample
+
+
+class AgentRunner:
+    """The user's agent `run(client: openai.OpenAI, question, fields)`, one thread per episode, `concurrency` at a
+    time, each with its own client whose `X-Rlpost-Session` header names its episode."""
+
+    label = "openai agent"
+
+    def __init__(self, agent: Agent, concurrency: int = 16, timeout_s: float = 120.0) -> None:
+        self.agent, self.concurrency, self.timeout_s = agent, concurrency, timeout_s
+
+    def run(self, episodes: Sequence[Episode], url: str, token: str, cut: Callable[[int], None]) -> list[Outcome]:
+        calls = [self._call(url, token, e) for e in episodes]
+        return [Outcome(s) for s in run_all(calls, self.concurrency, self.timeout_s, cut)]
+
+    def _call(self, url: str, token: str, episode: Episode) -> Callable[[], None]:
+        def call() -> None:
+            client = openai_client(url, token, episode.session_id, self.timeout_s)
+            try:
+                fields = dict(episode.spec.prompt.meta)
+                self.agent(client, str(fields.get("question", episode.spec.prompt.text)), fields)
+            finally:
+                client.close()
+
+        return call
+
+    def close(self) -> None:
+        pass
+
+
+class EndpointRollout(ServedRollout):
+    """`generate` that runs the user's OpenAI-client agent over `engine` (not owned: `close` stops the server)."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, agent: Agent, concurrency: int = 16,
+                 timeout_s: float = 120.0, max_turns: int = 1_000_000, window_s: float = 0.02,
+                 max_total_tokens: int | None = None, tool_format: str = "auto") -> None:
+        super().__init__(engine, tokenizer, AgentRunner(agent, concurrency, timeout_s), max_turns, max_total_tokens,
+                         window_s, tool_format)
 
 
 def openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.OpenAI:
-    """An OpenAI client for one episode (the one place rlpost imports `openai`, an optional dependency)."""
+    """An OpenAI client for one episode (this module is the one place rlpost imports `openai`, an optional
+    dependency)."""
     try:
         import openai
     except ImportError:
@@ -108,6 +187,14 @@ def openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float
                         "rlpost's `agents` extra).") from None
     return openai.OpenAI(base_url=base_url, api_key=api_key, default_headers={SESSION_HEADER: session_id},
                          max_retries=0, timeout=timeout_s)
+
+
+def async_openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.AsyncOpenAI:
+    """The async client of one episode (for runners on an event loop, e.g. verifiers environments)."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, default_headers={SESSION_HEADER: session_id},
+                              max_retries=0, timeout=timeout_s)
 
 
 def run_all(calls: Sequence[Callable[[], None]], concurrency: int, timeout_s: float,

@@ -79,6 +79,43 @@ class OpenAIAgentConfig(Section):
         return path
 
 
+class VerifiersConfig(Section):
+    """A `verifiers` environment as the episodes: its own dataset gives the prompts, its own rollout (single-turn,
+    multi-turn, tool envs) talks to the policy on a loopback chat-completions endpoint, its rubric scores them (the
+    `verifiers` reward reads the score); the learner trains on exactly the served tokens (rollout/verifiers_rollout.py).
+    Needs rlpost's `verifiers` extra."""
+
+    env: str
+    """The environment: an installed module or env id exposing `load_environment(**kwargs)` (as `vf.load_environment`
+    finds it: `my-env` -> module `my_env`), or `path/to/file.py` (relative to the job file) defining it."""
+    kwargs: dict[str, object] = Field(default_factory=dict)
+    """Arguments of `load_environment`."""
+    concurrency: int = Field(default=16, ge=1)
+    """Episodes run at once (on one event loop); their turns share engine calls."""
+    timeout_s: float = Field(default=120.0, gt=0)
+    """Per-episode time limit; a longer episode ends with what it had (finish reason `abort`, `agent_timeout`)."""
+
+    @field_validator("env")
+    @classmethod
+    def _findable(cls, v: str, info: ValidationInfo) -> str:
+        from importlib.util import find_spec
+
+        from rl.config.base import resolve_existing_file
+
+        if v.endswith(".py"):
+            return resolve_existing_file(v, info, "verifiers environment file")
+        module = v.replace("-", "_").split("/")[-1]  # verifiers' own env id -> module rule
+        try:
+            found = find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ValueError(f"verifiers environment {v!r}: no module {module!r} is installed; install the env's "
+                             f"package (e.g. `prime env install {v}` or `pip install -e path/to/{module}`), or give "
+                             "a path to a .py file that defines load_environment")
+        return v
+
+
 class AgentConfig(Section):
     """Episodes of several model turns with tools."""
 
@@ -89,7 +126,8 @@ class AgentConfig(Section):
     `length` (the turn budget ran out)."""
     max_total_tokens: int | None = Field(default=None, ge=1)
     """Most tokens after the prompt (model and tool tokens together); null = rollout.max_new_tokens x
-    max_turns. An episode that reaches it is cut there (finish reason `length`). The engine must accept the
+    max_turns (for `openai_agent` / `verifiers` episodes: no budget). An episode that reaches it is cut there
+    (finish reason `length`, truncation `token_budget`). The engine must accept the
     prompt plus this many tokens as a prompt: rollout.max_prompt_tokens (and vLLM's max_model_len) must be
     large enough (checked)."""
     max_observation_tokens: int = Field(default=128, ge=1)
@@ -110,6 +148,8 @@ class AgentConfig(Section):
     openai_agent: OpenAIAgentConfig | None = None
     """Set: each episode is your OpenAI-client agent's conversation (its own tools, its own turns, at most
     `max_turns` completions); null = rlpost's tool episodes over `tools`."""
+    verifiers: VerifiersConfig | None = None
+    """Set: each episode is a `verifiers` environment's rollout (its prompts, turns, tools and rubric)."""
 
     @field_validator("tool_format")
     @classmethod
@@ -125,9 +165,15 @@ class AgentConfig(Section):
         labels = [t.label for t in self.tools]
         if len(set(labels)) != len(labels):
             raise ValueError(f"agent.tools: two tools share a name ({labels}); the model could not tell them apart")
-        if self.openai_agent is not None and self.prefill is not None:
-            raise ValueError("agent.prefill applies to rlpost's tool episodes; an OpenAI-client agent writes its own "
-                             "messages: remove agent.prefill (or openai_agent)")
+        served = [k for k in ("openai_agent", "verifiers") if getattr(self, k) is not None]
+        if len(served) > 1:
+            raise ValueError("agent.openai_agent and agent.verifiers are both set: an episode is one or the other")
+        if self.verifiers is not None and self.tools:
+            raise ValueError("agent.tools and agent.verifiers are both set: a verifiers environment brings its own "
+                             "tools; remove agent.tools")
+        if self.prefill is not None and served:
+            raise ValueError(f"agent.prefill applies to rlpost's tool episodes; agent.{served[0]} writes its own "
+                             f"messages: remove agent.prefill (or agent.{served[0]})")
         if self.openai_agent is not None and self.tools:
             raise ValueError("agent.tools and agent.openai_agent are both set: an OpenAI-client agent calls its own "
                              "tools; remove agent.tools (or openai_agent to use rlpost's tool episodes)")

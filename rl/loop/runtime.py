@@ -42,6 +42,10 @@ class RunParts:
 
 def build_env(job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Env:
     env_cfg = job.env
+    if job.agent is not None and job.agent.verifiers is not None:  # the verifiers environment's own dataset
+        from rollout.verifiers_rollout import VerifiersPrompts
+
+        return VerifiersPrompts(job.agent.verifiers, tokenizer)
     if job.agent is not None:  # the prompts tell the model its tools (envs/tool_calls.py)
         from envs.tool_calls import with_tools_prompt
         from envs.tools import ToolBox

@@ -17,7 +17,7 @@ from rl.types import FullWeights, LoraFiles, Prompt, RolloutEngine, SamplingPara
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
-    from rollout.endpoint_rollout import EndpointRollout
+    from rollout.endpoint_rollout import ServedRollout
     from rollout.episodes import EpisodeRollout
 
 
@@ -101,8 +101,9 @@ class EngineWorker:
             self._serve(None)  # nothing is served any more: no adapter folder outlives the worker
 
 
-def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeRollout | EndpointRollout:
-    """The job's tool episodes, or its OpenAI-client agent's conversations, over `engine` (rl/config/agent.py)."""
+def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeRollout | ServedRollout:
+    """The job's tool episodes, its OpenAI-client agent's or its verifiers environment's conversations, over
+    `engine` (rl/config/agent.py)."""
     from envs.tool_calls import ToolEpisode
     from envs.tools import ToolBox
     from rl.models import load_tokenizer
@@ -112,6 +113,11 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
     agent = job.agent
     assert agent is not None
     tokenizer = load_tokenizer(model_dir)
+    if agent.verifiers is not None:  # a verifiers environment's rollouts, on the same endpoint
+        from rollout.verifiers_rollout import VerifiersRollout
+
+        return VerifiersRollout(engine, tokenizer, agent.verifiers, agent.max_turns, agent.max_total_tokens,
+                                agent.tool_format)
     if agent.openai_agent is not None:  # the endpoint samples with this worker's engine: weights follow the learner
         from rl.plugins import load_callable
         from rollout.endpoint_rollout import EndpointRollout
@@ -120,7 +126,8 @@ def _episodes(job: JobConfig, model_dir: str, engine: RolloutEngine) -> EpisodeR
         run = load_callable(spec.import_path, "openai agent", ("client", "question", "fields"))
         # its signature is checked; what it returns is ignored (typed object, the agent type says None)
         return EndpointRollout(engine, tokenizer, run, spec.concurrency, spec.timeout_s,  # type: ignore[arg-type]
-                               agent.max_turns)
+                               agent.max_turns, max_total_tokens=agent.max_total_tokens,
+                               tool_format=agent.tool_format)
     tools = ToolBox.from_configs(agent.tools)
     fmt = detect(tokenizer, agent.tool_format)  # the template's own tool syntax, else the tag format
     frame = observation_frame(tokenizer, fmt)

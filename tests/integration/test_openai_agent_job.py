@@ -1,9 +1,11 @@
 """The real CLI on the tiny job with `agent.openai_agent`: an agent written against the `openai` client (2 turns per
 episode) trains for 2 steps through the rollout worker's chat-completions endpoint, its metrics are written, and a
-second run samples and trains the same (the agents' threads and engine-call batching do not change the episodes)."""
+second run samples and trains the same (the agents' threads and engine-call batching do not change the episodes);
+`rl eval` of its checkpoint runs the agent's episodes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -39,6 +41,13 @@ def test_an_openai_client_agent_trains_for_two_steps(tmp_path: Path):
     for r in rows:  # 8 episodes of 2 served replies of at most 6 tokens; the learner trains on those tokens only
         assert 0 < r["train/tokens"] == r["rollout/tokens"] <= 8 * 2 * 6, r
         assert r["grad_norm"] > 0 and r["reward/errors/math_answer"] == 0
+    report = tmp_path / "eval.json"  # `rl eval` runs the agent's episodes too (greedy)
+    evaluated = rl("eval", str(run_dir / "checkpoints" / "step_2"), "--job", str(path), "--num-prompts", "4",
+                   "--out", str(report), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(report.read_text())["n"] == 4
+    samples = [json.loads(line) for line in report.with_name("eval.samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all("Check it and give the final answer." in s["completion"] for s in samples)
     again = rl("train", str(path), f"run_dir={tmp_path / 'again'}", "trainer.max_steps=2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert stable(metrics(tmp_path / "again")) == stable(metrics(run_dir))  # seeded per (prompt, episode, turn)
