@@ -16,8 +16,9 @@ budget (`agent.max_total_tokens`) or the engine's prompt limit (`rollout.max_pro
 
 `agent.prefill` starts every episode's first turn with fixed text: its tokens are context in the row
 (loss mask off) that the model continues, and the first turn the env parses is prefill + sampled tokens.
-Rewards get the whole transcript as `completion` and the model's last turn as the field `final_turn`
-(answer rewards score that: a number in a tool's answer is not the model's answer).
+Rewards get the whole transcript as `completion`, the model's last turn as the field `final_turn` (answer
+rewards score that: a number in a tool's answer is not the model's answer) and every model turn's text as
+`turn_texts` (a reward can score turn by turn and combine; the loss still credits the episode as a whole).
 """
 
 from __future__ import annotations
@@ -51,13 +52,17 @@ class _Episode:
     finish: str | None = None
     truncation: str = ""
     info: Mapping[str, object] = field(default_factory=dict)
-    last: list[int] = field(default_factory=list)  # the model's last turn (with the prefill on turn 1)
+    turn_ids: list[list[int]] = field(default_factory=list)  # each model turn (turn 1 with the prefill)
 
-    def sample(self, final_turn: str) -> Sample:
+    @property
+    def last(self) -> list[int]:
+        return self.turn_ids[-1] if self.turn_ids else []
+
+    def sample(self, texts: Sequence[str]) -> Sample:
         """The episode as a row; its meta gains `turns`, `truncation` and the env's last info (tool `calls`,
         `errors`), which reach the rewards as fields and the step's `agent/*` metrics."""
         meta = {**self.prompt.meta, **self.info, "turns": self.turns, "truncation": self.truncation,
-                "final_turn": final_turn}
+                "final_turn": texts[-1] if texts else "", "turn_texts": list(texts)}
         return self.tokens.sample(dataclasses.replace(self.prompt, meta=meta), self.group, self.finish or "length")
 
 
@@ -100,14 +105,13 @@ class EpisodeRollout:
         for e in episodes:
             e.env.reset(e.prompt)
             e.tokens.context(self.prefill)
-            e.last = list(self.prefill)
         live = self._advance(episodes, _turns(first))
         while live:
             params_t = dataclasses.replace(params, group_size=1)
             batch = self.inner.generate([self._continuation(e) for e in live], params_t)
             live = self._advance(live, _turns(batch))
-        finals = self.tokenizer.batch_decode([e.last for e in episodes], skip_special_tokens=True)
-        samples = [e.sample(text) for e, text in zip(episodes, finals)]
+        texts = iter(self.tokenizer.batch_decode([t for e in episodes for t in e.turn_ids], skip_special_tokens=True))
+        samples = [e.sample([next(texts) for _ in e.turn_ids]) for e in episodes]
         return build_batch(samples, self.tokenizer, self.pad_id, first.policy_version)
 
     def _continuation(self, e: _Episode) -> Prompt:
@@ -123,7 +127,7 @@ class EpisodeRollout:
         for e, (ids, lps, reason) in zip(episodes, turns):
             room = max(0, self.max_total_tokens - len(e.tokens))
             e.tokens.sampled(ids[:room], lps[:room])
-            e.last = (e.last if e.turns == 0 else []) + ids[:room]
+            e.turn_ids.append((self.prefill if e.turns == 0 else []) + ids[:room])
             e.turns += 1
             if len(ids) > room:
                 e.finish, e.truncation = "length", "token_budget"

@@ -172,5 +172,6 @@ def test_a_prefill_starts_every_first_turn_as_context(hf, tiny_model_dir):
         assert batch.input_ids[i, p:p + len(pre)].tolist() == pre
         assert not batch.loss_mask[i, p:p + len(pre)].any() and batch.loss_mask[i, p + len(pre)]
         assert batch.completion_texts[i].startswith(prefill)
-        assert batch.sample_meta[i]["final_turn"] == tokenizer.decode(env.seen[-1], skip_special_tokens=True)
+        turns = [tokenizer.decode(t, skip_special_tokens=True) for t in env.seen]
+        assert batch.sample_meta[i]["turn_texts"] == turns and batch.sample_meta[i]["final_turn"] == turns[-1]
     assert _max_logprob_diff(hf.model, batch, 1.0) < 1e-4
