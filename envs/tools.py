@@ -17,7 +17,6 @@ that raises, hangs past its `timeout_s`, or returns something that is not text g
 from __future__ import annotations
 
 import inspect
-import json
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -251,9 +250,3 @@ class ToolBox:
             close = getattr(tool, "close", None)
             if close is not None:
                 close()
-
-
-def describe(specs: Sequence[ToolSpec]) -> str:
-    """The tool list as the model reads it (one JSON schema per line)."""
-    return "\n".join(json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters})
-                     for s in specs)

@@ -67,11 +67,13 @@ def _restates_the_question(gold: list, pred: list) -> bool:
     """A number is asked for and the final answer is a sum or a product still to be computed ("123 * 456" for
     56088, "9 - 4"). math-verify evaluates it and would call it equal, so a policy that cannot multiply learns to
     echo the question (seen: the `pcl` job hit reward 1.0 on 3-digit products in 12 steps, every completion
-    truncated). Fractions ("1/2") and roots stay answers."""
+    truncated). Fractions ("1/2") and roots stay answers. A whole-number factor counts also when math-verify reads
+    it as a float: a sentence's full stop makes "226 * 103." the product 226 * 103.0 (seen: the `tool_use` job's
+    policy without its tool wrote "226 * 103 is 226 * 103." and was scored correct)."""
     asked, given = _sympy_form(gold), _sympy_form(pred)
     if asked is None or given is None or not asked.is_Number:
         return False
-    factors = [a for a in given.args if a.is_Integer and abs(int(a)) > 1] if given.is_Mul else []
+    factors = [a for a in given.args if a.is_Number and abs(a) > 1 and float(a).is_integer()] if given.is_Mul else []
     return bool(given.is_Add) or len(factors) > 1
 
 

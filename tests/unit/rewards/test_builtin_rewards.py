@@ -33,6 +33,9 @@ MATH_CASES = [
     ("$123\\times 456$", "56088", False),
     ("\\boxed{2+3}", "5", False),
     ("123 * 456 = 56088", "56088", True),
+    ("226 * 103 is 226 * 103.", "23278", False),  # the full stop made 103 a float: still the question restated
+    ("The answer is 23278.", "23278", True),
+    ("It is 0.5 * 4.", "2", True),  # a product with a non-whole factor is not the question's shape
 ]
 
 
