@@ -1,16 +1,18 @@
-"""Tool use in an eval's per-sample records: calls that ran, calls with the question's exact expression."""
-import json, re, sys
+"""Tool use in `rl eval` per-sample records of tool episodes: episodes with a call, calls that ran without error.
+
+The decoded transcript joins turns with the chat template's frame (`...\\ntool\\n<answer>\\nassistant\\n...`), so a
+tool answer that is not `error: ...` is a call that ran.
+"""
+
+import json
+import re
+import sys
+
 for path in sys.argv[1:]:
-    rows = [json.loads(l) for l in open(path)]
+    rows = [json.loads(line) for line in open(path)]
     n = len(rows)
-    calls = ran = exact = correct = 0
-    for r in rows:
-        c = r["completion"]
-        m = re.search(r'"expression": "([^"]*)"', c)
-        if "<tool_call>" in c:
-            calls += 1
-        if re.search(r"\ntool\n(?!error)", c):
-            ran += 1
-        correct += bool(r["correct"])
+    calls = sum("<tool_call>" in r["completion"] for r in rows)
+    ran = sum(bool(re.search(r"\ntool\n(?!error)", r["completion"])) for r in rows)
+    correct = sum(bool(r["correct"]) for r in rows)
     print(json.dumps({"file": path, "n": n, "accuracy": correct / n, "episodes_with_a_call": calls / n,
                       "calls_that_ran": ran / n}))
