@@ -7,9 +7,10 @@ tool answer that is not `error: ...` is a call that ran.
 import json
 import re
 import sys
+from pathlib import Path
 
 for path in sys.argv[1:]:
-    rows = [json.loads(line) for line in open(path)]
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     n = len(rows)
     calls = sum("<tool_call>" in r["completion"] for r in rows)
     ran = sum(bool(re.search(r"\ntool\n(?!error)", r["completion"])) for r in rows)
