@@ -5,10 +5,9 @@ score reaches the rewards."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from common import learner_logprobs
+from served import Recording, Steered
 
 from rl.config.agent import VerifiersConfig
 from rl.models import load_causal_lm, load_tokenizer
@@ -16,24 +15,6 @@ from rl.registries import REWARDS
 from rl.types import SamplingParams
 from rollout.engine import build_engine
 from rollout.verifiers_rollout import VerifiersPrompts, VerifiersRollout
-
-
-class Recording:
-    """The real hf engine, with every call's sampled tokens recorded per request id (what it served)."""
-
-    def __init__(self, engine) -> None:
-        self.engine, self.sampled, self.lock = engine, {}, threading.Lock()
-
-    @property
-    def policy_version(self) -> int:
-        return self.engine.policy_version
-
-    def generate(self, prompts, params):
-        batch = self.engine.generate(prompts, params)
-        with self.lock:
-            for i, p in enumerate(prompts):
-                self.sampled[p.prompt_id] = batch.input_ids[i][batch.loss_mask[i]].tolist()
-        return batch
 
 
 @pytest.fixture(scope="module")
@@ -124,38 +105,6 @@ def test_an_unknown_env_or_a_clashing_agent_key_is_refused_at_validation(tmp_pat
         AgentConfig(verifiers={"env": "verifiers_envs"}, openai_agent={"import_path": f"{agent}:run"})
     with pytest.raises(pydantic.ValidationError, match="brings its own tools"):
         AgentConfig(verifiers={"env": "verifiers_envs"}, tools=[{"name": "calculator"}])
-
-
-class Steered(Recording):
-    """The real hf engine, except that turn 0 of every episode "samples" the call text `call` (the random tiny model
-    writes no tool calls): its ids, with the log-probs the tiny model gives them in exactly the context it was served
-    in (one fp32 forward), as a sampler that drew them would record. The later turns are really sampled."""
-
-    def __init__(self, engine, model, tokenizer, call: str) -> None:
-        super().__init__(engine)
-        self.model, self.tokenizer = model, tokenizer
-        self.call = tokenizer(call, add_special_tokens=False)["input_ids"]
-        self.contexts: dict[str, list[int]] = {}
-
-    def generate(self, prompts, params):
-        with self.lock:
-            self.contexts.update({p.prompt_id: list(p.token_ids) for p in prompts})
-        if any(p.prompt_id.split("#")[2] != "0" for p in prompts):
-            return super().generate(prompts, params)
-        import torch
-
-        from rollout.engine import Sample, build_batch
-
-        samples = []
-        for p in prompts:
-            ids = torch.tensor([[*p.token_ids, *self.call]])
-            with torch.no_grad():
-                logp = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            lps = logp[len(p.token_ids) - 1:].gather(1, ids[0, len(p.token_ids):, None]).squeeze(1).tolist()
-            samples.append(Sample(p, 0, tuple(self.call), tuple(lps), "stop"))
-            with self.lock:
-                self.sampled[p.prompt_id] = list(self.call)
-        return build_batch(samples, self.tokenizer, self.tokenizer.pad_token_id, 0)
 
 
 def test_a_tool_env_calls_its_tool_through_the_endpoints_tools(tokenizer, tiny_model_dir):
