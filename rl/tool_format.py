@@ -77,13 +77,17 @@ def parse_tagged(text: str) -> Parsed:
     blocks = _TAGGED.findall(text)
     if not blocks:
         return None if CALL_OPEN not in text else _unclosed_call(text.rpartition(CALL_OPEN)[2])
+    return _json_calls(blocks, "arguments", f"{CALL_OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{CALL_CLOSE}")
+
+
+def _json_calls(parts: Sequence[str], key: str, example: str) -> Parsed:
+    """Each part one JSON call with its arguments under `key`; the first error (naming `example`) instead."""
     calls: list[ToolCall] = []
-    for block in blocks:
+    for part in parts:
         try:
-            call = _one_call(json.loads(block), "arguments")
+            call = _one_call(json.loads(part), key)
         except json.JSONDecodeError as exc:
-            return (f"error: the tool call is not valid JSON ({exc.msg}); write {CALL_OPEN}{{\"name\": ..., "
-                    f"\"arguments\": {{...}}}}{CALL_CLOSE}")
+            return f"error: the tool call is not valid JSON ({exc.msg}); write {example}"
         if isinstance(call, str):
             return call
         calls.append(call)
@@ -111,17 +115,7 @@ def parse_llama_json(text: str) -> Parsed:
     body = text.strip().removeprefix("<|python_tag|>").strip()
     if not body.startswith("{") or '"name"' not in body:
         return None  # prose: the final answer
-    calls: list[ToolCall] = []
-    for part in body.split(";"):
-        try:
-            call = _one_call(json.loads(part), "parameters")
-        except json.JSONDecodeError as exc:
-            return (f"error: the tool call is not valid JSON ({exc.msg}); write "
-                    f"{{\"name\": ..., \"parameters\": {{...}}}}")
-        if isinstance(call, str):
-            return call
-        calls.append(call)
-    return calls
+    return _json_calls(body.split(";"), "parameters", '{"name": ..., "parameters": {...}}')
 
 
 def _json_lines(tools: Sequence[Schema]) -> str:
