@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Literal, cast
 
 from rewards import normalise
+from rl.types import BatchReward
 
 Scores = tuple[float | None, dict[str, float]]
 """(total or None when the reward does not apply, {component: value})."""
@@ -87,4 +88,17 @@ def call_reward(fn: Callable[..., object], prompts: Sequence[str], completions: 
     if pending:  # async rewards (e.g. calls to a judge service) of one batch run concurrently
         for i, v in asyncio.run(_gather(pending)).items():
             values[i] = v
+    return [_settle(v) for v in values]
+
+
+def call_service(reward: BatchReward, prompts: Sequence[str], completions: Sequence[str],
+                 fields: Sequence[Mapping[str, object]]) -> list[Outcome]:
+    """A model-backed reward's outcomes; a call that fails as a whole (its actor died, out of memory) fails
+    every sample of the batch."""
+    try:
+        values: Sequence[object] = reward(prompts, completions, fields)
+    except Exception as exc:  # noqa: BLE001 - a reward model or judge of any kind: its failure is the fallback's
+        return [("error", _describe(exc))] * len(prompts)
+    if len(values) != len(prompts):
+        return [("error", f"returned {len(values)} scores for {len(prompts)} samples")] * len(prompts)
     return [_settle(v) for v in values]

@@ -14,22 +14,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import torch
 
-from rewards.calling import Outcome, call_reward
+from rewards.calling import Outcome, call_reward, call_service
 from rewards.isolation import IsolatedReward
 from rewards.loading import load_function
 from rewards.shaping import shape
 from rl.batch import RolloutBatch
+from rl.config.rewards import RewardConfig
 from rl.errors import UserError
-from rl.types import RewardResult
+from rl.registries import REWARD_MODELS
+from rl.types import BatchReward, RewardResult
 
 if TYPE_CHECKING:
-    from rl.config.data import RewardConfig, ShapingConfig
+    from rl.config.rewards import AnyRewardConfig, ServiceRewardConfig, ShapingConfig
+
+Place = Callable[[Callable[..., BatchReward], "ServiceRewardConfig"], BatchReward]
+"""How a placeable model-backed reward is started elsewhere (its own Ray actor, rl/loop/reward_actor.py)."""
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +42,30 @@ log = logging.getLogger(__name__)
 class RewardTerm:
     """One configured reward: how to call it, and what a failure gives."""
 
-    def __init__(self, cfg: RewardConfig) -> None:
+    def __init__(self, cfg: AnyRewardConfig, place: Place | None = None) -> None:
         self.cfg = cfg
         self.label = cfg.label
-        self.fn = load_function(cfg.name, cfg.import_path)  # fail fast in the trainer for a bad path/name
-        isolate = cfg.isolate if cfg.isolate is not None else cfg.import_path is not None
-        self.isolated = IsolatedReward(cfg.name, cfg.import_path, cfg.kwargs, cfg.timeout_s,
-                                       batched=bool(getattr(self.fn, "batched", False)),
-                                       memory_mb=cfg.memory_mb) if isolate else None
+        self.isolated: IsolatedReward | None = None
+        self.service: BatchReward | None = None
+        if isinstance(cfg, RewardConfig):
+            self.fn = load_function(cfg.name, cfg.import_path)  # fail fast in the trainer for a bad path/name
+            isolate = cfg.isolate if cfg.isolate is not None else cfg.import_path is not None
+            self.isolated = IsolatedReward(cfg.name, cfg.import_path, cfg.kwargs, cfg.timeout_s,
+                                           batched=bool(getattr(self.fn, "batched", False)),
+                                           memory_mb=cfg.memory_mb) if isolate else None
+        else:
+            factory = REWARD_MODELS.get(cfg.name)
+            remote = place is not None and getattr(factory, "placeable", False)
+            self.service = place(factory, cfg) if remote else factory(cfg)  # type: ignore[misc]  # checked above
         self._logged: set[str] = set()
 
     def outcomes(self, batch: RolloutBatch) -> list[Outcome]:
         fields = [dict(m) for m in batch.sample_meta]
+        if self.service is not None:
+            return call_service(self.service, batch.prompt_texts, batch.completion_texts, fields)
         if self.isolated is not None:
             return self.isolated(batch.prompt_texts, batch.completion_texts, fields)
+        assert isinstance(self.cfg, RewardConfig), "a function reward"
         return call_reward(self.fn, batch.prompt_texts, batch.completion_texts, fields, self.cfg.kwargs)
 
     def failed(self, cause: str) -> None:
@@ -83,6 +98,8 @@ class RewardTerm:
     def close(self) -> None:
         if self.isolated is not None:
             self.isolated.close()
+        if self.service is not None:
+            self.service.close()
 
 
 class RewardScorer:
@@ -91,7 +108,7 @@ class RewardScorer:
     def __init__(self, terms: Sequence[RewardTerm], shaping: ShapingConfig) -> None:
         self.terms, self.shaping = list(terms), shaping
 
-    def score(self, batch: RolloutBatch) -> RewardResult:
+    def score(self, batch: RolloutBatch, shaped: bool = True) -> RewardResult:
         n = batch.num_samples
         total = torch.zeros(n)
         keep = torch.ones(n, dtype=torch.bool)
@@ -105,7 +122,12 @@ class RewardScorer:
             errors[term.label] = int(failed.sum())
             if term.cfg.on_error == "drop_group" and bool(failed.any()):
                 keep &= ~_whole_groups(batch.group_ids, failed)
-        return RewardResult(total=shape(total, batch, self.shaping), components=components, keep=keep, errors=errors)
+        total = shape(total, batch, self.shaping) if shaped else total
+        return RewardResult(total=total, components=components, keep=keep, errors=errors)
+
+    def total_spec(self) -> list[tuple[str, float]]:
+        """(label, weight) of each term: what the unshaped total is a sum of (PAR checks its references')."""
+        return [(term.label, term.cfg.weight) for term in self.terms]
 
     def close(self) -> None:
         for term in self.terms:
@@ -123,12 +145,14 @@ def _whole_groups(group_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.isin(group_ids, torch.unique(group_ids[rows]))
 
 
-def build_scorer(reward_cfgs: Sequence[RewardConfig], shaping: ShapingConfig) -> RewardScorer:
-    """A scorer for `job.rewards` (list of RewardConfig) and `job.shaping` (ShapingConfig); `close()` it."""
+def build_scorer(reward_cfgs: Sequence[AnyRewardConfig], shaping: ShapingConfig,
+                 place: Place | None = None) -> RewardScorer:
+    """A scorer for `job.rewards` and `job.shaping`; `place` starts placeable reward models elsewhere (Ray).
+    `close()` it."""
     terms: list[RewardTerm] = []
     try:
         for cfg in reward_cfgs:
-            terms.append(RewardTerm(cfg))
+            terms.append(RewardTerm(cfg, place))
     except BaseException:
         for term in terms:
             term.close()

@@ -21,7 +21,7 @@ from rl.batch import RolloutBatch
 from rl.errors import UserError
 
 if TYPE_CHECKING:
-    from rl.config.data import ShapingConfig
+    from rl.config.rewards import ShapingConfig
 
 
 def par(rewards: torch.Tensor, ref_rewards: Sequence[Sequence[float]], k: float = 1.0,

@@ -179,3 +179,54 @@ def load_causal_lm(model_dir: str, dtype: str = "float32", device: str = "cpu") 
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a causal LM from {model_dir}: {exc}. Check model.path.") from None
     return model.to(device)  # type: ignore[arg-type]  # transformers wraps `.to` (functools.wraps): read as unbound
+
+
+REWARD_MODEL_DIR = "reward_model"
+"""In an `rl train-rm` checkpoint: the reward model as a plain Hugging Face directory (what `export` writes)."""
+
+
+def reward_model_dir(path: str) -> str:
+    """The Hugging Face directory of a reward model given as itself, or as an `rl train-rm` checkpoint."""
+    inner = Path(path) / REWARD_MODEL_DIR
+    return str(inner) if (inner / "config.json").is_file() else path
+
+
+def new_reward_model(model_dir: str, dtype: str = "float32") -> PreTrainedModel:
+    """A causal-LM backbone with a fresh scalar head (`num_labels=1`): what `rl train-rm` trains."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot build a reward model from {model_dir}: {exc}. Check model.path.") from None
+    _set_pad(model)
+    return model
+
+
+def load_reward_model(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """A trained reward model (sequence classification, one output), for scoring; refuses anything else (a
+    causal LM loaded as a classifier would score with a random head)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model_dir = reward_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read a reward model from {path}: {exc}. Give a Hugging Face reward-model "
+                        "directory, or an `rl train-rm` export or checkpoint.") from None
+    heads = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
+    if not heads or config.num_labels != 1:
+        raise UserError(f"{path} is not a reward model (architectures {config.architectures}, num_labels "
+                        f"{config.num_labels}); a reward model has one sequence-classification output. Train one "
+                        "with `rl train-rm`, or give a Hugging Face reward-model directory.")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    _set_pad(model)
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `.to` (functools.wraps)
+
+
+def _set_pad(model: PreTrainedModel) -> None:
+    """Sequence classifiers pool at each row's last non-pad token, so they need the pad id (a batch of one
+    does not); models without a pad token pad with EOS, as `load_tokenizer` does."""
+    if model.config.pad_token_id is None:
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos

@@ -52,6 +52,9 @@ ENVS: Registry[EnvFactory] = Registry("env", ("envs.arithmetic", "envs.countdown
 # Entries: reward functions `fn(prompt, completion, **fields)` (the contract in rewards/__init__.py).
 REWARDS: Registry[Callable[..., object]] = Registry(
     "reward", ("rewards.builtin", "rewards.code_exec", "rewards.reasoning", "rewards.cot"))
+# Entries: `factory(its config section) -> rl.types.BatchReward` (rl/config/rewards.py: ServiceRewardConfig); a
+# factory with `placeable = True` runs in its own Ray actor under `cluster: ray` (rl/loop/reward_actor.py).
+REWARD_MODELS: Registry = Registry("reward model", ("rewards.reward_model", "rewards.judge"))
 # Entries: tool factories `fn(tool_cfg) -> envs.tools.Tool` (multi-turn episodes, rl/config/agent.py).
 TOOLS: Registry = Registry("tool", ("envs.tools",))
 CLUSTERS: Registry = Registry("cluster", ("rl.loop.cluster",))

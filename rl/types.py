@@ -148,7 +148,25 @@ class RewardResult:
 
 
 class Scorer(Protocol):
-    def score(self, batch: RolloutBatch) -> RewardResult: ...
+    def score(self, batch: RolloutBatch, shaped: bool = True) -> RewardResult:
+        """Every reward of every sample; `total` is shaped (clip, PAR) unless `shaped=False` (evaluation, and
+        PAR's own reference rewards)."""
+        ...
+
+    def total_spec(self) -> list[tuple[str, float]]:
+        """(label, weight) of each reward in the weighted total."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class BatchReward(Protocol):
+    """A model-backed reward (the REWARD_MODELS registry: `reward_model`, `judge`), built once from its config
+    section and called on whole batches: one score per sample, or the exception that sample's scoring raised
+    (its `on_error` fallback applies, as for a failing reward function)."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 fields: Sequence[Mapping[str, object]]) -> list[float | Exception]: ...
 
     def close(self) -> None: ...
 

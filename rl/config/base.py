@@ -74,3 +74,12 @@ class CustomSection(Section):
         except UserError as exc:
             raise ValueError(str(exc)) from None  # reported at this key by the job loader
         return self
+
+
+class Resources(Section):
+    """What one actor asks Ray for."""
+
+    gpus: float = Field(default=0.0, ge=0)
+    """GPUs per actor (Ray sets CUDA_VISIBLE_DEVICES to the ones it grants); 0 on a CPU-only cluster."""
+    cpus: float = Field(default=0.0, ge=0)
+    """Ray CPU slots per actor; 0 lets small machines schedule everything (torch threads are set explicitly)."""

@@ -1,12 +1,12 @@
-"""`env:` and `rewards:` — where prompts come from and how completions are scored."""
+"""`env:` — where prompts come from (rewards: rl/config/rewards.py)."""
 
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from rl.config.base import CustomSection, Section, resolve_existing_file, resolve_import_path
+from rl.config.base import CustomSection, Section, resolve_existing_file
 
 Operation = Literal["+", "-", "*"]
 
@@ -96,79 +96,3 @@ class CustomEnv(CustomSection, _EnvCommon):
 
 
 EnvConfig = Annotated[ArithmeticEnv | CountdownEnv | DatasetEnv | CustomEnv, Field(discriminator="name")]
-
-
-class RewardConfig(Section):
-    """One reward term: a built-in by `name` or a user function by `import_path`."""
-
-    name: str | None = None
-    """A built-in reward (see `rl jobs --rewards`)."""
-    import_path: str | None = None
-    """`package.module:fn` or `path/to/file.py:fn`."""
-    weight: float = 1.0
-    timeout_s: float = Field(default=10.0, gt=0)
-    """Per-call time limit; a call that runs longer gets the `on_error` fallback."""
-    on_error: Literal["zero", "drop_group", "fail"] = "zero"
-    """What a failing call (raise, hang, NaN, wrong type) gives the sample."""
-    isolate: bool | None = None
-    """Run in a worker process; null = yes for user functions, no for built-ins."""
-    kwargs: dict[str, object] = Field(default_factory=dict)
-    """Extra keyword arguments for the function (its own settings)."""
-    memory_mb: int = Field(default=4096, ge=64)
-    """Address-space limit of an isolated reward's worker process."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RewardConfig:
-        if (self.name is None) == (self.import_path is None):
-            raise ValueError("give exactly one of `name` (a built-in reward) or `import_path` (your function)")
-        return self
-
-    @model_validator(mode="after")
-    def _runs_here(self) -> RewardConfig:
-        """A built-in's own start-up check, so `rl validate` and `rl train` refuse before any work (e.g.
-        code_exec: the sandbox its kwargs ask for runs on this host). It raises a UserError itself."""
-        from rl.registries import REWARDS
-
-        check = getattr(REWARDS.get(self.name), "preflight", None) if self.name is not None else None
-        if check is not None:
-            check(self.kwargs)
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str | None) -> str | None:
-        from rl.registries import REWARDS
-
-        if v is not None and v not in REWARDS:
-            raise ValueError(REWARDS.unknown_message(v))
-        return v
-
-    @field_validator("import_path")
-    @classmethod
-    def _importable(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return None if v is None else resolve_import_path(v, info, "reward file", noun="function")
-
-    @property
-    def label(self) -> str:
-        """The name used in metrics: `reward/<label>/mean`."""
-        return self.name or self.import_path.rpartition(":")[2]  # type: ignore[union-attr]
-
-
-class ShapingConfig(Section):
-    """Transformations of the weighted reward sum before advantages."""
-
-    clip: tuple[float, float] | None = None
-    """Clip the total reward to [low, high] (before PAR)."""
-    par: bool = False
-    """PAR (arXiv 2502.18770): sigmoid(k (r - r_ref)) averaged over reference rewards (`ref_rewards` field)."""
-    par_k: float = Field(default=1.0, gt=0)
-    """PAR's sigmoid slope k."""
-    par_max_refs: int | None = Field(default=None, ge=1)
-    """Use only the first M reference rewards of each sample (null: all; the paper finds M=1 enough)."""
-
-    @field_validator("clip")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and v[0] > v[1]:
-            raise ValueError(f"clip {list(v)}: low must not exceed high")
-        return v

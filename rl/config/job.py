@@ -9,9 +9,10 @@ from pydantic import Field, model_validator
 from rl.config.adapters import AdapterConfig
 from rl.config.agent import AgentConfig
 from rl.config.algorithm import AlgorithmConfig, AnyAlgorithmConfig, resolve_correction_level
-from rl.config.base import Section
+from rl.config.base import Resources, Section
 from rl.config.curriculum import CurriculumConfig
-from rl.config.data import EnvConfig, RewardConfig, ShapingConfig
+from rl.config.data import EnvConfig
+from rl.config.rewards import AnyRewardConfig, ShapingConfig
 from rl.config.rollout import RolloutConfig
 from rl.config.swarm import SwarmConfig
 
@@ -82,15 +83,6 @@ class LocalCluster(ClusterSection):
     processes it starts, or the other processes of a torchrun/srun launch."""
 
     name: Literal["local"] = "local"
-
-
-class Resources(Section):
-    """What one actor asks Ray for."""
-
-    gpus: float = Field(default=0.0, ge=0)
-    """GPUs per actor (Ray sets CUDA_VISIBLE_DEVICES to the ones it grants); 0 on a CPU-only cluster."""
-    cpus: float = Field(default=0.0, ge=0)
-    """Ray CPU slots per actor; 0 lets small machines schedule everything (torch threads are set explicitly)."""
 
 
 class ClusterResources(Section):
@@ -179,7 +171,7 @@ class JobConfig(Section):
     adapter: AdapterConfig | None = None
     """null = full fine-tuning."""
     env: EnvConfig = Field(default_factory=lambda: {"name": "arithmetic"})  # type: ignore[assignment]
-    rewards: list[RewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[arg-type]
+    rewards: list[AnyRewardConfig] = Field(default_factory=lambda: [{"name": "math_answer"}])  # type: ignore[arg-type]
     shaping: ShapingConfig = Field(default_factory=ShapingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     curriculum: CurriculumConfig | None = None

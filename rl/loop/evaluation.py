@@ -30,7 +30,7 @@ CORRECT_AT = 1.0
 
 
 def _score(scorer: Scorer, batch: RolloutBatch, primary: str) -> tuple[torch.Tensor, torch.Tensor]:
-    result = scorer.score(batch)
+    result = scorer.score(batch, shaped=False)  # shaping (PAR, clip) is a training transform
     first = torch.nan_to_num(result.components[primary], nan=0.0)
     return result.total, first >= CORRECT_AT
 

@@ -21,7 +21,8 @@ from rl.errors import UserError
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
-    from rl.config.job import RayCluster, Resources
+    from rl.config.base import Resources
+    from rl.config.job import RayCluster
 
 FIX = ("Lower cluster.learners, cluster.rollout_workers or cluster.resources.{learner,rollout}.{gpus,cpus}, or give "
        "the cluster more (a local one: cluster.num_gpus / cluster.num_cpus; a started one: `ray start --num-gpus N "

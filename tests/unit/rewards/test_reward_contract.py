@@ -10,7 +10,7 @@ import torch
 from rewards import RewardError, RewardOutput, batched_reward, normalise
 from rewards.calling import call_reward
 from rewards.scoring import build_scorer
-from rl.config.data import RewardConfig, ShapingConfig
+from rl.config.rewards import RewardConfig, ShapingConfig
 from rl.errors import UserError
 
 USER_REWARDS = '''

@@ -7,7 +7,7 @@ import pytest
 
 from rewards.isolation import trusted_code_guard
 from rewards.scoring import build_scorer
-from rl.config.data import RewardConfig, ShapingConfig
+from rl.config.rewards import RewardConfig, ShapingConfig
 
 MISBEHAVING = '''
 import math, os, socket, time

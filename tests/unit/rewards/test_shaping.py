@@ -7,7 +7,7 @@ import torch
 
 from rewards.scoring import build_scorer
 from rewards.shaping import par
-from rl.config.data import RewardConfig, ShapingConfig
+from rl.config.rewards import RewardConfig, ShapingConfig
 from rl.errors import UserError
 
 

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from rl import registries
-from rl.config import algorithm, curriculum, data, job, rollout, swarm
+from rl.config import algorithm, curriculum, data, job, rewards, rollout, swarm
 from rl.config.adapters import AdapterConfig
 from rl.config.base import CustomSection
 from rl.registry import CUSTOM, Registry
@@ -30,6 +30,7 @@ UNIONS: dict[str, tuple[object, Registry]] = {
     "curriculum": (curriculum.CurriculumConfig, registries.CURRICULA),
     "swarm transport": (swarm.SwarmTransportConfig, registries.SWARM_TRANSPORTS),
     "cluster": (job.ClusterConfig, registries.CLUSTERS),
+    "reward model": (rewards.ServiceRewardConfig, registries.REWARD_MODELS),
 }
 ALL_REGISTRIES = [getattr(registries, n) for n in dir(registries) if isinstance(getattr(registries, n), Registry)]
 
