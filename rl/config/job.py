@@ -201,6 +201,13 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _par_refresh_fits(self) -> JobConfig:
+        if self.shaping.par_refresh_steps and self.trainer.mode == "async":
+            raise ValueError("shaping.par_refresh_steps regenerates PAR's references between steps, which async mode "
+                             "never has (it is always generating); use trainer.mode: sync or par_refresh_steps: 0")
+        return self
+
+    @model_validator(mode="after")
     def _episodes_fit(self) -> JobConfig:
         if self.agent is not None and self.algorithm.name == "grpo_ma":
             raise ValueError("agent (multi-turn episodes) with algorithm: grpo_ma is not supported: GRPO-MA samples "

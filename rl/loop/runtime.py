@@ -61,8 +61,13 @@ def build_env(job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> Env:
 
 
 def build_scorer(job: JobConfig) -> Scorer:
+    """The job's rewards; under `cluster: ray` each reward model gets its own actor (rl/loop/reward_actor.py)."""
     from rewards.scoring import build_scorer as build
 
+    if job.cluster.name == "ray":
+        from rl.loop.reward_actor import placer
+
+        return build(job.rewards, job.shaping, place=placer(job.cluster))
     return build(job.rewards, job.shaping)
 
 

@@ -21,6 +21,7 @@ from rl.types import SamplingParams
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
+    from rl.loop.par_references import ParReferences
     from rl.loop.runtime import RunParts
 
 SamplerState = Mapping[str, Any]
@@ -49,8 +50,9 @@ class RolloutPipeline:
     """Sync: generate then train. Async: step n+1 is generated while step n trains (one version behind);
     batches older than `max_staleness` versions are dropped, counted, and regenerated."""
 
-    def __init__(self, parts: RunParts) -> None:
+    def __init__(self, parts: RunParts, references: ParReferences | None = None) -> None:
         self.parts = parts
+        self.references = references
         self.job = parts.job
         self.sampler_state: SamplerState = parts.sampler.state_dict()
         self.is_async = self.job.trainer.mode == "async"
@@ -60,6 +62,8 @@ class RolloutPipeline:
 
     def _generate(self, step: int) -> tuple[RolloutBatch, dict[str, float], SamplerState]:
         prompts = self.parts.sampler.next(self.job.rollout.prompts_per_step)
+        if self.references is not None:
+            prompts = self.references.attach(prompts)
         cursor, selection = self.parts.sampler.state_dict(), self.parts.sampler.last_metrics()
         start = time.perf_counter()
         batch = self.parts.rollout.generate(prompts, sampling_params(self.job, step))
