@@ -64,7 +64,7 @@ def test_a_sample_without_a_question_is_that_samples_failure(rm_dir, make_batch)
 
 def test_a_causal_lm_is_refused_as_a_reward_model(tiny_model_dir):
     cfg = RewardModelReward(name="reward_model", path=tiny_model_dir)
-    with pytest.raises(UserError, match="not a reward model.*rl train-rm"):
+    with pytest.raises(UserError, match=r"not a reward model.*rl train-rm"):
         build_scorer([cfg], ShapingConfig())
 
 
