@@ -67,16 +67,29 @@ def apply_overrides(data: dict[str, object], overrides: Iterable[str]) -> dict[s
             value: object = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = data
+        node: dict | list = data
         parts = key.split(".")
         for part in parts[:-1]:
+            if isinstance(node, list):  # `rewards.1.path=...`: an entry of a list, by index
+                node = node[_list_index(node, part, item)]
+                continue
             child = node.get(part)
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise UserError(f"override {item!r}: {part!r} is not an index of a list of {len(items)} entries "
+                        f"(0..{len(items) - 1}); e.g. rewards.0.weight=2.")
+    return int(part)
 
 
 def _key_path(loc: tuple[int | str, ...], data: object) -> str:

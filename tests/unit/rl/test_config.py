@@ -61,6 +61,14 @@ def test_overrides_set_nested_keys_with_yaml_types():
         apply_overrides({}, ["novalue"])
 
 
+def test_overrides_reach_list_entries_by_index():
+    data = {"rewards": [{"name": "math_answer"}, {"name": "reward_model", "path": "a"}]}
+    assert apply_overrides(data, ["rewards.1.path=b", "rewards.0.weight=0.0"])["rewards"] == [
+        {"name": "math_answer", "weight": 0.0}, {"name": "reward_model", "path": "b"}]
+    with pytest.raises(UserError, match=r"'2' is not an index of a list of 2 entries"):
+        apply_overrides(data, ["rewards.2.path=c"])
+
+
 def test_resolved_config_roundtrips_and_is_frozen(tmp_path):
     job = load_job("quickstart", ["trainer.max_steps=7"])
     assert job.trainer.max_steps == 7 and job.adapter.name == "lora"
