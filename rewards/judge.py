@@ -126,9 +126,9 @@ class JudgeScorer:
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system is not None else []
         return [*system, {"role": "user", "content": text}]
 
-    def _score(self, answer: str | None) -> float:
+    def _score(self, answer: str) -> float:
         """The last match of `parse`, checked against `score_range` and normalized; _Retryable if unusable."""
-        cfg, text = self.cfg, answer or ""
+        cfg, text = self.cfg, answer
         matches = [m.group(1) for m in self.parse.finditer(text) if m.group(1) is not None]
         try:
             score = float(matches[-1])
@@ -166,10 +166,13 @@ class JudgeScorer:
             raise JudgeError(message + " (not retried: check url, model and api_key_env)") from None
         except (openai.APIError, json.JSONDecodeError) as exc:  # a 2xx body that is not a chat completion
             raise _Retryable("garbage", f"the judge at {cfg.url} sent no chat completion ({exc})") from None
+        # The client builds its reply without validating it: a 200 with another body (an HTML page, an error
+        # object, no message) gets here as text or as a completion with parts missing.
         choices = getattr(reply, "choices", None)
-        if not choices:  # some servers answer a non-JSON or error body with 200; the client then gives text
+        content = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+        if not isinstance(content, str):
             raise _Retryable("garbage", f"the judge at {cfg.url} sent no chat completion", str(reply)[:200])
-        return self._score(choices[0].message.content)
+        return self._score(content)
 
     async def _judge(self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, messages: Messages
                      ) -> float | Exception:

@@ -222,6 +222,8 @@ GARBAGE = {
     "not json": Reply(body=b"<html>oops</html>"),
     "html page": Reply(body=b"<html>oops</html>", content_type="text/html"),
     "no choices": Reply(body=b'{"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": []}'),
+    "no message": Reply(body=b'{"id": "c", "object": "chat.completion", "choices": [{"index": 0}]}'),
+    "error object": Reply(body=b'{"error": {"message": "overloaded"}}'),
 }
 
 
