@@ -130,7 +130,9 @@ DEFAULT_JUDGE_PROMPT = (
 class JudgeReward(_RewardCommon):
     """A generative judge: an LLM behind an OpenAI-compatible chat endpoint reads `prompt` (filled with the
     question, the completion and the sample's fields) and answers a score that `parse` reads. A judge that is
-    down, slow or answers garbage is retried, then contained like a failing reward (`on_error`)."""
+    down, slow (each request is cut at `timeout_s`), answers HTTP 5xx/429 or garbage is retried after a short
+    backoff, then contained like a failing reward (`on_error`): one sample takes at most about
+    (retries + 1) x timeout_s. A 4xx answer (wrong model, bad key) is not retried. rewards/judge.py."""
 
     name: Literal["judge"]
     url: str
@@ -151,11 +153,34 @@ class JudgeReward(_RewardCommon):
     normalize: bool = True
     """Map `score_range` to [0, 1] (a reward on the scale of the built-in checkers)."""
     max_tokens: int = Field(default=64, ge=1)
+    """The judge's answer length limit (room for `Score: N`, or for a short rationale before it)."""
     temperature: float = Field(default=0.0, ge=0)
+    """The judge's sampling temperature (0: greedy, the same answer for the same text)."""
     retries: int = Field(default=2, ge=0)
-    """Extra tries after a failed request (down, timed out, unparsable answer)."""
+    """Extra tries after a failed request (down, timed out, HTTP 5xx/429, no usable score in the answer)."""
     concurrency: int = Field(default=8, ge=1)
     """Requests in flight at once."""
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"url {v!r} must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        import string
+
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt is not a valid template ({exc}); name fields in braces, e.g. {{completion}}, "
+                             "and double literal braces: {{ and }}") from None
+        if any(name == "" or name.isdigit() for name in names):
+            raise ValueError("prompt has a positional placeholder ({} or {0}); name the field, e.g. {completion}")
+        return v
 
     @field_validator("parse")
     @classmethod
