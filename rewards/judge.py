@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from rl.errors import UserError
+from rl.openai_api import openai_module
 from rl.registries import REWARD_MODELS
 
 if TYPE_CHECKING:
@@ -82,11 +83,7 @@ def _api_key(env: str | None) -> str:
 
 
 def _require_openai() -> None:
-    try:
-        import openai  # noqa: F401 - only its presence is checked here
-    except ImportError:
-        raise UserError("reward judge needs the `openai` package (its client talks to the judge's endpoint); "
-                        "install it with `pip install 'rlpost[agents]'`.") from None
+    openai_module("reward judge (its client talks to the judge's endpoint)")
 
 
 @REWARD_MODELS.register("judge")
@@ -145,8 +142,7 @@ class JudgeScorer:
 
     async def _ask(self, client: openai.AsyncOpenAI, messages: Messages) -> float:
         """One try: the request, bounded by timeout_s, and its score."""
-        import openai
-
+        openai = openai_module("reward judge")
         cfg = self.cfg
         self._count("requests")
         try:
@@ -192,8 +188,7 @@ class JudgeScorer:
         raise AssertionError("unreachable: the last try returns")
 
     async def _batch(self, requests: list[Messages | JudgeError]) -> list[float | Exception]:
-        import openai
-
+        openai = openai_module("reward judge")
         slots = asyncio.Semaphore(self.cfg.concurrency)
         todo = {i: m for i, m in enumerate(requests) if not isinstance(m, JudgeError)}
         async with openai.AsyncOpenAI(base_url=self.cfg.url, api_key=self.api_key, max_retries=0,

@@ -221,7 +221,7 @@ def load_reward_model(path: str, dtype: str = "float32", device: str = "cpu") ->
                         "with `rl train-rm`, or give a Hugging Face reward-model directory.")
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(dtype))
     _set_pad(model)
-    return model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps `.to` (functools.wraps)
+    return model.to(device).eval()
 
 
 def _set_pad(model: PreTrainedModel) -> None:

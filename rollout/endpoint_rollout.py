@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from rl.batch import RolloutBatch
-from rl.errors import UserError
 from rl.netauth import Access
+from rl.openai_api import openai_module
 from rl.types import Prompt, RolloutEngine, SamplingParams
 from rollout.chat_session import Session, SessionSpec, text_of
 from rollout.engine import Sample, build_batch
@@ -178,21 +178,15 @@ class EndpointRollout(ServedRollout):
 
 
 def openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.OpenAI:
-    """An OpenAI client for one episode (this module is the one place rlpost imports `openai`, an optional
-    dependency)."""
-    try:
-        import openai
-    except ImportError:
-        raise UserError("agent.openai_agent needs the `openai` package; install it with `pip install openai` (or "
-                        "rlpost's `agents` extra).") from None
+    """An OpenAI client for one episode (`openai` is optional: rl/openai_api.py)."""
+    openai = openai_module("agent.openai_agent")
     return openai.OpenAI(base_url=base_url, api_key=api_key, default_headers={SESSION_HEADER: session_id},
                          max_retries=0, timeout=timeout_s)
 
 
 def async_openai_client(base_url: str, api_key: str, session_id: str, timeout_s: float) -> openai.AsyncOpenAI:
     """The async client of one episode (for runners on an event loop, e.g. verifiers environments)."""
-    import openai
-
+    openai = openai_module("agent.verifiers")
     return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, default_headers={SESSION_HEADER: session_id},
                               max_retries=0, timeout=timeout_s)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -19,6 +19,8 @@ from rl.loop.cluster import ActorPlacement, _init_ray, _placement
 from rl.types import BatchReward
 
 if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
     from rl.config.job import RayCluster
     from rl.config.rewards import ServiceRewardConfig
 
@@ -53,8 +55,9 @@ class RemoteReward:
         self.ray, self.timeout_s = ray, cfg.timeout_s
         res = getattr(cfg, "resources", None)
         gpus, cpus = (res.gpus, res.cpus) if res is not None else (0.0, 0.0)
-        self.actor = ray.remote(RewardHost).options(num_gpus=gpus, num_cpus=cpus, max_restarts=1).remote(
-            factory, cfg, max(1, int(cpus) or 1))
+        # ray types `.remote()` of an actor class as "a handle or the class": it is the handle
+        self.actor = cast("ActorHandle", ray.remote(RewardHost).options(
+            num_gpus=gpus, num_cpus=cpus, max_restarts=1).remote(factory, cfg, max(1, int(cpus) or 1)))
         # Built before the first batch: a bad model directory fails the run at start, not at step 1.
         ray.get(self.actor.placement.remote(), timeout=cluster.call_timeout_s)
 
