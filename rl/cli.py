@@ -136,13 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     subs = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
     for name, (fn, _) in commands.items():
         subs[name].set_defaults(func=fn)
-    subs["train"].add_argument("job", nargs="?", help="YAML job file or built-in job name")
-    subs["train"].add_argument("overrides", nargs="*", help="key.path=value overrides")
-    subs["train"].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
-    subs["train-rm"].add_argument("job", nargs="?", help="YAML reward-model job file")
-    subs["train-rm"].add_argument("overrides", nargs="*", help="key.path=value overrides")
-    subs["train-rm"].add_argument("--resume", metavar="RUN_DIR",
-                                  help="continue a run from its newest intact checkpoint")
+    for name, what in (("train", "YAML job file or built-in job name"), ("train-rm", "YAML reward-model job file")):
+        subs[name].add_argument("job", nargs="?", help=what)
+        subs[name].add_argument("overrides", nargs="*", help="key.path=value overrides")
+        subs[name].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
     subs["validate"].add_argument("job")
     subs["validate"].add_argument("overrides", nargs="*")
     subs["eval"].add_argument("target", help="checkpoint directory, model directory or alias")

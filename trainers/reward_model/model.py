@@ -6,7 +6,6 @@ Scores go through rl.reward_model (rm_text -> encode -> rewards), the pass the `
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -33,11 +32,13 @@ def build_reward_model(job: RewardModelJob, device: str) -> tuple[torch.nn.Modul
     torch.manual_seed(job.train.seed)  # the head's (and LoRA's) initial weights: same on a resumed run
     model: torch.nn.Module = new_reward_model(model_dir, dtype=job.model.dtype)
     if job.adapter is not None:
-        from peft import get_peft_model
+        from peft import LoraConfig, get_peft_model
 
-        # SEQ_CLS: PEFT's sequence-classification wrapper; the fresh head trains in full (modules_to_save)
-        config = dataclasses.replace(lora_config(job.adapter), task_type="SEQ_CLS", modules_to_save=[SCORE_HEAD])
-        model = get_peft_model(model, config)  # type: ignore[arg-type]  # a PreTrainedModel, typed as Module here
+        config = lora_config(job.adapter)  # a fresh config: the policy's LoRA, retargeted to a classifier
+        assert isinstance(config, LoraConfig), "the job schema admits only LoRA for reward models"
+        config.task_type = "SEQ_CLS"  # PEFT's sequence-classification wrapper
+        config.modules_to_save = [SCORE_HEAD]  # the fresh head trains in full, beside the LoRA factors
+        model = get_peft_model(model, config)
     return model.to(device), tokenizer
 
 
