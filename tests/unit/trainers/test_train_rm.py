@@ -168,3 +168,13 @@ def test_an_rm_job_is_not_an_rl_job(tmp_path, prefs):
         load_job(str(path))
     with pytest.raises(UserError, match="adapter 'rosa' is not available for reward models"):
         load_rm_job(str(path), ["adapter.name=rosa"])
+
+
+def test_builtin_rm_jobs_are_found_by_name_and_kept_apart_from_rl_jobs(prefs):
+    from rl.config import builtin_jobs, builtin_rm_jobs
+
+    assert "smollm2_lora" in builtin_rm_jobs() and "smollm2_lora" not in builtin_jobs()
+    job = load_rm_job("smollm2_lora", [f"data.path={prefs}"])
+    assert job.adapter is not None and job.adapter.name == "lora" and job.data.path == str(prefs)
+    with pytest.raises(UserError, match="neither a YAML file nor a built-in job"):
+        load_job("smollm2_lora")
