@@ -84,18 +84,48 @@ def test_training_learns_a_separable_preference(tmp_path, tiny_model_dir, prefs)
     assert (run / "export" / "config.json").is_file()
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, prefs):
-    whole = load_rm_job(str(write_job(tmp_path, prefs, run="whole", max_steps=6, checkpoint_every=3)))
-    train_rm_job(whole)
-    first = load_rm_job(str(write_job(tmp_path, prefs, run="parts", max_steps=3, checkpoint_every=3)))
-    train_rm_job(first)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(prefs, run dir) of a 6-step run checkpointed every 2 steps, the reference of the resume tests."""
+    root = tmp_path_factory.mktemp("whole")
+    data = write_prefs(root / "prefs.jsonl")
+    train_rm_job(load_rm_job(str(write_job(root, data, run="whole", max_steps=6, checkpoint_every=2))))
+    return data, root / "whole"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same final trained tensors (exactly), same per-step losses (each step once), same final held-out metrics."""
+    wa, wb = (load_file(str(r / "checkpoints" / "step_6" / "weights.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in mb] == list(range(1, 7)) and [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    assert (ma[-1]["eval/accuracy"], ma[-1]["eval/loss"]) == (mb[-1]["eval/accuracy"], mb[-1]["eval/loss"])
+
+
+def test_resume_to_more_steps_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    prefs, whole = uninterrupted
+    train_rm_job(load_rm_job(str(write_job(tmp_path, prefs, run="parts", max_steps=2, checkpoint_every=2))))
     assert resume_rm_job(str(tmp_path / "parts"), ["train.max_steps=6"]) == 0
-    a, b = (load_file(str(tmp_path / r / "checkpoints" / "step_6" / "weights.safetensors")) for r in ("whole", "parts"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[r["loss"] for r in read_metrics(tmp_path / run)] for run in ("whole", "parts")]
-    assert len(losses[1]) == 6 and losses[0] == losses[1]  # each step once, the same pairs in the same order
-    finals = [read_metrics(tmp_path / run)[-1] for run in ("whole", "parts")]
-    assert finals[0]["eval/accuracy"] == finals[1]["eval/accuracy"] and finals[0]["eval/loss"] == finals[1]["eval/loss"]
+    assert_same_run(whole, tmp_path / "parts")
+
+
+def test_a_run_stopped_by_a_full_disk_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, small_tmpfs):
+    """A real interruption: the run directory's file system fills at the second checkpoint (a tiny-llama
+    checkpoint is about 5.3 MB, the tmpfs 8 MiB); the run, moved elsewhere, resumes from step 2."""
+    import shutil
+
+    from rl.loop.checkpoint import DiskFullError
+
+    prefs, whole = uninterrupted
+    small = small_tmpfs(8 << 20)
+    cut = load_rm_job(str(write_job(tmp_path, prefs, run="cut", max_steps=6, checkpoint_every=2)),
+                      [f"run_dir={small / 'run'}"])
+    with pytest.raises(DiskFullError, match="no space left"):
+        train_rm_job(cut)
+    assert [p.name for p in (small / "run" / "checkpoints").iterdir()] == ["step_2"]
+    shutil.copytree(small / "run", tmp_path / "moved")
+    assert resume_rm_job(str(tmp_path / "moved")) == 0
+    assert_same_run(whole, tmp_path / "moved")
 
 
 def text_batch(completions: list[str], meta: list[dict[str, object]]) -> RolloutBatch:
