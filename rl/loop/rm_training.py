@@ -29,6 +29,7 @@ from rl.config import load_rm_job
 from rl.config.reward_model_job import RewardModelJob
 from rl.errors import UserError
 from rl.loop.checkpoint import (
+    CheckpointError,
     latest_intact_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
     from rl.config.job import JobConfig
 
 EXPORT_DIR = "export"
+RL_TRAIN_ADVICE = (("`rl train --resume", "`rl train-rm --resume"), ("`rl train`", "`rl train-rm`"),
+                   ("trainer.keep_last", "train.keep_last"))
+"""rl/loop/checkpoint.py's advice to an `rl train` user -> the same advice for this command."""
 
 
 @dataclass
@@ -183,9 +187,15 @@ def write_checkpoint(state: RMRun) -> Path:
         export_reward_model(state.model, state.tokenizer, str(tmp / REWARD_MODEL_DIR))
         return dict(weights(tmp))
 
-    return save_checkpoint(state.run_dir, state.step, policy=policy, config_yaml=job_yaml(state.job),
-                           state={"step": state.step, "train_pairs": len(state.train), "test_pairs": len(state.test)},
-                           keep_last=state.job.train.keep_last)
+    try:
+        return save_checkpoint(state.run_dir, state.step, policy=policy, config_yaml=job_yaml(state.job),
+                               state={"step": state.step, "train_pairs": len(state.train),
+                                      "test_pairs": len(state.test)}, keep_last=state.job.train.keep_last)
+    except CheckpointError as exc:  # its advice is worded for `rl train` runs
+        advice = str(exc)
+        for rl_train, train_rm in RL_TRAIN_ADVICE:
+            advice = advice.replace(rl_train, train_rm)
+        raise type(exc)(advice) from exc
 
 
 def export(state: RMRun) -> Path:

@@ -120,8 +120,9 @@ def test_a_run_stopped_by_a_full_disk_resumes_to_the_uninterrupted_result(tmp_pa
     small = small_tmpfs(8 << 20)
     cut = load_rm_job(str(write_job(tmp_path, prefs, run="cut", max_steps=6, checkpoint_every=2)),
                       [f"run_dir={small / 'run'}"])
-    with pytest.raises(DiskFullError, match="no space left"):
+    with pytest.raises(DiskFullError, match="no space left") as err:
         train_rm_job(cut)
+    assert f"`rl train-rm --resume {small / 'run'}` (optionally with train.keep_last=1)" in str(err.value)
     assert [p.name for p in (small / "run" / "checkpoints").iterdir()] == ["step_2"]
     shutil.copytree(small / "run", tmp_path / "moved")
     assert resume_rm_job(str(tmp_path / "moved")) == 0
