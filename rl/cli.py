@@ -18,6 +18,7 @@ EPILOG = """examples:
   rl train --resume runs/quickstart        continue from the newest intact checkpoint
   rl eval runs/quickstart/checkpoints/step_20 --job quickstart --samples 8 --k 1 4 8
   rl validate my_job.yaml                  check a job without running it
+  rl train-rm rm.yaml data.path=prefs.jsonl train a reward model (Bradley-Terry); export in RUN_DIR/export
   rl export runs/quickstart/checkpoints/step_20 --out merged_model
   rl swarm sapo --nodes 4                  SAPO: 4 nodes sharing rollouts (lock-step, one process)
 """
@@ -57,6 +58,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rl.config import load_job
 
     return train_job(load_job(args.job, args.overrides))
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from rl.loop.rm_training import resume_rm_job, train_rm_job
+
+    if args.resume:
+        extra = ([args.job] if args.job else []) + list(args.overrides)  # as in cmd_train
+        if any("=" not in item for item in extra):
+            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config; "
+                            "key=value overrides are allowed).")
+        return resume_rm_job(args.resume, extra)
+    if not args.job:
+        raise UserError("rl train-rm needs a JOB (a YAML file of an `rl train-rm` job) or --resume RUN_DIR.")
+    from rl.config import load_rm_job
+
+    return train_rm_job(load_rm_job(args.job, args.overrides))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -108,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "train": (cmd_train, "run a job (YAML path or built-in name)"),
+        "train-rm": (cmd_train_rm, "train a reward model (Bradley-Terry) on a preference file"),
         "eval": (cmd_eval, "evaluate a checkpoint, model directory or alias on a job's held-out split"),
         "validate": (cmd_validate, "check a job without running it"),
         "export": (cmd_export, "write a Hugging Face model directory from a checkpoint (adapters merged)"),
@@ -118,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     subs = {name: sub.add_parser(name, help=text, description=text) for name, (_, text) in commands.items()}
     for name, (fn, _) in commands.items():
         subs[name].set_defaults(func=fn)
-    subs["train"].add_argument("job", nargs="?", help="YAML job file or built-in job name")
-    subs["train"].add_argument("overrides", nargs="*", help="key.path=value overrides")
-    subs["train"].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
+    for name, what in (("train", "YAML job file or built-in job name"), ("train-rm", "YAML reward-model job file")):
+        subs[name].add_argument("job", nargs="?", help=what)
+        subs[name].add_argument("overrides", nargs="*", help="key.path=value overrides")
+        subs[name].add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
     subs["validate"].add_argument("job")
     subs["validate"].add_argument("overrides", nargs="*")
     subs["eval"].add_argument("target", help="checkpoint directory, model directory or alias")

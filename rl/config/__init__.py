@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from rl.config.job import JobConfig
+from rl.config.reward_model_job import RewardModelJob
 from rl.errors import UserError
 
-__all__ = ["JobConfig", "apply_overrides", "builtin_jobs", "dump_job", "load_job", "validate_job"]
+__all__ = ["JobConfig", "apply_overrides", "builtin_jobs", "dump_job", "load_job", "load_rm_job", "validate_job"]
 
 
 def builtin_jobs() -> dict[str, Path]:
@@ -30,11 +31,18 @@ def builtin_jobs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
-def _job_source(job: str) -> tuple[Path, str]:
+def builtin_rm_jobs() -> dict[str, Path]:
+    """Built-in `rl train-rm` job names -> their YAML files (rl/jobs/reward_models: never taken for RL jobs)."""
+    folder = resources.files("rl") / "jobs" / "reward_models"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")} \
+        if folder.is_dir() else {}
+
+
+def _job_source(job: str, jobs: Mapping[str, Path] | None = None) -> tuple[Path, str]:
     path = Path(job).expanduser()
     if path.is_file():
         return path, path.read_text()
-    jobs = builtin_jobs()
+    jobs = builtin_jobs() if jobs is None else jobs
     if job in jobs:
         return jobs[job], jobs[job].read_text()
     raise UserError(f"job {job!r} is neither a YAML file nor a built-in job. Built-in jobs: "
@@ -110,9 +118,9 @@ def _key_path(loc: tuple[int | str, ...], data: object) -> str:
     return ".".join(parts).replace(".[", "[") or "(top level)"
 
 
-def _section_fields(loc: tuple[int | str, ...]) -> list[str]:
+def _section_fields(loc: tuple[int | str, ...], root: type[BaseModel] = JobConfig) -> list[str]:
     """The keys accepted by the section that holds `loc[-1]` (following union tags and list items)."""
-    candidates: list[type[BaseModel]] = [JobConfig]
+    candidates: list[type[BaseModel]] = [root]
     for step in loc[:-1]:
         nxt: list[type[BaseModel]] = []
         for model in candidates:
@@ -143,11 +151,11 @@ def _models_in(annotation: object) -> list[type[BaseModel]]:
     return found
 
 
-def _describe(error: ErrorDetails) -> str:
+def _describe(error: ErrorDetails, root: type[BaseModel] = JobConfig) -> str:
     kind = error["type"]
     msg = str(error["msg"])
     if kind == "extra_forbidden":
-        keys = _section_fields(tuple(error["loc"]))
+        keys = _section_fields(tuple(error["loc"]), root)
         close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown key{hint}; this section accepts: {', '.join(keys)}"
@@ -159,12 +167,13 @@ def _describe(error: ErrorDetails) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def format_validation_error(exc: ValidationError, data: object, where: str) -> str:
+def format_validation_error(exc: ValidationError, data: object, where: str,
+                            root: type[BaseModel] = JobConfig) -> str:
     lines = [f"{where} has {exc.error_count()} problem(s):"]
     for error in exc.errors():
         got = error.get("input")
         shown = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {_key_path(error['loc'], data)}: {_describe(error)}{shown}")
+        lines.append(f"  {_key_path(error['loc'], data)}: {_describe(error, root)}{shown}")
     lines.append("Fix these keys in the job file or with key=value overrides, then run again.")
     return "\n".join(lines)
 
@@ -181,6 +190,16 @@ def load_job(job: str, overrides: Iterable[str] = ()) -> JobConfig:
     path, text = _job_source(job)
     data = apply_overrides(_parse_yaml(text, str(path)), overrides)
     return validate_job(data, str(path), base_dirs=[path.resolve().parent])
+
+
+def load_rm_job(job: str, overrides: Iterable[str] = ()) -> RewardModelJob:
+    """An `rl train-rm` job by YAML path or built-in RM job name, with overrides, validated like `load_job`."""
+    path, text = _job_source(job, builtin_rm_jobs())
+    data = apply_overrides(_parse_yaml(text, str(path)), overrides)
+    try:
+        return RewardModelJob.model_validate(data, context={"base_dirs": [str(path.resolve().parent)]})
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, data, str(path), RewardModelJob)) from None
 
 
 def job_to_dict(job: JobConfig) -> dict[str, object]:
