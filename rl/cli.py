@@ -43,16 +43,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_overrides(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides of `--resume RUN_DIR` (argparse puts the first one into `job`); a JOB with it is an
+    error: a resumed run keeps its own config file."""
+    extra = ([args.job] if args.job else []) + list(args.overrides)
+    if any("=" not in item for item in extra):
+        raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config; "
+                        "key=value overrides are allowed).")
+    return extra
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rl.loop.driver import resume_job, train_job
 
     if args.resume:
-        # argparse puts the first override into `job`: a resumed run keeps its own config file.
-        extra = ([args.job] if args.job else []) + list(args.overrides)
-        if any("=" not in item for item in extra):
-            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config; "
-                            "key=value overrides are allowed).")
-        return resume_job(args.resume, extra)
+        return resume_job(args.resume, _resume_overrides(args))
     if not args.job:
         raise UserError("rl train needs a JOB (a YAML file or a built-in job name; see `rl jobs`) or --resume RUN_DIR.")
     from rl.config import load_job
@@ -64,11 +69,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     from rl.loop.rm_training import resume_rm_job, train_rm_job
 
     if args.resume:
-        extra = ([args.job] if args.job else []) + list(args.overrides)  # as in cmd_train
-        if any("=" not in item for item in extra):
-            raise UserError("give either a JOB or --resume RUN_DIR, not both (a resumed run keeps its own config; "
-                            "key=value overrides are allowed).")
-        return resume_rm_job(args.resume, extra)
+        return resume_rm_job(args.resume, _resume_overrides(args))
     if not args.job:
         raise UserError("rl train-rm needs a JOB (a YAML file of an `rl train-rm` job) or --resume RUN_DIR.")
     from rl.config import load_rm_job
