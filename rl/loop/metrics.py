@@ -17,6 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 if TYPE_CHECKING:
     from rl.config.job import JobConfig
+    from rl.config.reward_model_job import RewardModelJob
+
+    LoggedJob = JobConfig | RewardModelJob
+    """The runs that log: `rl train` jobs and `rl train-rm` jobs (both have `name`, `logging`, `model_dump`)."""
 
 console = Console(stderr=True)
 BAR_KEYS = (("reward/mean", "reward"), ("eval/accuracy", "acc"), ("loss", "loss"), ("time/step_s", "s/step"))
@@ -31,7 +35,7 @@ def _clean(value: object) -> object:
 class MetricsLogger:
     """Appends one JSON object per step to metrics.jsonl and mirrors it to wandb and the progress bar."""
 
-    def __init__(self, run_dir: str | Path, job: JobConfig, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, job: LoggedJob, total_steps: int, start_step: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
@@ -79,7 +83,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
-def _start_wandb(job: JobConfig, run_dir: Path) -> Any:
+def _start_wandb(job: LoggedJob, run_dir: Path) -> Any:
     cfg = job.logging.wandb
     if cfg.mode == "disabled":
         return None

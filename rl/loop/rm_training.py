@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -52,7 +52,6 @@ from trainers.reward_model.model import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from rl.config.job import JobConfig
 
 EXPORT_DIR = "export"
 RL_TRAIN_ADVICE = (("`rl train --resume", "`rl train-rm --resume"), ("`rl train`", "`rl train-rm`"),
@@ -135,8 +134,7 @@ def run(job: RewardModelJob, run_dir: Path, checkpoint: Path | None) -> int:
     state = build_run(job, run_dir)
     if checkpoint is not None:
         restore(state, checkpoint)
-    # MetricsLogger reads only the job's name, logging section and model_dump, which an RM job has too
-    logger = MetricsLogger(run_dir, cast("JobConfig", job), state.total_steps, start_step=state.step)
+    logger = MetricsLogger(run_dir, job, state.total_steps, start_step=state.step)
     try:
         train_loop(state, logger)
     finally:
