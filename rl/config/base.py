@@ -15,15 +15,20 @@ class Section(BaseModel):
                               validate_default=True)
 
 
+def path_candidates(value: str, info: ValidationInfo) -> list[Path]:
+    """Where a job's relative path may point: the working directory, then the job file's directory."""
+    path = Path(value).expanduser()
+    bases = [Path.cwd()] + [Path(d) for d in ((info.context or {}).get("base_dirs") or [])]
+    return [path] if path.is_absolute() else [b / path for b in bases]
+
+
 def resolve_existing_file(value: str, info: ValidationInfo, what: str) -> str:
     """Absolute path of an existing file, looked up from the working directory, then the job's directory.
 
     Relative paths in a job are accepted relative to where `rl` runs or to the job file itself, and
     written to the resolved config as absolute paths so a resumed run finds the same file.
     """
-    path = Path(value).expanduser()
-    bases = [Path.cwd()] + [Path(d) for d in ((info.context or {}).get("base_dirs") or [])]
-    candidates = [path] if path.is_absolute() else [b / path for b in bases]
+    candidates = path_candidates(value, info)
     for candidate in candidates:
         if candidate.is_file():
             return str(candidate.resolve())

@@ -8,12 +8,11 @@ three share `weight`, `timeout_s` and `on_error`, and each gives one value per s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
-from rl.config.base import Resources, Section, resolve_import_path
+from rl.config.base import Resources, Section, path_candidates, resolve_import_path
 
 SERVICE_REWARDS = ("reward_model", "judge")
 """The `name`s that select a model-backed reward (their own sections); any other name is a reward function."""
@@ -83,9 +82,7 @@ class RewardConfig(_RewardCommon):
 
 def _existing_dir(value: str, info: ValidationInfo) -> str:
     """Absolute path of an existing directory, relative to the working directory or the job's directory."""
-    path = Path(value).expanduser()
-    bases = [Path.cwd()] + [Path(d) for d in ((info.context or {}).get("base_dirs") or [])]
-    for candidate in [path] if path.is_absolute() else [b / path for b in bases]:
+    for candidate in path_candidates(value, info):
         if candidate.is_dir():
             return str(candidate.resolve())
     raise ValueError(f"reward model directory not found: {value!r}; give a Hugging Face model directory, an "
