@@ -131,8 +131,11 @@ def weights_writer(weights: Mapping[str, torch.Tensor], trainer_state: Mapping[s
 
 def save_checkpoint(run_dir: str | Path, step: int, *, policy: PolicyWriter, state: Mapping[str, Any],
                     config_yaml: str, keep_last: int = 3, before_rename: Callable[[Path], None] | None = None,
-                    curriculum_state: Mapping[str, Any] | None = None) -> Path:
+                    curriculum_state: Mapping[str, Any] | None = None, command: str = "rl train",
+                    keep_key: str = "trainer.keep_last") -> Path:
     """Write `checkpoints/step_<step>` atomically, then prune to the newest `keep_last`.
+
+    `command` and `keep_key` word the advice of a failure for the run's own CLI (`rl train-rm`: `train.keep_last`).
 
     `policy(tmp)` writes the policy into the temporary directory (on every learner rank: `Learner.save_policy`)
     and returns the trainer state; this process then writes the rest and the manifest.
@@ -163,11 +166,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, policy: PolicyWriter, sta
                 traceback.clear_frames(link.__traceback__)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise DiskFullError(_disk_full_message(Path(run_dir), final, needed)) from exc
+            raise DiskFullError(_disk_full_message(Path(run_dir), final, needed, command, keep_key)) from exc
         if isinstance(exc, OSError):
             raise CheckpointError(f"could not write checkpoint {final}: {exc.strerror or exc}. Earlier "
                                   f"checkpoints are intact; fix the cause and continue with "
-                                  f"`rl train --resume {run_dir}`.") from exc
+                                  f"`{command} --resume {run_dir}`.") from exc
         raise
     prune_checkpoints(root, keep_last)
     return final
@@ -218,18 +221,18 @@ def _out_of_space(exc: BaseException, root: Path, still_needed: int) -> bool:
         return False
 
 
-def _disk_full_message(run_dir: Path, final: Path, needed: int) -> str:
+def _disk_full_message(run_dir: Path, final: Path, needed: int, command: str, keep_key: str) -> str:
     free = shutil.disk_usage(final.parent).free
     previous = next(iter(list_checkpoints(run_dir)), None)
     head = (f"no space left on the file system mounted at {_mount_point(final.parent)} (it holds {run_dir}) while "
             f"writing checkpoint {final.name}: a checkpoint of this run takes about {_size(needed)} and "
             f"{_size(free)} are free, so free at least {_size(max(needed - free, 0))} more there "
-            "(fewer kept checkpoints help too: the next one is written beside the `trainer.keep_last` newest). "
+            f"(fewer kept checkpoints help too: the next one is written beside the `{keep_key}` newest). "
             "The partial checkpoint was removed.")
     if previous is None:
-        return f"{head} No earlier checkpoint exists: start the run again with `rl train` once there is room."
-    return (f"{head} {previous.path.name} is intact: continue from it with `rl train --resume {run_dir}` "
-            f"(optionally with trainer.keep_last=1).")
+        return f"{head} No earlier checkpoint exists: start the run again with `{command}` once there is room."
+    return (f"{head} {previous.path.name} is intact: continue from it with `{command} --resume {run_dir}` "
+            f"(optionally with {keep_key}=1).")
 
 
 def _size(num_bytes: int) -> str:

@@ -29,7 +29,6 @@ from rl.config import load_rm_job
 from rl.config.reward_model_job import RewardModelJob
 from rl.errors import UserError
 from rl.loop.checkpoint import (
-    CheckpointError,
     latest_intact_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -54,9 +53,6 @@ if TYPE_CHECKING:
 
 
 EXPORT_DIR = "export"
-RL_TRAIN_ADVICE = (("`rl train --resume", "`rl train-rm --resume"), ("`rl train`", "`rl train-rm`"),
-                   ("trainer.keep_last", "train.keep_last"))
-"""rl/loop/checkpoint.py's advice to an `rl train` user -> the same advice for this command."""
 
 
 @dataclass
@@ -185,15 +181,9 @@ def write_checkpoint(state: RMRun) -> Path:
         export_reward_model(state.model, state.tokenizer, str(tmp / REWARD_MODEL_DIR))
         return dict(weights(tmp))
 
-    try:
-        return save_checkpoint(state.run_dir, state.step, policy=policy, config_yaml=job_yaml(state.job),
-                               state={"step": state.step, "train_pairs": len(state.train),
-                                      "test_pairs": len(state.test)}, keep_last=state.job.train.keep_last)
-    except CheckpointError as exc:  # its advice is worded for `rl train` runs
-        advice = str(exc)
-        for rl_train, train_rm in RL_TRAIN_ADVICE:
-            advice = advice.replace(rl_train, train_rm)
-        raise type(exc)(advice) from exc
+    return save_checkpoint(state.run_dir, state.step, policy=policy, config_yaml=job_yaml(state.job),
+                           state={"step": state.step, "train_pairs": len(state.train), "test_pairs": len(state.test)},
+                           keep_last=state.job.train.keep_last, command="rl train-rm", keep_key="train.keep_last")
 
 
 def export(state: RMRun) -> Path:
